@@ -1,0 +1,86 @@
+"""The ``hpcvid`` command line: argparse, dashed flags, help on each.
+
+Each verb lives in its own module, which provides ``add_cli(parser)`` and ``main(args) -> int``. Verb
+modules must not import torch, cv2, h5py, av, matplotlib or submitit at module level, so that
+``hpcvid --help`` and ``hpcvid status`` start in well under a second on a login node.
+
+Errors of the project's own types become one line on stderr and a non-zero exit code
+(2: bad input or configuration, 3: finished but some items failed).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from hpcvid import __version__
+from hpcvid.config import Config, resolve_config
+from hpcvid.errors import HpcvidError
+
+# verb -> (module, one-line help). Only verbs that work are listed here.
+VERBS: dict[str, tuple[str, str]] = {
+    "synth": ("hpcvid.synth", "generate the synthetic action dataset (UCF-101 layout)"),
+    "index": ("hpcvid.index", "index a dataset and its split into WORK/manifest.json"),
+    "run": ("hpcvid.stages", "run a stage on this machine and wait"),
+}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, *, work_required: bool = False) -> None:
+    """The flags every stage shares: job file, cluster profile and work folder."""
+    parser.add_argument("--config", metavar="JOB.toml", help="job file (see jobs/)")
+    parser.add_argument("--profile", metavar="PROFILE.toml", help="cluster profile (see slurm/)")
+    parser.add_argument("--work", metavar="WORK", required=work_required,
+                        help="work folder (manifest, shards, runs); overrides the job file's `work`")
+
+
+def config_from_args(args: argparse.Namespace, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Resolve defaults < --config < --profile < flags (``overrides``: dotted key -> value or None)."""
+    flags = {"work": getattr(args, "work", None)}
+    flags.update(overrides or {})
+    return resolve_config(getattr(args, "config", None), getattr(args, "profile", None), flags)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hpcvid",
+        description="Video action recognition on HPC clusters: from raw clips to published tables.",
+    )
+    parser.add_argument("--version", action="version", version=f"hpcvid {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for verb, (module_name, help_text) in VERBS.items():
+        module = importlib.import_module(module_name)
+        sub = verbs.add_parser(verb, help=help_text, description=help_text)
+        module.add_cli(sub)
+        sub.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args._module.main(args) or 0)
+    except HpcvidError as error:
+        print(f"hpcvid: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("hpcvid: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry_point() -> None:
+    sys.exit(main())
+
+
+def resolve_path(value: str | None) -> Path | None:
+    return Path(value).expanduser() if value else None
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -1,0 +1,394 @@
+"""Configuration: frozen dataclasses, one precedence, validated before any work starts.
+
+Precedence, implemented once in :func:`resolve_config`::
+
+    defaults  <  job file (jobs/*.toml)  <  cluster profile (slurm/*.toml)  <  command-line flags
+
+Every value remembers where it came from, so an error names the key, the file (or "the command line")
+and the valid choices. Paths in a job file are taken relative to the current directory (run hpcvid from
+the project folder, or give absolute paths).
+
+Each section is a frozen dataclass. A field's metadata may hold ``choices`` (valid values) and
+``check`` (a predicate with a description, e.g. ``positive``). Sections may add a ``validate`` method
+for rules that span fields; it raises :class:`ConfigError`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from hpcvid.errors import ConfigError
+from hpcvid.fileio import atomic_write_json
+
+RESOLVED_CONFIG_NAME = "config.resolved.json"
+
+
+# --------------------------------------------------------------------------------------------- checks
+@dataclass(frozen=True)
+class Check:
+    """A named predicate on a value; ``description`` completes 'must be ...'."""
+
+    predicate: Callable[[Any], bool]
+    description: str
+
+
+POSITIVE = Check(lambda v: v > 0, "> 0")
+NON_NEGATIVE = Check(lambda v: v >= 0, ">= 0")
+FRACTION = Check(lambda v: 0.0 < v < 1.0, "between 0 and 1 (exclusive)")
+_WALLTIME = re.compile(r"^(?:(\d+)-)?(\d{1,3}):([0-5]\d):([0-5]\d)$")
+WALLTIME = Check(lambda v: bool(_WALLTIME.match(v)), "a walltime like HH:MM:SS or D-HH:MM:SS")
+SIZE_WXH = Check(lambda v: bool(re.fullmatch(r"[1-9]\d*x[1-9]\d*", v)), "WIDTHxHEIGHT, e.g. 112x112")
+
+
+def walltime_minutes(text: str) -> int:
+    """'HH:MM:SS' or 'D-HH:MM:SS' -> whole minutes, rounded up (what sbatch and submitit take)."""
+    match = _WALLTIME.match(text)
+    if not match:
+        raise ConfigError(f"bad walltime {text!r}: use HH:MM:SS or D-HH:MM:SS, e.g. 02:30:00")
+    days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    total_seconds = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    return max(1, -(-total_seconds // 60))
+
+
+def option(default: Any, *, choices: tuple | None = None, check: Check | None = None, help: str = "") -> Any:
+    """A dataclass field with validation metadata (and a help text shown in errors)."""
+    metadata = {"choices": choices, "check": check, "help": help}
+    if isinstance(default, (list, dict)):
+        raise TypeError("use tuples, not lists, for defaults of frozen config fields")
+    return field(default=default, metadata=metadata)
+
+
+# ------------------------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Where the videos and split files are, and how to read the split."""
+
+    root: str = option("", help="folder holding the videos (folder per class)")
+    format: str = option("ucf101", choices=("ucf101", "hmdb51", "folders"))
+    split: int = option(1, choices=(1, 2, 3))
+    splits_dir: str = option("", help="folder of split files; empty = the dataset root")
+    test_fraction: float = option(0.3, check=FRACTION, help="test share of the generated split ('folders')")
+    extensions: tuple[str, ...] = option((".avi", ".mp4", ".mkv", ".webm", ".mov", ".mpg", ".mpeg"))
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """The generated dataset of DESIGN section 6."""
+
+    classes: int = option(6, check=POSITIVE, help="2 appearances x N motions; must be a multiple of 2")
+    per_class: int = option(20, check=POSITIVE, help="videos per class (train + test)")
+    test_per_class: int = option(6, check=NON_NEGATIVE)
+    frames: int = option(32, check=POSITIVE)
+    size: str = option("112x112", check=SIZE_WXH)
+    fps: float = option(25.0, check=POSITIVE)
+    seed: int = option(0, check=NON_NEGATIVE)
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Decoding, sampling, optical flow and CNN features, per shard."""
+
+    shards: int = option(1, check=POSITIVE)
+    decoder: str = option("pyav", choices=("pyav", "imageio"))
+    sampling: str = option("all", choices=("all", "every", "fps", "count"))
+    every: int = option(1, check=POSITIVE, help="keep every k-th frame (sampling = 'every')")
+    target_fps: float = option(10.0, check=POSITIVE, help="frames per second kept (sampling = 'fps')")
+    count: int = option(16, check=POSITIVE, help="evenly spaced frames kept (sampling = 'count')")
+    max_frames: int = option(0, check=NON_NEGATIVE, help="cap on frames kept per video; 0 = no cap")
+    resize: str = option("square", choices=("square", "short_side", "none"))
+    size: int = option(112, check=POSITIVE, help="square side or short side in pixels")
+    frame_storage: str = option("jpeg", choices=("jpeg", "uint8"))
+    jpeg_quality: int = option(90, check=Check(lambda v: 1 <= v <= 100, "between 1 and 100"))
+    flow: str = option("farneback", choices=("farneback", "dis", "tvl1", "none"))
+    flow_storage: str = option("uint8", choices=("uint8", "float16"))
+    flow_bound: float = option(20.0, check=POSITIVE, help="pixels; flow is clipped to +-bound when quantised")
+    backbone: str = option("resnet18", choices=("resnet18", "googlenet", "none"))
+    weights: str = option("", help="local .pt/.pth state dict; empty = random initialisation")
+    batch_size: int = option(32, check=POSITIVE)
+    device: str = option("auto", choices=("auto", "cpu", "cuda"))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Models and the trainer (DESIGN section 5)."""
+
+    model: str = option("lstm", choices=("frame", "flow", "twostream", "lstm"))
+    backbone: str = option("resnet18", choices=("resnet18", "googlenet", "small"))
+    weights: str = option("", help="local weights file for the backbone; empty = random initialisation")
+    freeze_trunk: bool = option(False)
+    epochs: int = option(30, check=POSITIVE)
+    batch_size: int = option(16, check=POSITIVE)
+    optimizer: str = option("adamw", choices=("adamw", "sgd"))
+    lr: float = option(1e-3, check=POSITIVE)
+    momentum: float = option(0.9, check=NON_NEGATIVE)
+    weight_decay: float = option(1e-4, check=NON_NEGATIVE)
+    clip_grad: float = option(5.0, check=NON_NEGATIVE, help="max gradient norm; 0 = off")
+    schedule: str = option("none", choices=("none", "cyclic", "plateau"))
+    early_stopping: int = option(0, check=NON_NEGATIVE, help="epochs without val-loss improvement; 0 = off")
+    seq_len: int = option(120, check=POSITIVE, help="L: frames per LSTM sequence")
+    chunk: int = option(30, check=POSITIVE, help="K: steps per truncated-BPTT chunk")
+    layers: int = option(2, choices=(1, 2, 3))
+    hidden: int = option(256, check=POSITIVE)
+    dropout: float = option(0.2, check=Check(lambda v: 0.0 <= v < 1.0, "in [0, 1)"))
+    loss_weighting: str = option("linear", choices=("linear", "uniform", "last"))
+    temporal_centering: bool = option(True, help="subtract each clip's mean feature, append the mean")
+    flow_stack: int = option(10, check=POSITIVE, help="L flow fields per flow-CNN input")
+    flow_camera_compensation: str = option("median", choices=("median", "mean", "none"))
+    fusion_weights: tuple[float, ...] = option((1.0, 1.5))
+    procs: int = option(1, check=POSITIVE, help="local processes (gloo)")
+    workers: int = option(0, check=NON_NEGATIVE, help="DataLoader workers per process")
+    seed: int = option(0, check=NON_NEGATIVE)
+    device: str = option("auto", choices=("auto", "cpu", "cuda"))
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Sharded evaluation and inference strategies."""
+
+    shards: int = option(1, check=POSITIVE)
+    window_stride: int = option(30, check=POSITIVE)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Where shards run: the cluster profile (slurm/*.toml) fills this section."""
+
+    executor: str = option("local", choices=("local", "slurm", "debug"))
+    partition: str = option("")
+    account: str = option("")
+    qos: str = option("")
+    gres: str = option("")
+    cpus_per_task: int = option(2, check=POSITIVE)
+    mem: str = option("", help="per node, e.g. 16G; empty = the cluster default")
+    walltime: str = option("01:00:00", check=WALLTIME)
+    array_parallelism: int = option(64, check=POSITIVE)
+    signal_delay_s: int = option(90, check=POSITIVE, help="seconds before the walltime to checkpoint")
+    max_requeues: int = option(3, check=NON_NEGATIVE)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole resolved configuration of a work folder."""
+
+    work: str = option("work/default", help="work folder: manifest, shards, runs, predictions")
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    @property
+    def work_dir(self) -> Path:
+        return Path(self.work)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTION_CLASSES = {
+    "dataset": DatasetConfig, "synth": SynthConfig, "extract": ExtractConfig,
+    "train": TrainConfig, "eval": EvalConfig, "launch": LaunchConfig,
+}
+
+
+# ----------------------------------------------------------------------------------------- resolving
+def load_toml(path: Path | str, what: str = "job file") -> dict[str, Any]:
+    """Read a TOML file; a missing or malformed file is a ConfigError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist: give an existing .toml file (see jobs/ and slurm/)")
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from exc
+
+
+def _flatten(table: Mapping[str, Any], source: str) -> dict[str, tuple[Any, str]]:
+    """{'extract': {'shards': 3}} -> {'extract.shards': (3, source)}; unknown keys fail here."""
+    flat: dict[str, tuple[Any, str]] = {}
+    for key, value in table.items():
+        if key == "work":
+            flat["work"] = (value, source)
+        elif key in _SECTION_CLASSES:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: [{key}] must be a table of settings, not {value!r}")
+            valid = {f.name for f in dataclasses.fields(_SECTION_CLASSES[key])}
+            for name, item in value.items():
+                if name not in valid:
+                    raise ConfigError(
+                        f"{source}: unknown key {key}.{name}; valid keys of [{key}]: {', '.join(sorted(valid))}"
+                    )
+                flat[f"{key}.{name}"] = (item, source)
+        else:
+            raise ConfigError(
+                f"{source}: unknown key {key!r}; valid top-level keys: work, {', '.join(_SECTION_CLASSES)}"
+            )
+    return flat
+
+
+def _field_of(dotted: str) -> dataclasses.Field:
+    if dotted == "work":
+        return next(f for f in dataclasses.fields(Config) if f.name == "work")
+    section, name = dotted.split(".", 1)
+    return next(f for f in dataclasses.fields(_SECTION_CLASSES[section]) if f.name == name)
+
+
+def _coerce(dotted: str, value: Any, source: str) -> Any:
+    """Check and convert ``value`` to the field's declared type (int -> float allowed, list -> tuple)."""
+    fld = _field_of(dotted)
+    annotation = fld.type if not isinstance(fld.type, str) else _resolve_annotation(dotted)
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        item_type = typing.get_args(annotation)[0]
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {dotted} must be a list of {item_type.__name__}, got {value!r}")
+        return tuple(_coerce_scalar(dotted, item, item_type, source) for item in value)
+    coerced = _coerce_scalar(dotted, value, annotation, source)
+    choices = fld.metadata.get("choices")
+    if choices is not None and coerced not in choices:
+        raise ConfigError(
+            f"{source}: {dotted} = {value!r} is not valid; choose one of: {', '.join(map(str, choices))}"
+        )
+    check: Check | None = fld.metadata.get("check")
+    if check is not None and not check.predicate(coerced):
+        raise ConfigError(f"{source}: {dotted} = {value!r} is not valid; it must be {check.description}")
+    return coerced
+
+
+def _resolve_annotation(dotted: str) -> Any:
+    owner = Config if dotted == "work" else _SECTION_CLASSES[dotted.split(".", 1)[0]]
+    hints = typing.get_type_hints(owner)
+    return hints[dotted.split(".")[-1]]
+
+
+def _coerce_scalar(dotted: str, value: Any, kind: Any, source: str) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+            return int(value)
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a programming error in a section definition
+        raise TypeError(f"unsupported config type {kind!r} for {dotted}")
+    raise ConfigError(f"{source}: {dotted} = {value!r} is not valid; it must be of type {kind.__name__}")
+
+
+def resolve_config(
+    job_file: Path | str | None = None,
+    profile: Path | str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """The one precedence: defaults < job file < cluster profile < command-line ``overrides``.
+
+    ``overrides`` maps dotted keys (``"extract.shards"``) to values; ``None`` values mean "flag not
+    given" and are skipped, so argparse defaults of ``None`` never mask the files.
+    """
+    layered: dict[str, tuple[Any, str]] = {}
+    if job_file is not None:
+        layered.update(_flatten(load_toml(job_file, "job file"), f"job file {job_file}"))
+    if profile is not None:
+        layered.update(_flatten(load_toml(profile, "cluster profile"), f"cluster profile {profile}"))
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if dotted != "work" and (dotted.count(".") != 1 or dotted.split(".")[0] not in _SECTION_CLASSES):
+            raise ConfigError(f"the command line: unknown setting {dotted!r}")
+        layered.update(_flatten(_nest({dotted: value}), "the command line"))
+    values = {dotted: _coerce(dotted, value, source) for dotted, (value, source) in layered.items()}
+    config = _build(values)
+    _validate_sections(config, layered)
+    return config
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        if "." in dotted:
+            section, name = dotted.split(".", 1)
+            nested.setdefault(section, {})[name] = value
+        else:
+            nested[dotted] = value
+    return nested
+
+
+def _build(values: Mapping[str, Any]) -> Config:
+    sections = {}
+    for name, cls in _SECTION_CLASSES.items():
+        prefix = name + "."
+        sections[name] = cls(**{k[len(prefix):]: v for k, v in values.items() if k.startswith(prefix)})
+    return Config(work=values.get("work", Config.work), **sections)
+
+
+def _validate_sections(config: Config, layered: Mapping[str, tuple[Any, str]]) -> None:
+    """Cross-field rules; the message names where the offending values came from."""
+    where = lambda *keys: ", ".join(sorted({layered[k][1] for k in keys if k in layered})) or "the defaults"  # noqa: E731
+    if config.synth.classes % 2:
+        raise ConfigError(f"{where('synth.classes')}: synth.classes = {config.synth.classes} must be even "
+                          "(2 appearances x N motions)")
+    if config.synth.test_per_class >= config.synth.per_class:
+        raise ConfigError(f"{where('synth.test_per_class', 'synth.per_class')}: synth.test_per_class must be "
+                          "smaller than synth.per_class")
+    if config.train.chunk > config.train.seq_len:
+        raise ConfigError(f"{where('train.chunk', 'train.seq_len')}: train.chunk ({config.train.chunk}) must "
+                          f"not exceed train.seq_len ({config.train.seq_len})")
+
+
+def replace(config: Config, **changes: Any) -> Config:
+    """A copy of ``config`` with dotted-key changes, validated like command-line overrides."""
+    current = {f"{s}.{k}": v for s, sec in config.to_dict().items() if isinstance(sec, dict) for k, v in sec.items()}
+    current["work"] = config.work
+    merged = {k: (v, "the defaults") for k, v in current.items()}
+    merged.update({k: (v, "the caller") for k, v in changes.items()})
+    values = {k: _coerce(k, v, s) for k, (v, s) in merged.items()}
+    result = _build(values)
+    _validate_sections(result, merged)
+    return result
+
+
+def write_resolved(config: Config, folder: Path | str | None = None, argv: list[str] | None = None) -> Path:
+    """Write the resolved config (and the command line that made it) into the work folder."""
+    folder = Path(folder) if folder is not None else config.work_dir
+    path = folder / RESOLVED_CONFIG_NAME
+    atomic_write_json(path, {"config": config.to_dict(), "argv": argv})
+    return path
+
+
+def config_from_dict(payload: Mapping[str, Any]) -> Config:
+    """Rebuild a Config from :meth:`Config.to_dict` output (e.g. from a checkpoint or record)."""
+    flat = {"work": payload.get("work", Config.work)}
+    for section, values in payload.items():
+        if isinstance(values, Mapping):
+            flat.update({f"{section}.{k}": v for k, v in values.items()})
+    return _build({k: _coerce(k, v, "a saved config") for k, v in flat.items()})
+
+
+def load_resolved(work: Path | str) -> Config:
+    """The config a work folder was made with (written by :func:`write_resolved`)."""
+    path = Path(work) / RESOLVED_CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: run `hpcvid index --config JOB --work {work}` first")
+    return config_from_dict(json.loads(path.read_text())["config"])
+
