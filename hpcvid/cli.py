@@ -25,6 +25,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "synth": ("hpcvid.synth", "generate the synthetic action dataset (UCF-101 layout)"),
     "index": ("hpcvid.index", "index a dataset and its split into WORK/manifest.json"),
     "run": ("hpcvid.stages", "run a stage on this machine and wait"),
+    "collect": ("hpcvid.reduce", "reduce prediction shards into results/NAME (tables, confusion matrices, plots)"),
 }
 
 

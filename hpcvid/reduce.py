@@ -1,0 +1,419 @@
+"""The reducer: ``hpcvid collect WORK [--out results/NAME] [--allow-partial]``.
+
+Reads every prediction shard under ``WORK/eval/<run>/`` (see :mod:`hpcvid.predictions`), turns the scores
+into integer counts (confusion matrix and top-k hits per run and strategy, :mod:`hpcvid.metrics`), adds
+the counts up, checks that every test video of the manifest was counted exactly once, and hands the
+totals to :mod:`hpcvid.report`, which writes ``results/NAME/``.
+
+It runs on a login node without SLURM: reading a few MB of predictions is cheap. Inside an MPI job
+(``mpirun -n R hpcvid collect WORK --mpi`` or ``srun --mpi=pmix ...``) each rank counts a round-robin share
+of the shards and the same integer sums are combined with ``MPI.Reduce``; rank 0 writes the report.
+Because counts are integers the result is identical to the single-process reduce, bit for bit.
+
+Exactly once: a shard without its record (missing, or killed mid-write), a record whose .h5 is missing or
+changed, a video counted by two shards, and a test video counted by none are each an error naming the
+shard or the video. ``--allow-partial`` writes the report over what is there and lists what is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from hpcvid import metrics
+from hpcvid.errors import StoreError
+from hpcvid.manifest import Manifest, load_manifest
+from hpcvid.predictions import eval_dir, parse_shard_name, read_prediction_shard, read_record, runs_in
+from hpcvid.sharding import ShardSpec
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------- counts
+@dataclass
+class RunCounts:
+    """Integer totals of one run (one trained model) over the shards counted so far."""
+
+    run: str
+    model: str
+    classes: tuple[str, ...]
+    strategies: list[str]
+    default_strategy: str
+    confusion: dict[str, np.ndarray]              # strategy -> (C, C) int64, [true, predicted]
+    topk: dict[str, dict[int, int]]               # strategy -> k -> hits
+    videos: dict[str, str] = field(default_factory=dict)   # video id -> shard file that counted it
+    shards: list[dict[str, Any]] = field(default_factory=list)   # provenance of each counted shard
+    failed: list[dict[str, str]] = field(default_factory=list)   # videos the eval stage could not score
+    config: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str = ""
+    checkpoint_sha256: str = ""
+    code_version: str = ""
+
+    @property
+    def n_videos(self) -> int:
+        return len(self.videos)
+
+
+@dataclass
+class Reduction:
+    """What the reducer hands to the report: per-run totals and what is missing."""
+
+    work: str
+    manifest: Manifest
+    runs: dict[str, RunCounts]
+    missing_shards: dict[str, list[str]]          # run -> shard file names (or reasons) not counted
+    missing_videos: dict[str, list[str]]          # run -> test video ids counted by no shard
+    partial: bool = False
+
+
+def count_shard(path: Path, record: dict[str, Any]) -> RunCounts:
+    """The integer counts of one prediction shard (the unit of work of both the file and MPI reduce)."""
+    shard = read_prediction_shard(path)
+    labels = shard.labels
+    n_classes = len(shard.classes)
+    videos: dict[str, str] = {}
+    for video in shard.video_ids:
+        if video in videos:
+            raise StoreError(f"video {video} appears twice in {path}: re-run that shard with --force")
+        videos[video] = path.name
+    confusion = {name: metrics.confusion_counts(scores, labels) for name, scores in shard.scores.items()}
+    topk = {name: {k: metrics.topk_hits(scores, labels, k) for k in metrics.valid_ks(n_classes)}
+            for name, scores in shard.scores.items()}
+    return RunCounts(
+        run=shard.run, model=shard.model, classes=shard.classes, strategies=shard.strategies,
+        default_strategy=shard.default_strategy, confusion=confusion, topk=topk, videos=videos,
+        shards=[{"file": path.name, "sha256": record["sha256"], "n_videos": len(shard.video_ids),
+                 "checkpoint": shard.checkpoint}],
+        failed=list(record.get("failed", [])), config=dict(shard.config), checkpoint=shard.checkpoint,
+        checkpoint_sha256=shard.checkpoint_sha256, code_version=shard.code_version,
+    )
+
+
+def merge_counts(parts: Sequence[RunCounts]) -> RunCounts:
+    """Add up the counts of several shards of one run; a video counted twice is an error naming both shards."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    first = parts[0]
+    total = RunCounts(
+        run=first.run, model=first.model, classes=first.classes, strategies=list(first.strategies),
+        default_strategy=first.default_strategy,
+        confusion={s: np.zeros_like(c) for s, c in first.confusion.items()},
+        topk={s: {k: 0 for k in hits} for s, hits in first.topk.items()},
+        config=first.config, checkpoint=first.checkpoint, checkpoint_sha256=first.checkpoint_sha256,
+        code_version=first.code_version,
+    )
+    for part in parts:
+        _check_compatible(total, part)
+        for video, shard_file in part.videos.items():
+            if video in total.videos:
+                raise StoreError(f"video {video} of run {total.run} was counted twice: in "
+                                 f"{total.videos[video]} and in {shard_file}; delete the stale shard and "
+                                 "re-run `hpcvid run eval --force`")
+            total.videos[video] = shard_file
+        for strategy in total.strategies:
+            total.confusion[strategy] += part.confusion[strategy]
+            for k in total.topk[strategy]:
+                total.topk[strategy][k] += part.topk[strategy][k]
+        total.shards.extend(part.shards)
+        total.failed.extend(part.failed)
+    total.shards.sort(key=lambda s: s["file"])
+    return total
+
+
+def _check_compatible(total: RunCounts, part: RunCounts) -> None:
+    where = part.shards[0]["file"] if part.shards else "a shard"
+    if part.classes != total.classes:
+        raise StoreError(f"{where} of run {total.run} has different classes from the other shards: "
+                         "re-run `hpcvid run eval --force` so all shards use one manifest")
+    if part.strategies != total.strategies:
+        raise StoreError(f"{where} of run {total.run} has strategies {part.strategies}, the others "
+                         f"{total.strategies}: re-run `hpcvid run eval --force`")
+    if part.checkpoint_sha256 != total.checkpoint_sha256:
+        raise StoreError(f"{where} of run {total.run} was made from another checkpoint than the other shards: "
+                         "re-run `hpcvid run eval --force` after training finished")
+
+
+# --------------------------------------------------------------------------------------- finding shards
+@dataclass
+class ShardPlan:
+    """The shards of one run that can be counted, and the names of those that cannot."""
+
+    run: str
+    ready: list[tuple[Path, dict[str, Any]]]
+    missing: list[str]
+
+
+def plan_run(work: Path | str, run: str) -> ShardPlan:
+    """Which shards of ``run`` are complete (record present, .h5 present with the recorded sha256)."""
+    from hpcvid.fileio import sha256_file
+
+    folder = eval_dir(work, run)
+    specs: dict[str, ShardSpec] = {}
+    for path in folder.iterdir():
+        spec = parse_shard_name(path.name)
+        if spec is not None:
+            specs[spec.name] = spec
+    counts = sorted({spec.count for spec in specs.values()})
+    if len(counts) > 1:
+        raise StoreError(f"{folder} mixes shard counts {counts} (e.g. pred-0000-of-{counts[0]:04d} and "
+                         f"pred-0000-of-{counts[1]:04d}): delete the stale files and re-run "
+                         "`hpcvid run eval --force`")
+    count = counts[0] if counts else 0
+    ready, missing = [], []
+    for index in range(count):
+        name = ShardSpec(index, count).name
+        h5_path, record_path = folder / f"pred-{name}.h5", folder / f"pred-{name}.json"
+        if not record_path.is_file():
+            state = "has no record (not run, or killed mid-shard)" if h5_path.is_file() else "is missing"
+            missing.append(f"{h5_path} {state}")
+            continue
+        record = read_record(record_path)
+        if not h5_path.is_file():
+            missing.append(f"{h5_path} is missing although its record exists")
+        elif sha256_file(h5_path) != record.get("sha256"):
+            missing.append(f"{h5_path} does not match the sha256 of its record (changed after it was written)")
+        else:
+            ready.append((h5_path, record))
+    return ShardPlan(run=run, ready=ready, missing=missing)
+
+
+def plan_all(work: Path | str, runs: Sequence[str] | None = None) -> list[ShardPlan]:
+    names = list(runs) if runs else runs_in(work)
+    if not names:
+        raise StoreError(f"no prediction shards under {Path(work) / 'eval'}: run `hpcvid run eval --model M "
+                         f"--work {work}` first")
+    for name in names:
+        if not eval_dir(work, name).is_dir():
+            raise StoreError(f"{eval_dir(work, name)} does not exist: run `hpcvid run eval` for run {name} first")
+    return [plan_run(work, name) for name in names]
+
+
+# ------------------------------------------------------------------------------------------- reducing
+def check_coverage(total: RunCounts, manifest: Manifest) -> tuple[list[str], list[str]]:
+    """(test videos counted by no shard, counted videos that are not test videos of the manifest)."""
+    test_ids = {v.id for v in manifest.by_split("test")}
+    counted = set(total.videos)
+    return sorted(test_ids - counted), sorted(counted - test_ids)
+
+
+def finish(work: Path | str, manifest: Manifest, plans: Sequence[ShardPlan], totals: dict[str, RunCounts],
+           allow_partial: bool) -> Reduction:
+    """Check exactly-once coverage; raise naming what is missing, or (partial) record it."""
+    missing_shards = {plan.run: plan.missing for plan in plans if plan.missing}
+    missing_videos: dict[str, list[str]] = {}
+    for plan in plans:
+        total = totals.get(plan.run)
+        if total is None:
+            missing_videos[plan.run] = sorted(v.id for v in manifest.by_split("test"))
+            continue
+        if total.classes != manifest.classes:
+            raise StoreError(f"run {plan.run} was evaluated with other classes than {Path(work) / 'manifest.json'}"
+                             ": re-run `hpcvid run eval --force`")
+        absent, foreign = check_coverage(total, manifest)
+        if foreign:
+            raise StoreError(f"run {plan.run} counted {len(foreign)} video(s) that are not test videos of the "
+                             f"manifest, e.g. {foreign[0]} (in {total.videos[foreign[0]]}): re-run "
+                             "`hpcvid run eval --force` after re-indexing")
+        if absent:
+            missing_videos[plan.run] = absent
+    problems = _describe_missing(missing_shards, missing_videos, totals)
+    if problems and not allow_partial:
+        raise StoreError("incomplete predictions: " + "; ".join(problems) +
+                         " (re-run `hpcvid run eval` for them, or pass --allow-partial)")
+    for problem in problems:
+        log.warning("partial: %s", problem)
+    if not totals:
+        raise StoreError("no complete prediction shard to reduce: " + "; ".join(problems))
+    return Reduction(work=str(work), manifest=manifest, runs=totals, missing_shards=missing_shards,
+                     missing_videos=missing_videos, partial=bool(problems))
+
+
+def _describe_missing(missing_shards: dict[str, list[str]], missing_videos: dict[str, list[str]],
+                      totals: dict[str, RunCounts]) -> list[str]:
+    problems = []
+    for run, shards in sorted(missing_shards.items()):
+        problems.append(f"run {run}: shard {shards[0]}" + (f" (+{len(shards) - 1} more)" if len(shards) > 1 else ""))
+    for run, videos in sorted(missing_videos.items()):
+        if run in missing_shards:
+            continue  # the missing shard explains them
+        failed = {f.get("video"): f.get("reason", "") for f in (totals[run].failed if run in totals else [])}
+        first = videos[0]
+        why = f" (failed: {failed[first]})" if first in failed else ""
+        problems.append(f"run {run}: {len(videos)} test video(s) counted by no shard, e.g. {first}{why}")
+    return problems
+
+
+def reduce_files(work: Path | str, *, runs: Sequence[str] | None = None, allow_partial: bool = False) -> Reduction:
+    """The single-process reduce (login node)."""
+    manifest = load_manifest(work)
+    plans = plan_all(work, runs)
+    totals = {}
+    for plan in plans:
+        parts = [count_shard(path, record) for path, record in plan.ready]
+        if parts:
+            totals[plan.run] = merge_counts(parts)
+    return finish(work, manifest, plans, totals, allow_partial)
+
+
+def reduce_mpi(work: Path | str, *, runs: Sequence[str] | None = None, allow_partial: bool = False,
+               comm: Any = None) -> Reduction | None:
+    """The same sums as an MPI reduce: rank r counts shards r, r+R, ...; rank 0 gets the totals.
+
+    Returns the Reduction on rank 0 and None on the other ranks. Errors found on rank 0 (missing or
+    duplicated videos) are broadcast so every rank exits with the same error.
+    """
+    from mpi4py import MPI
+
+    comm = comm or MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    manifest = load_manifest(work)
+    plans = plan_all(work, runs)   # every rank lists the same files (a shared file system)
+    jobs = [(plan.run, path, record) for plan in plans for path, record in plan.ready]
+    local: dict[str, list[RunCounts]] = {}
+    error: str | None = None
+    try:
+        for run, path, record in jobs[rank::size]:
+            local.setdefault(run, []).append(count_shard(path, record))
+        local_totals = {run: merge_counts(parts) for run, parts in local.items()}
+    except StoreError as exc:
+        error, local_totals = str(exc), {}
+    errors = comm.allgather(error)
+    if any(errors):
+        raise StoreError(next(e for e in errors if e))
+    totals = _mpi_sum(comm, plans, local_totals)
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = finish(work, manifest, plans, totals, allow_partial)
+        except StoreError as exc:
+            error = str(exc)
+    error = comm.bcast(error, root=0)
+    if error:
+        raise StoreError(error)
+    return result
+
+
+def _mpi_sum(comm: Any, plans: Sequence[ShardPlan], local: dict[str, RunCounts]) -> dict[str, RunCounts]:
+    """Integer arrays go through MPI.Reduce(SUM); the video lists are gathered to check exactly-once."""
+    from mpi4py import MPI
+
+    # which runs have counts somewhere, and their shapes (metadata is small: gather it)
+    metas = comm.allgather({run: _empty_like(total) for run, total in local.items()})
+    templates: dict[str, RunCounts] = {}
+    for meta in metas:
+        for run, template in meta.items():
+            templates.setdefault(run, template)
+    totals: dict[str, RunCounts] = {}
+    for run in sorted(templates):
+        template = templates[run]
+        mine = local.get(run, template)
+        flat = _flatten(mine)
+        summed = np.zeros_like(flat) if comm.Get_rank() == 0 else None
+        comm.Reduce([flat, MPI.INT64_T], [summed, MPI.INT64_T] if summed is not None else None, op=MPI.SUM, root=0)
+        pieces = comm.gather(_without_counts(mine) if run in local else None, root=0)
+        if comm.Get_rank() == 0:
+            merged = merge_counts([p for p in pieces if p is not None])   # duplicates are found here
+            _unflatten(merged, summed)
+            totals[run] = merged
+    return totals
+
+
+def _flatten(counts: RunCounts) -> np.ndarray:
+    arrays = [counts.confusion[s].ravel() for s in counts.strategies]
+    arrays += [np.array([counts.topk[s][k] for k in sorted(counts.topk[s])], dtype=np.int64) for s in counts.strategies]
+    return np.concatenate(arrays).astype(np.int64)
+
+
+def _unflatten(counts: RunCounts, flat: np.ndarray) -> None:
+    offset = 0
+    for s in counts.strategies:
+        shape = counts.confusion[s].shape
+        size = int(np.prod(shape))
+        counts.confusion[s] = flat[offset:offset + size].reshape(shape).copy()
+        offset += size
+    for s in counts.strategies:
+        for k in sorted(counts.topk[s]):
+            counts.topk[s][k] = int(flat[offset])
+            offset += 1
+
+
+def _empty_like(counts: RunCounts) -> RunCounts:
+    return RunCounts(
+        run=counts.run, model=counts.model, classes=counts.classes, strategies=list(counts.strategies),
+        default_strategy=counts.default_strategy,
+        confusion={s: np.zeros_like(c) for s, c in counts.confusion.items()},
+        topk={s: {k: 0 for k in hits} for s, hits in counts.topk.items()},
+        config=counts.config, checkpoint=counts.checkpoint, checkpoint_sha256=counts.checkpoint_sha256,
+        code_version=counts.code_version,
+    )
+
+
+def _without_counts(counts: RunCounts) -> RunCounts:
+    """What rank 0 needs besides the summed arrays: video ids, shard provenance, failures."""
+    light = _empty_like(counts)
+    light.videos, light.shards, light.failed = dict(counts.videos), list(counts.shards), list(counts.failed)
+    return light
+
+
+def in_mpi_job(environ: dict[str, str] | None = None) -> bool:
+    """True when started by mpirun/srun with more than one rank (Open MPI, PMI or PMIx variables)."""
+    env = os.environ if environ is None else environ
+    for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"):
+        if int(env.get(name, "1") or 1) > 1:
+            return True
+    return False
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("work", metavar="WORK", help="work folder with manifest.json and eval/<run>/pred-*.h5")
+    parser.add_argument("--out", metavar="DIR", help="report folder (default: results/<name of WORK>)")
+    parser.add_argument("--runs", nargs="+", metavar="RUN", help="only these runs of WORK/eval (default: all)")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="write the report over the shards that are there and list what is missing")
+    parser.add_argument("--mpi", action="store_true",
+                        help="reduce across the ranks of mpirun/srun with MPI (automatic with more than one rank)")
+
+
+def default_out(work: Path | str) -> Path:
+    return Path("results") / Path(work).resolve().name
+
+
+def collect(work: Path | str, out: Path | str | None = None, *, runs: Sequence[str] | None = None,
+            allow_partial: bool = False, use_mpi: bool = False) -> Path | None:
+    """Reduce and write the report; returns the report folder (None on MPI ranks other than 0)."""
+    from hpcvid.report import write_report
+
+    out = Path(out) if out else default_out(work)
+    if use_mpi:
+        reduction = reduce_mpi(work, runs=runs, allow_partial=allow_partial)
+        if reduction is None:
+            return None
+    else:
+        reduction = reduce_files(work, runs=runs, allow_partial=allow_partial)
+    write_report(reduction, out)
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    use_mpi = bool(args.mpi or in_mpi_job())
+    out = collect(args.work, args.out, runs=args.runs, allow_partial=args.allow_partial, use_mpi=use_mpi)
+    if out is None:
+        return 0
+    from hpcvid.report import format_table, read_summary
+
+    summary = read_summary(out)
+    print(format_table(summary))
+    print(f"report: {out / 'report.md'}")
+    return 3 if summary.get("partial") else 0
+
+
+def _iter_strategies(reduction: Reduction) -> Iterable[tuple[RunCounts, str]]:
+    for total in reduction.runs.values():
+        for strategy in total.strategies:
+            yield total, strategy

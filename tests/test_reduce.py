@@ -1,0 +1,135 @@
+"""The reducer: sums over prediction shards equal the sum over their concatenation; exactly-once checks."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from hpcvid import cli, metrics
+from hpcvid.errors import StoreError
+from hpcvid.predictions import read_prediction_shard, read_record
+from hpcvid.reduce import reduce_files
+
+from predictions_factory import make_manifest, write_run
+
+STRATEGIES = {"windows": 0.7, "last_step": 0.5, "mean": 0.6}
+
+
+def _numbers(reduction):
+    return {run: ({s: total.confusion[s].tolist() for s in total.strategies},
+                  {s: dict(total.topk[s]) for s in total.strategies}, sorted(total.videos))
+            for run, total in reduction.runs.items()}
+
+
+def test_three_shards_equal_their_concatenation(tmp_path):
+    sharded, single = tmp_path / "sharded", tmp_path / "single"
+    manifest = make_manifest(sharded, n_classes=12, test_per_class=4)
+    make_manifest(single, n_classes=12, test_per_class=4)
+    paths = write_run(sharded, manifest, "lstm", "lstm", STRATEGIES, shards=3, seed=1)
+    write_run(single, manifest, "lstm", "lstm", STRATEGIES, shards=1, seed=1)
+    assert len(paths) == 3 and all(read_prediction_shard(p).video_ids for p in paths)
+
+    by_shards, by_one = reduce_files(sharded), reduce_files(single)
+    assert _numbers(by_shards) == _numbers(by_one)
+    assert by_shards.runs["lstm"].n_videos == 48 and not by_shards.partial
+
+    # and both equal the metrics computed directly on the concatenated arrays
+    whole = read_prediction_shard(single / "eval" / "lstm" / "pred-0000-of-0001.h5")
+    for strategy in STRATEGIES:
+        confusion = metrics.confusion_counts(whole.scores[strategy], whole.labels)
+        assert by_shards.runs["lstm"].confusion[strategy].tolist() == confusion.tolist()
+        assert by_shards.runs["lstm"].topk[strategy][5] == metrics.topk_hits(whole.scores[strategy], whole.labels, 5)
+
+
+def test_a_missing_shard_is_named(tmp_path):
+    manifest = make_manifest(tmp_path)
+    write_run(tmp_path, manifest, "lstm", "lstm", STRATEGIES, shards=3, skip=(1,))
+    with pytest.raises(StoreError, match=r"pred-0001-of-0003\.h5 is missing"):
+        reduce_files(tmp_path)
+
+
+def test_a_shard_killed_before_its_record_counts_as_missing(tmp_path):
+    manifest = make_manifest(tmp_path)
+    write_run(tmp_path, manifest, "lstm", "lstm", STRATEGIES, shards=3)
+    (tmp_path / "eval" / "lstm" / "pred-0002-of-0003.json").unlink()
+    with pytest.raises(StoreError, match=r"pred-0002-of-0003\.h5 has no record"):
+        reduce_files(tmp_path)
+
+
+def test_a_shard_changed_after_its_record_is_refused(tmp_path):
+    manifest = make_manifest(tmp_path)
+    write_run(tmp_path, manifest, "lstm", "lstm", STRATEGIES, shards=2)
+    with open(tmp_path / "eval" / "lstm" / "pred-0000-of-0002.h5", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(StoreError, match=r"pred-0000-of-0002\.h5 does not match the sha256"):
+        reduce_files(tmp_path)
+
+
+def test_a_duplicated_video_is_named(tmp_path):
+    manifest = make_manifest(tmp_path)
+    write_run(tmp_path, manifest, "lstm", "lstm", STRATEGIES, shards=3)
+    # rewrite shard 2 so that it also holds the first video of shard 0
+    from hpcvid.predictions import write_prediction_shard
+
+    folder = tmp_path / "eval" / "lstm"
+    first = read_prediction_shard(folder / "pred-0000-of-0003.h5")
+    third = read_prediction_shard(folder / "pred-0002-of-0003.h5")
+    third.video_ids.append(first.video_ids[0])
+    third.labels = np.append(third.labels, first.labels[0])
+    third.scores = {s: np.vstack([third.scores[s], first.scores[s][:1]]) for s in third.strategies}
+    third.splits = None
+    write_prediction_shard(tmp_path, third)
+    duplicated = first.video_ids[0]
+    with pytest.raises(StoreError, match=rf"video {duplicated} of run lstm was counted twice: in "
+                                         r"pred-0000-of-0003\.h5 and in pred-0002-of-0003\.h5"):
+        reduce_files(tmp_path)
+
+
+def test_allow_partial_reports_what_is_missing(tmp_path):
+    manifest = make_manifest(tmp_path)
+    write_run(tmp_path, manifest, "lstm", "lstm", STRATEGIES, shards=3, skip=(0,))
+    reduction = reduce_files(tmp_path, allow_partial=True)
+    assert reduction.partial
+    assert "pred-0000-of-0003.h5" in reduction.missing_shards["lstm"][0]
+    expected_missing = sorted(v.id for v in manifest.by_split("test"))[0::3]
+    assert reduction.missing_videos["lstm"] == expected_missing
+    assert reduction.runs["lstm"].n_videos == 30 - len(expected_missing)
+
+
+def test_a_test_video_counted_by_no_shard_is_named(tmp_path):
+    manifest = make_manifest(tmp_path)
+    write_run(tmp_path, manifest, "lstm", "lstm", STRATEGIES, shards=1)
+    # the manifest gains a test video the evaluation never saw
+    from dataclasses import replace as dc_replace
+
+    from hpcvid.manifest import write_manifest
+
+    extra = dc_replace(manifest.videos[0], id="Class000/v_new_video")
+    write_manifest(dc_replace(manifest, videos=manifest.videos + (extra,)), tmp_path)
+    with pytest.raises(StoreError, match=r"1 test video\(s\) counted by no shard, e.g. Class000/v_new_video"):
+        reduce_files(tmp_path)
+
+
+def test_no_predictions_is_a_clear_error(tmp_path):
+    make_manifest(tmp_path)
+    with pytest.raises(StoreError, match="no prediction shards under"):
+        reduce_files(tmp_path)
+
+
+def test_collect_cli_writes_the_report_and_prints_the_table(tmp_path, capsys):
+    manifest = make_manifest(tmp_path / "work")
+    write_run(tmp_path / "work", manifest, "frame", "frame", {"middle": 0.3, "mean_frames": 0.35}, shards=2)
+    write_run(tmp_path / "work", manifest, "lstm", "lstm", STRATEGIES, shards=2)
+    out = tmp_path / "results" / "x"
+    assert cli.main(["collect", str(tmp_path / "work"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "windows *" in printed and "middle *" in printed and str(out / "report.md") in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["runs"]) == ["frame", "lstm"]
+    assert read_record(tmp_path / "work" / "eval" / "lstm" / "pred-0001-of-0002.json")["n_videos"] == 15
+    # a missing shard through the CLI: one line, exit code 2
+    (tmp_path / "work" / "eval" / "lstm" / "pred-0001-of-0002.json").unlink()
+    assert cli.main(["collect", str(tmp_path / "work"), "--out", str(out)]) == 2
+    assert "pred-0001-of-0002.h5 has no record" in capsys.readouterr().err
+    assert cli.main(["collect", str(tmp_path / "work"), "--out", str(out), "--allow-partial"]) == 3
