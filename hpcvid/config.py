@@ -151,6 +151,20 @@ class TrainConfig:
     workers: int = option(0, check=NON_NEGATIVE, help="DataLoader workers per process")
     seed: int = option(0, check=NON_NEGATIVE)
     device: str = option("auto", choices=("auto", "cpu", "cuda"))
+    val_fraction: float = option(0.15, check=Check(lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+                                 help="share of each class of the TRAIN split held out for validation")
+    augment: bool = option(True, help="random crop at a jittered scale (centre/corners) and flip")
+    scale_jitter: tuple[float, ...] = option((1.0, 0.875, 0.75, 0.66), help="crop sides, fractions of the short side")
+    flip: bool = option(True, help="random horizontal flip (flow: u negated)")
+    amp: bool = option(True, help="mixed precision on CUDA (ignored on the CPU)")
+    lr_min: float = option(1e-4, check=POSITIVE, help="cyclic schedule: lower bound (lr is the upper)")
+    cycle_epochs: float = option(2.0, check=POSITIVE, help="cyclic schedule: epochs per half cycle")
+    plateau_factor: float = option(0.5, check=FRACTION, help="reduce-on-plateau: lr multiplier")
+    plateau_patience: int = option(2, check=NON_NEGATIVE, help="reduce-on-plateau: epochs without improvement")
+    input_norm: bool = option(False, help="lstm: standardise each step's features inside the model")
+    features: str = option("", help="lstm: feature set in WORK/features.h5; empty = the fine-tuned one, else the extracted one")
+    init_from_runs: bool = option(True, help="twostream: start from WORK/runs/frame and WORK/runs/flow when present")
+    keep_checkpoints: int = option(2, check=POSITIVE, help="epoch checkpoints kept (best.pt is kept apart)")
 
 
 @dataclass(frozen=True)

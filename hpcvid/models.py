@@ -1,0 +1,248 @@
+"""The four models, as a plain dictionary of classes (:data:`MODELS`): no registry, grep finds what runs.
+
+Forward contracts (shared with evaluation; inputs are prepared by :mod:`hpcvid.datasets`):
+
+* ``frame``:     ``(B, 3, H, W)`` preprocessed RGB          -> ``(B, C)`` logits
+* ``flow``:      ``(B, 2L, H, W)`` stacked, camera-compensated flow (u0, v0, u1, v1, ...) -> ``(B, C)``
+* ``twostream``: ``(rgb (B, 3, H, W), flow (B, 2L, H, W))`` -> ``(B, C)``: mid-level fusion (the two trunks'
+  feature maps concatenated, 1x1 conv, pool, classifier); :func:`late_fusion` combines scores instead.
+* ``lstm``:      ``(B, T, D)`` prepared per-frame features  -> ``(B, T, C)`` per-step logits; with
+  ``return_state=True`` also the ``(h, c)`` state, which truncated BPTT carries across chunks.
+
+Every model records its constructor arguments in ``init_args`` so a checkpoint rebuilds the exact
+architecture (:func:`build_from_args`). Backbones: ``"small"`` is a four-layer CNN with GroupNorm (fast on
+a CPU, and independent of the per-process batch so DDP equals one big batch); ``"resnet18"`` and
+``"googlenet"`` come from :func:`hpcvid.backbones.build_backbone` (local weights or random init).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+# ------------------------------------------------------------------------------------------ trunks
+class SmallCNN(nn.Module):
+    """A CPU-demo trunk: four strided conv blocks with GroupNorm; 4 * width channels out."""
+
+    def __init__(self, in_channels: int = 3, width: int = 32) -> None:
+        super().__init__()
+        chans = [in_channels, width, 2 * width, 4 * width, 4 * width]
+        blocks: list[nn.Module] = []
+        for i in range(4):
+            blocks += [nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1, bias=False),
+                       nn.GroupNorm(min(8, chans[i + 1]), chans[i + 1]), nn.ReLU(inplace=True)]
+        self.body = nn.Sequential(*blocks)
+        self.out_channels = chans[-1]
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.feature_map(x).mean(dim=(2, 3))
+
+
+class PooledTrunk(nn.Module):
+    """Wraps a backbone trunk ``(B, C, H, W) -> (B, D)``; its 'feature map' is the pooled vector as 1x1."""
+
+    def __init__(self, trunk: nn.Module, feature_dim: int) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.out_channels = feature_dim
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(x).flatten(1)[:, :, None, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(x).flatten(1)
+
+
+def widen_first_conv(module: nn.Module, in_channels: int) -> None:
+    """Replace the first 3-channel Conv2d by one taking ``in_channels``: RGB weights averaged and repeated.
+
+    The cross-modality initialisation of the two-stream literature: a flow trunk starts from an RGB
+    network by giving each flow channel the mean of the three RGB filters.
+    """
+    for parent in module.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d) and child.in_channels == 3:
+                wide = nn.Conv2d(in_channels, child.out_channels, child.kernel_size, child.stride,
+                                 child.padding, child.dilation, child.groups, child.bias is not None)
+                with torch.no_grad():
+                    mean = child.weight.mean(dim=1, keepdim=True)
+                    wide.weight.copy_(mean.repeat(1, in_channels, 1, 1))
+                    if child.bias is not None:
+                        wide.bias.copy_(child.bias)
+                setattr(parent, name, wide)
+                return
+    raise ValueError("the backbone has no 3-channel Conv2d to widen")
+
+
+def build_trunk(backbone: str, weights: str = "", in_channels: int = 3) -> nn.Module:
+    """A trunk with ``feature_map`` and pooled ``forward`` and an ``out_channels`` attribute."""
+    if backbone == "small":
+        return SmallCNN(in_channels)
+    from hpcvid.backbones import build_backbone  # only when a torchvision backbone is asked for
+
+    trunk, _head, feature_dim = build_backbone(backbone, weights or "")
+    if in_channels != 3:
+        widen_first_conv(trunk, in_channels)
+    return PooledTrunk(trunk, feature_dim)
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+    return module
+
+
+# ------------------------------------------------------------------------------------------ models
+class FrameModel(nn.Module):
+    """Single-frame CNN: a trunk (fine-tuned or frozen) and a new head for the dataset's classes."""
+
+    kind = "frame"
+
+    def __init__(self, num_classes: int, backbone: str = "small", weights: str = "",
+                 freeze_trunk: bool = False, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.init_args = {"num_classes": num_classes, "backbone": backbone, "weights": weights,
+                          "freeze_trunk": freeze_trunk, "dropout": dropout}
+        self.trunk = build_trunk(backbone, weights, 3)
+        if freeze_trunk:
+            _frozen(self.trunk)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(self.trunk.out_channels, num_classes)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.trunk.out_channels
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled per-image features ``(B, D)`` (what refeature stores for the LSTM)."""
+        return self.trunk(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.trunk(x)))
+
+
+class FlowModel(nn.Module):
+    """CNN on a stack of ``stack`` flow fields (2 * stack channels)."""
+
+    kind = "flow"
+
+    def __init__(self, num_classes: int, stack: int = 10, backbone: str = "small", weights: str = "",
+                 dropout: float = 0.5) -> None:
+        super().__init__()
+        self.init_args = {"num_classes": num_classes, "stack": stack, "backbone": backbone,
+                          "weights": weights, "dropout": dropout}
+        self.stack = stack
+        self.trunk = build_trunk(backbone, weights, 2 * stack)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(self.trunk.out_channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.trunk(x)))
+
+
+class TwoStreamModel(nn.Module):
+    """Mid-level fusion: concatenate the RGB and flow trunks' feature maps, 1x1 conv, pool, classify.
+
+    Start it from trained ``frame`` and ``flow`` models with :meth:`init_from`; the maps are brought to
+    the smaller of the two spatial sizes by average pooling before concatenation.
+    """
+
+    kind = "twostream"
+
+    def __init__(self, num_classes: int, stack: int = 10, backbone: str = "small", weights: str = "",
+                 fused_channels: int = 128, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.init_args = {"num_classes": num_classes, "stack": stack, "backbone": backbone, "weights": weights,
+                          "fused_channels": fused_channels, "dropout": dropout}
+        self.rgb = FrameModel(num_classes, backbone, weights, dropout=dropout)
+        self.flow = FlowModel(num_classes, stack, backbone, weights, dropout=dropout)
+        both = self.rgb.trunk.out_channels + self.flow.trunk.out_channels
+        self.fuse = nn.Sequential(nn.Conv2d(both, fused_channels, 1), nn.ReLU(inplace=True))
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(fused_channels, num_classes)
+
+    def init_from(self, frame_state: dict[str, torch.Tensor] | None, flow_state: dict[str, torch.Tensor] | None) -> None:
+        """Copy trained single-stream weights (state dicts of FrameModel / FlowModel) into the streams."""
+        if frame_state is not None:
+            self.rgb.load_state_dict(frame_state)
+        if flow_state is not None:
+            self.flow.load_state_dict(flow_state)
+
+    def forward(self, rgb: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+        a = self.rgb.trunk.feature_map(rgb)
+        b = self.flow.trunk.feature_map(flow)
+        size = (min(a.shape[2], b.shape[2]), min(a.shape[3], b.shape[3]))
+        if a.shape[2:] != size:
+            a = F.adaptive_avg_pool2d(a, size)
+        if b.shape[2:] != size:
+            b = F.adaptive_avg_pool2d(b, size)
+        fused = self.fuse(torch.cat([a, b], dim=1)).mean(dim=(2, 3))
+        return self.head(self.dropout(fused))
+
+
+def late_fusion(rgb_scores: torch.Tensor, flow_scores: torch.Tensor,
+                weights: tuple[float, ...] = (1.0, 1.5)) -> torch.Tensor:
+    """Weighted average of the two streams' softmax scores (the two-stream paper weighs flow higher)."""
+    w_rgb, w_flow = float(weights[0]), float(weights[1])
+    total = w_rgb + w_flow
+    return (w_rgb * rgb_scores.softmax(-1) + w_flow * flow_scores.softmax(-1)) / total
+
+
+class LSTMModel(nn.Module):
+    """Stacked LSTM over per-frame features with a classifier at every step."""
+
+    kind = "lstm"
+
+    def __init__(self, num_classes: int, input_dim: int, hidden: int = 256, layers: int = 2,
+                 dropout: float = 0.2, input_norm: bool = False) -> None:
+        super().__init__()
+        self.init_args = {"num_classes": num_classes, "input_dim": input_dim, "hidden": hidden,
+                          "layers": layers, "dropout": dropout, "input_norm": input_norm}
+        self.input_norm = input_norm
+        self.input_dropout = nn.Dropout(dropout)
+        self.lstm = nn.LSTM(input_dim, hidden, num_layers=layers, batch_first=True,
+                            dropout=dropout if layers > 1 else 0.0)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None,
+                return_state: bool = False) -> Any:
+        if self.input_norm:
+            x = relative_standardise(x, dim=-1)
+        out, new_state = self.lstm(self.input_dropout(x), state)
+        logits = self.head(out)
+        return (logits, new_state) if return_state else logits
+
+
+def relative_standardise(x: torch.Tensor, dim: int = -1, rel_eps: float = 1e-3) -> torch.Tensor:
+    """(x - mean) / (std + eps) with eps relative to the data's own scale (features may be ~1e-12)."""
+    centred = x - x.mean(dim=dim, keepdim=True)
+    std = centred.pow(2).mean(dim=dim, keepdim=True).sqrt()
+    eps = rel_eps * std.mean() + torch.finfo(x.dtype).tiny
+    return centred / (std + eps)
+
+
+MODELS: dict[str, type[nn.Module]] = {
+    "frame": FrameModel,
+    "flow": FlowModel,
+    "twostream": TwoStreamModel,
+    "lstm": LSTMModel,
+}
+
+
+def build_from_args(kind: str, init_args: dict[str, Any], *, keep_weights_path: bool = False) -> nn.Module:
+    """Rebuild a model from a checkpoint's ``init_args`` (weights come from the checkpoint, not the file)."""
+    args = dict(init_args)
+    if not keep_weights_path and "weights" in args:
+        args["weights"] = ""
+    return MODELS[kind](**args)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside DistributedDataParallel (or the model itself)."""
+    return getattr(model, "module", model)
