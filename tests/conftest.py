@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny synthetic dataset (generated once per test session) and its indexed work folder.
+
+Other stages' tests build on these; they are real files (mpeg4 .avi through ffmpeg, split files, the
+motion ground truth, a real manifest), only small: 6 classes x 4 videos, 12 frames of 48x48.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TINY_SYNTH = {"classes": 6, "per_class": 4, "test_per_class": 1, "frames": 12, "size": "48x48",
+              "fps": 25.0, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Root of a tiny synthetic dataset in UCF-101's layout (see hpcvid.synth); do not modify it."""
+    from hpcvid.config import SynthConfig
+    from hpcvid.synth import generate
+
+    return generate(tmp_path_factory.mktemp("tiny_synthetic"), SynthConfig(**TINY_SYNTH))
+
+
+@pytest.fixture(scope="session")
+def tiny_work(tiny_synthetic: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A work folder holding ``manifest.json`` and ``config.resolved.json`` for :func:`tiny_synthetic`.
+
+    The resolved config has dataset.root = the tiny dataset, split 1, and synth = TINY_SYNTH; copy the
+    folder (or use ``hpcvid.config.replace`` + your own work folder) before writing into it.
+    """
+    from hpcvid.config import resolve_config
+    from hpcvid.index import index_dataset
+
+    work = tmp_path_factory.mktemp("tiny_work")
+    overrides = {"work": str(work), "dataset.root": str(tiny_synthetic), "dataset.format": "ucf101",
+                 "dataset.split": 1, **{f"synth.{k}": v for k, v in TINY_SYNTH.items()}}
+    index_dataset(resolve_config(overrides=overrides))
+    return work
