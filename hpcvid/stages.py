@@ -24,7 +24,9 @@ from hpcvid.cli import add_config_arguments, config_from_args
 from hpcvid.config import write_resolved
 
 # stage -> module. Only stages that are built are listed.
-STAGES: dict[str, str] = {}
+STAGES: dict[str, str] = {
+    "extract": "hpcvid.extract",
+}
 
 
 def load_stage(name: str) -> ModuleType:
@@ -38,6 +40,9 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
         sub = stages.add_parser(name, help=module.HELP, description=module.HELP)
         add_config_arguments(sub)
         module.add_arguments(sub)
+        if hasattr(module, "run_shard"):
+            sub.add_argument("--jobs", type=int, default=1, metavar="N",
+                             help="run N shards at once in separate processes (submitit's local executor)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -46,5 +51,11 @@ def main(args: argparse.Namespace) -> int:
     write_resolved(config, argv=sys.argv)
     if hasattr(module, "run_local"):
         return int(module.run_local(config, args))
-    records = [module.run_shard(config, spec) for spec in module.plan(config, args)]
+    specs = module.plan(config, args)
+    if getattr(args, "jobs", 1) > 1 and len(specs) > 1:
+        from hpcvid.launch import run_shards_locally
+
+        records = run_shards_locally(config, module.__name__, specs, args.jobs)
+    else:
+        records = [module.run_shard(config, spec) for spec in specs]
     return int(module.report(config, records))

@@ -1,0 +1,168 @@
+"""The extract stage on the tiny synthetic set: sharding does not change contents, resume, skip, --force."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from extract_helpers import extract_config, write_folder_manifest
+from hpcvid import extract
+from hpcvid.sharding import ShardSpec, all_shards
+from hpcvid.store import ShardReader
+
+
+def _run_all(config, count: int) -> list[dict]:
+    return [extract.run_shard(config, spec) for spec in all_shards(count)]
+
+
+def _contents(config, records) -> dict[str, dict]:
+    """Every stored array and attribute per video id, read back through ShardReader."""
+    out = {}
+    for record in records:
+        with ShardReader(extract.extract_dir(config) / record["file"]) as reader:
+            for video_id in reader.video_ids():
+                info = reader.info(video_id)
+                video = reader.video(video_id)
+                out[video_id] = {
+                    "info": {k: v for k, v in info.items() if k != "frame_indices"},
+                    "indices": info["frame_indices"], "frames": video.frames, "flow": video.flow,
+                    "features": video.features,
+                }
+    return out
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for video_id in a:
+        x, y = a[video_id], b[video_id]
+        assert x["info"] == y["info"], video_id
+        np.testing.assert_array_equal(x["indices"], y["indices"])
+        np.testing.assert_array_equal(x["frames"], y["frames"])
+        np.testing.assert_array_equal(x["flow"], y["flow"])
+        assert sorted(x["features"]) == sorted(y["features"])
+        for name in x["features"]:
+            np.testing.assert_array_equal(x["features"][name], y["features"][name])
+
+
+@pytest.fixture()
+def synthetic_work(tiny_synthetic, tmp_path):
+    def make(name: str, **settings):
+        work = tmp_path / name
+        manifest = write_folder_manifest(tiny_synthetic, work)
+        return extract_config(work, **settings), manifest
+    return make
+
+
+@pytest.mark.slow
+def test_one_shard_and_three_shards_store_the_same_videos(synthetic_work):
+    one, manifest = synthetic_work("one", backbone="resnet18")
+    three, _ = synthetic_work("three", backbone="resnet18", shards=3)
+    records_one, records_three = _run_all(one, 1), _run_all(three, 3)
+    ids = sorted(v.id for v in manifest.videos)
+    assert sorted(v["id"] for v in records_one[0]["videos"]) == ids
+    per_shard = [sorted(v["id"] for v in r["videos"]) for r in records_three]
+    assert sorted(sum(per_shard, [])) == ids and all(per_shard)  # disjoint, complete, none empty
+    assert all(r["n_failed"] == 0 for r in records_one + records_three)
+    checksums_one = {v["id"]: v["checksum"] for v in records_one[0]["videos"]}
+    checksums_three = {v["id"]: v["checksum"] for r in records_three for v in r["videos"]}
+    assert checksums_one == checksums_three
+    a, b = _contents(one, records_one), _contents(three, records_three)
+    _assert_same(a, b)
+    sample = a[ids[0]]
+    assert sample["frames"].shape == (12, 32, 32, 3) and sample["flow"].shape == (11, 32, 32, 2)
+    assert sample["features"]["resnet18"].shape == (12, 512)
+    assert sample["info"]["split"] in ("train", "test") and sample["info"]["total_frames"] == 12
+    assert np.abs(sample["flow"]).max() > 0.1  # the objects move
+    record = records_three[1]
+    assert record["shard"] == "0001-of-0003" and record["random_init"] and record["warnings"]
+    assert record["features"]["backbone"] == "resnet18" and record["config"]["extract"]["size"] == 32
+    assert record["timings"]["videos_processed"] == record["n_videos"] and record["code_version"]
+    assert not extract.parts_dir(three, ShardSpec(1, 3)).exists()  # scratch removed after the record
+
+
+class _Interrupt(BaseException):
+    """Stands for a kill: not an Exception, so the per-video error handling does not catch it."""
+
+
+def test_an_interrupted_shard_resumes_and_ends_like_a_clean_run(synthetic_work, monkeypatch):
+    clean, _ = synthetic_work("clean")
+    resumed, _ = synthetic_work("resumed")
+    spec = ShardSpec(0, 2)
+    expected = extract.run_shard(clean, spec)
+    original = extract._VideoRunner.compute
+    calls = {"n": 0}
+
+    def compute_then_die(self, entry, path):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise _Interrupt()
+        return original(self, entry, path)
+
+    monkeypatch.setattr(extract._VideoRunner, "compute", compute_then_die)
+    with pytest.raises(_Interrupt):
+        extract.run_shard(resumed, spec)
+    assert not extract.record_path(resumed, spec).exists() and not extract.shard_path(resumed, spec).exists()
+    assert len(list(extract.parts_dir(resumed, spec).glob("*.h5"))) == 3
+    monkeypatch.setattr(extract._VideoRunner, "compute", original)
+    record = extract.run_shard(resumed, spec)
+    assert record["timings"]["videos_resumed"] == 3
+    assert record["timings"]["videos_processed"] == expected["n_videos"] - 3
+    assert record["videos"] == expected["videos"]  # ids, shapes and checksums, in the same order
+    _assert_same(_contents(clean, [expected]), _contents(resumed, [record]))
+
+
+def test_done_shards_are_skipped_and_force_redoes_them(synthetic_work):
+    config, _ = synthetic_work("w", flow="none", shards=2)
+    first = extract.run_shard(config, ShardSpec(1, 2))
+    record_file = extract.record_path(config, ShardSpec(1, 2))
+    stamp = record_file.stat().st_mtime_ns
+    args = type("Args", (), {"force": False, "shard": None})()
+    assert [s.index for s in extract.plan(config, args)] == [0]
+    assert extract.run_shard(config, ShardSpec(1, 2)) == first and record_file.stat().st_mtime_ns == stamp
+    args.force = True
+    assert [s.index for s in extract.plan(config, args)] == [0, 1]
+    again = extract.run_shard(config, ShardSpec(1, 2, force=True))
+    assert again["timings"]["videos_processed"] == again["n_videos"] == first["n_videos"]
+    assert again["videos"] == first["videos"]
+    with ShardReader(extract.shard_path(config, ShardSpec(1, 2))) as reader:
+        assert not reader.info(reader.video_ids()[0])["has_flow"]  # flow = none stores no flow
+
+
+def test_parts_made_with_other_settings_are_discarded(synthetic_work, monkeypatch):
+    config, _ = synthetic_work("w")
+    spec = ShardSpec(0, 4)
+    original = extract._VideoRunner.compute
+
+    def die_on_second(self, entry, path):
+        if self.processed == 1:
+            raise _Interrupt()
+        return original(self, entry, path)
+
+    monkeypatch.setattr(extract._VideoRunner, "compute", die_on_second)
+    with pytest.raises(_Interrupt):
+        extract.run_shard(config, spec)
+    monkeypatch.setattr(extract._VideoRunner, "compute", original)
+    changed = extract_config(config.work_dir, size=24)
+    record = extract.run_shard(changed, spec)
+    assert record["timings"]["videos_resumed"] == 0
+    assert all(v["shapes"]["frames"][1:3] == [24, 24] for v in record["videos"])
+
+
+def test_cli_indexes_when_the_manifest_is_missing_and_reports(tiny_synthetic, tmp_path, capsys):
+    pytest.importorskip("hpcvid.index")
+    from hpcvid.cli import main
+
+    work = tmp_path / "work"
+    argv = ["run", "extract", "--work", str(work), "--dataset", str(tiny_synthetic), "--shards", "2",
+            "--backbone", "none", "--flow", "dis"]
+    assert main(argv) == 0
+    assert (work / "manifest.json").is_file()
+    records = [json.loads((work / "extract" / f"shard-{s.name}.json").read_text()) for s in all_shards(2)]
+    assert sum(r["n_videos"] for r in records) == 24 and all(r["config"]["extract"]["flow"] == "dis" for r in records)
+    out = capsys.readouterr().out
+    assert "2 of 2 shards done" in out
+    assert main(argv) == 0 and "nothing to do" in capsys.readouterr().out
