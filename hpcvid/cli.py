@@ -25,6 +25,10 @@ VERBS: dict[str, tuple[str, str]] = {
     "synth": ("hpcvid.synth", "generate the synthetic action dataset (UCF-101 layout)"),
     "index": ("hpcvid.index", "index a dataset and its split into WORK/manifest.json"),
     "run": ("hpcvid.stages", "run a stage on this machine and wait"),
+    "submit": ("hpcvid.submit", "queue a stage (or the whole pipeline) on SLURM and return at once"),
+    "status": ("hpcvid.status", "per-shard SLURM state, progress, failures and ETA of a work folder"),
+    "cancel": ("hpcvid.cancel", "cancel every queued or running job of a work folder"),
+    "mpi": ("hpcvid.mpi", "run a shard stage across the ranks of one MPI allocation"),
     "collect": ("hpcvid.reduce", "reduce prediction shards into results/NAME (tables, confusion matrices, plots)"),
 }
 

@@ -1,0 +1,101 @@
+"""A test-only shard stage for the launcher's tests (never registered outside tests).
+
+It does what a real stage does, in miniature: items per shard, one output file per item written
+atomically, resume by skipping finished items, per-item progress (hpcvid.progress), the record last.
+Its knobs live in WORK/toy.json (so that jobs on SLURM nodes read the same): {"items": per shard,
+"sleep": seconds per item, "fail": [shard indices that raise]}. Every item it starts is appended to
+WORK/toy/started.log ("shard item restart"), which lets a test count what was redone after a requeue.
+The ``toymerge`` stage (run_local) needs every shard record, and records when it ran.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from hpcvid.errors import StoreError
+from hpcvid.fileio import atomic_write_json, atomic_write_text
+from hpcvid.progress import write_progress
+from hpcvid.sharding import ShardSpec, all_shards
+
+HELP = "test-only stage: files per item, with a sleep"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shards", type=int, help="number of shards")
+    parser.add_argument("--force", action="store_true", help="redo shards whose record exists")
+
+
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {"extract.shards": getattr(args, "shards", None)}
+
+
+def settings(config) -> dict[str, Any]:
+    return json.loads((Path(config.work) / "toy.json").read_text())
+
+
+def record_path(config, spec: ShardSpec) -> Path:
+    return Path(config.work) / "toy" / f"shard-{spec.name}.json"
+
+
+def plan(config, args) -> list[ShardSpec]:
+    force = bool(getattr(args, "force", False))
+    return [s for s in all_shards(config.extract.shards, force) if force or not record_path(config, s).exists()]
+
+
+def run_shard(config, spec: ShardSpec) -> dict[str, Any]:
+    knobs = settings(config)
+    out = Path(config.work) / "toy" / f"shard-{spec.name}.items"
+    out.mkdir(parents=True, exist_ok=True)
+    items = [f"item{spec.index * 100 + i:05d}" for i in range(knobs["items"])]
+    started = time.time()
+    restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+    write_progress(config.work, "toy", spec, done=0, total=len(items), started=started)
+    for done, item in enumerate(items):
+        target = out / f"{item}.txt"
+        if target.exists() and not spec.force:
+            continue
+        with open(Path(config.work) / "toy" / "started.log", "a") as log:
+            log.write(f"{spec.index} {item} {restart}\n")
+        time.sleep(knobs.get("sleep", 0))
+        atomic_write_text(target, f"{item} of shard {spec.name}\n")
+        write_progress(config.work, "toy", spec, done=done + 1, total=len(items), started=started)
+    if spec.index in knobs.get("fail", []):
+        raise StoreError(f"toy shard {spec.name} fails on purpose")
+    record = {"shard": spec.name, "index": spec.index, "count": spec.count, "videos": items, "failed": [],
+              "finished": time.time(), "restart": restart}
+    atomic_write_json(record_path(config, spec), record)
+    return record
+
+
+def report(config, records) -> int:
+    print(f"toy: {len(records)} shard(s)")
+    return 0
+
+
+class Merge:
+    """The ``toymerge`` stage: one job that needs every toy shard record."""
+
+    HELP = "test-only merge of toy shards"
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        pass
+
+    @staticmethod
+    def overrides(args) -> dict[str, Any]:
+        return {}
+
+    @staticmethod
+    def run_local(config, args) -> int:
+        specs = all_shards(config.extract.shards)
+        missing = [s.name for s in specs if not record_path(config, s).exists()]
+        if missing:
+            raise StoreError(f"toymerge: shards {missing} have no record")
+        finished = [json.loads(record_path(config, s).read_text())["finished"] for s in specs]
+        atomic_write_json(Path(config.work) / "toy" / "merged.json",
+                          {"shards": len(specs), "last_shard_finished": max(finished), "merged_at": time.time()})
+        return 0
