@@ -177,7 +177,7 @@ def make_executor(folder: Path, launch: LaunchConfig, resources: Resources):
         executor = submitit.LocalExecutor(folder=folder, max_num_timeout=launch.max_requeues)
         executor.update_parameters(timeout_min=walltime_minutes(launch.walltime), nodes=1,
                                    tasks_per_node=resources.tasks_per_node,
-                                   gpus_per_node=resources.gpus_per_node or None)
+                                   gpus_per_node=resources.gpus_per_node)
         return executor
     if launch.executor == "debug":
         return submitit.DebugExecutor(folder=folder)

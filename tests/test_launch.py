@@ -1,0 +1,174 @@
+"""The launcher without a cluster: sbatch text (golden), validation before sbatch, records, local executors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_helpers import hpcvid, toy_stages, wait_until  # noqa: F401 (fixture)
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def _toy_work(tmp_path: Path, items: int = 2, sleep: float = 0.0, fail=()) -> Path:
+    work = tmp_path / "work"
+    work.mkdir(parents=True)
+    (work / "toy.json").write_text(json.dumps({"items": items, "sleep": sleep, "fail": list(fail)}))
+    return work
+
+
+# ------------------------------------------------------------------------------------------ sbatch text
+def test_sbatch_text_of_an_array_matches_the_golden_file():
+    from hpcvid.config import LaunchConfig
+    from hpcvid.launch import Resources, sbatch_text
+
+    launch = LaunchConfig(executor="slurm", partition="debug", account="proj1", qos="normal", gres="gpu:2",
+                          cpus_per_task=4, mem="16G", walltime="02:30:00", array_parallelism=4, signal_delay_s=120)
+    text = sbatch_text(launch, Resources(name="hpcvid-extract", dependency="afterok:12"),
+                       Path("/W/jobs/logs/%j"), array=12)
+    assert text.replace(sys.executable, "<PYTHON>") == (GOLDEN / "sbatch_extract_array.txt").read_text()
+
+
+def test_sbatch_text_of_a_multi_node_training_job_matches_the_golden_file():
+    from hpcvid.config import LaunchConfig
+    from hpcvid.launch import Resources, sbatch_text
+
+    text = sbatch_text(LaunchConfig(executor="slurm", walltime="08:00:00"),
+                       Resources(name="hpcvid-train", nodes=2, tasks_per_node=4, gpus_per_node=4),
+                       Path("/W/jobs/logs/%j"))
+    assert text.replace(sys.executable, "<PYTHON>") == (GOLDEN / "sbatch_train_2x4.txt").read_text()
+
+
+def test_dry_run_prints_the_script_and_queues_nothing(tmp_path, toy_stages, capsys):
+    work = _toy_work(tmp_path)
+    assert hpcvid("submit", "toy", "--work", work, "--shards", "3", "--executor", "slurm",
+                  "--walltime", "00:10:00", "--partition", "long", "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --array=0-2%3" in out and "#SBATCH --partition=long" in out and "--time=10" in out
+    assert not (work / "jobs").exists()
+
+
+# ------------------------------------------------------------------------------------------ validation
+@pytest.mark.parametrize("flags, message", [
+    (["--walltime", "2h"], "launch.walltime"),
+    (["--walltime", "00:61:00"], "launch.walltime"),
+    (["--shards", "-1"], "extract.shards"),
+    (["--shards", "0"], "extract.shards"),
+    (["--gres", "gpu::"], "launch.gres"),
+    (["--mem", "lots"], "launch.mem"),
+    (["--executor", "pbs"], "launch.executor"),
+    (["--walltime", "00:01:00", "--signal-delay", "90"], "signal_delay_s"),
+])
+def test_bad_launch_settings_fail_before_sbatch(tmp_path, toy_stages, capsys, monkeypatch, flags, message):
+    from hpcvid import commands
+
+    def no_commands(*args, **kwargs):  # nothing may reach sbatch/sinfo
+        raise AssertionError(f"ran {args}")
+
+    monkeypatch.setattr(commands, "run_command", no_commands)
+    work = _toy_work(tmp_path)
+    assert hpcvid("submit", "toy", "--work", work, "--executor", "slurm", *flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (work / "jobs").exists()
+
+
+def test_unknown_key_in_a_cluster_profile_names_the_key_and_the_file(tmp_path, toy_stages, capsys):
+    profile = tmp_path / "cluster.toml"
+    profile.write_text('[launch]\nexecutor = "slurm"\npartiton = "gpu"\n')
+    assert hpcvid("submit", "toy", "--work", _toy_work(tmp_path), "--profile", profile) == 2
+    err = capsys.readouterr().err
+    assert "unknown key launch.partiton" in err and str(profile) in err and "partition" in err
+
+
+def test_unknown_partition_is_refused_with_the_cluster_s_partitions(tmp_path, toy_stages, capsys, monkeypatch):
+    from hpcvid import commands
+
+    def fake_sinfo(argv, **kwargs):
+        assert argv[0] == "sinfo"
+        return subprocess.CompletedProcess(argv, 0, "debug*\nlong\n", "")
+
+    monkeypatch.setattr(commands, "run_command", fake_sinfo)
+    assert hpcvid("submit", "toy", "--work", _toy_work(tmp_path), "--executor", "slurm", "--partition", "gpu") == 2
+    err = capsys.readouterr().err
+    assert "launch.partition = 'gpu' does not exist" in err and "debug, long" in err
+
+
+def test_stages_not_built_are_refused_not_faked(tmp_path, capsys):
+    from hpcvid.submit import STAGE_ORDER, stage_module
+
+    missing = [s for s in STAGE_ORDER if stage_module(s) is None]
+    if not missing:
+        pytest.skip("every pipeline stage is built in this checkout")
+    assert hpcvid("submit", missing[0], "--work", tmp_path, "--executor", "local") == 2
+    assert "not built yet" in capsys.readouterr().err
+    assert not (tmp_path / "jobs").exists()
+
+
+def test_profiles_in_the_repository_resolve():
+    from hpcvid.config import resolve_config
+
+    root = Path(__file__).resolve().parents[1]
+    local = resolve_config(profile=root / "slurm" / "local.toml")
+    assert local.launch.executor == "slurm" and local.launch.partition == "debug"
+    example = resolve_config(profile=root / "slurm" / "example.toml")
+    assert example.launch.account and example.launch.walltime
+
+
+# ------------------------------------------------------------------------------------------ local executors
+def test_run_with_jobs_uses_local_processes_and_matches_in_process(tmp_path, toy_stages):
+    serial, parallel = _toy_work(tmp_path / "a"), _toy_work(tmp_path / "b")
+    assert hpcvid("run", "toy", "--work", serial, "--shards", "3") == 0
+    assert hpcvid("run", "toy", "--work", parallel, "--shards", "3", "--jobs", "2") == 0
+    names = sorted(p.relative_to(serial).as_posix() for p in (serial / "toy").rglob("*.txt"))
+    assert len(names) == 6
+    assert names == sorted(p.relative_to(parallel).as_posix() for p in (parallel / "toy").rglob("*.txt"))
+    assert list((parallel / "jobs" / "logs").iterdir()), "the shards did not run through submitit"
+
+
+@pytest.mark.slow
+def test_submit_local_returns_at_once_and_status_reads_the_record(tmp_path, toy_stages, capsys):
+    work = _toy_work(tmp_path, items=2, sleep=0.5)
+    assert hpcvid("submit", "toy", "--work", work, "--shards", "2", "--executor", "local") == 0
+    assert "submitted 2 job(s) on local" in capsys.readouterr().out
+    record = json.loads(next((work / "jobs").glob("toy-*.json")).read_text())
+    assert [t["name"] for t in record["tasks"]] == ["0000-of-0002", "0001-of-0002"]
+    assert record["executor"] == "local" and record["argv"] and record["folder"]
+    wait_until(lambda: all((work / "toy" / f"shard-000{i}-of-0002.json").exists() for i in range(2)), 60,
+               "the local jobs")
+    capsys.readouterr()
+    assert hpcvid("status", work) == 0
+    out = capsys.readouterr().out
+    assert out.count("COMPLETED") == 2 and "2/2" in out
+    # a second submission finds nothing to do
+    assert hpcvid("submit", "toy", "--work", work, "--shards", "2", "--executor", "local") == 0
+    assert "nothing to submit" in capsys.readouterr().out
+
+
+def test_debug_executor_runs_in_process(tmp_path, toy_stages):
+    work = _toy_work(tmp_path)
+    assert hpcvid("submit", "toy", "--work", work, "--shards", "2", "--executor", "debug") == 0
+    assert (work / "toy" / "shard-0001-of-0002.json").exists()
+
+
+def test_shard_job_checkpoint_requeues_the_same_shard():
+    from hpcvid.launch import ShardJob
+
+    job = ShardJob("toystage", {"work": "/w"}, 2, 5)
+    delayed = job.checkpoint()
+    assert delayed.function is job and job.spec.name == "0002-of-0005"
+
+
+def test_status_without_submissions_is_a_clear_error(tmp_path, capsys):
+    assert hpcvid("status", tmp_path) == 2
+    assert "nothing was submitted" in capsys.readouterr().err
+
+
+def test_help_does_not_import_submitit():
+    code = "import sys; from hpcvid.cli import build_parser; build_parser(); print('submitit' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

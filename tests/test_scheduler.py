@@ -1,0 +1,165 @@
+"""sacct/squeue parsers on literal text, and status/cancel against a scheduler faked at run_command."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from slurm_helpers import hpcvid
+
+# sacct -n -P -D -X -o JobID,State,ExitCode,Start,End,Elapsed,NodeList -j 41,42,43  (as SLURM 22.05 prints it)
+SACCT = """\
+41_0|COMPLETED|0:0|2026-11-22T03:00:15|2026-11-22T03:00:18|00:00:03|n1
+41_1|CANCELLED by 0|0:15|2026-11-22T03:00:15|2026-11-22T03:00:17|00:00:02|n2
+41_2|REQUEUED|0:0|2026-11-22T03:00:15|2026-11-22T03:00:46|00:00:31|n3
+41_2|RUNNING|0:0|2026-11-22T03:01:01|Unknown|00:00:07|n3
+41_[3-4]|PENDING|0:0|Unknown|Unknown|00:00:00|None assigned
+42|FAILED|1:0|2026-11-22T03:02:00|2026-11-22T03:02:05|00:00:05|n1
+43|PENDING|0:0|Unknown|Unknown|00:00:00|None assigned
+44|TIMEOUT|0:0|2026-11-22T03:02:00|2026-11-22T03:04:30|00:02:30|n2
+"""
+SQUEUE = """\
+41_2|RUNNING|None
+41_3|PENDING|JobArrayTaskLimit
+41_4|PENDING|JobArrayTaskLimit
+43|PENDING|DependencyNeverSatisfied
+"""
+
+
+def test_expand_array_ids():
+    from hpcvid.scheduler import expand_job_id
+
+    assert expand_job_id("12_[0-2,5%2]") == ["12_0", "12_1", "12_2", "12_5"]
+    assert expand_job_id("12_7") == ["12_7"] and expand_job_id("13") == ["13"]
+
+
+def test_parse_sacct_states_requeues_and_pending_ranges():
+    from hpcvid.scheduler import parse_sacct
+
+    jobs = parse_sacct(SACCT)
+    assert jobs["41_0"].state == "COMPLETED" and jobs["41_0"].finished
+    assert jobs["41_1"].state == "CANCELLED" and jobs["41_1"].exit_code == "0:15"
+    assert jobs["41_2"].state == "RUNNING" and jobs["41_2"].requeues == 1 and not jobs["41_2"].finished
+    assert jobs["41_3"].state == jobs["41_4"].state == "PENDING"
+    assert jobs["42"].state == "FAILED" and jobs["44"].state == "TIMEOUT" and jobs["44"].finished
+    assert "41_2.batch" not in parse_sacct("41_2.batch|COMPLETED|0:0|a|b|c|n1\n")
+
+
+def test_parse_squeue_reasons_and_merge():
+    from hpcvid.scheduler import merge_views, parse_sacct, parse_squeue
+
+    queued = parse_squeue(SQUEUE)
+    assert queued["43"] == ("PENDING", "DependencyNeverSatisfied")
+    merged = merge_views(parse_sacct(SACCT), queued)
+    assert merged["43"].reason == "DependencyNeverSatisfied" and merged["41_2"].reason == ""
+    assert merged["41_3"].reason == "JobArrayTaskLimit"
+    assert merged["41_2"].requeues == 1, "squeue's view must keep sacct's requeue count"
+
+
+def test_malformed_scheduler_output_is_a_clear_error():
+    from hpcvid.errors import SchedulerError
+    from hpcvid.scheduler import parse_sacct, parse_squeue
+
+    with pytest.raises(SchedulerError, match="unexpected sacct line"):
+        parse_sacct("41_0 COMPLETED\n")
+    with pytest.raises(SchedulerError, match="unexpected squeue line"):
+        parse_squeue("41_0\n")
+
+
+class FakeSlurm:
+    """Answers sacct/squeue/scancel with literal text, records every call (the command boundary only)."""
+
+    def __init__(self, sacct: str = SACCT, squeue: str = SQUEUE, squeue_rc: int = 0):
+        self.sacct, self.squeue, self.squeue_rc, self.calls = sacct, squeue, squeue_rc, []
+
+    def __call__(self, argv, **kwargs):
+        self.calls.append(list(argv))
+        if argv[0] == "sacct":
+            return subprocess.CompletedProcess(argv, 0, self.sacct, "")
+        if argv[0] == "squeue":
+            err = "" if self.squeue_rc == 0 else "slurm_load_jobs error: Invalid job id specified"
+            return subprocess.CompletedProcess(argv, self.squeue_rc, self.squeue if not self.squeue_rc else "", err)
+        if argv[0] == "scancel":
+            return subprocess.CompletedProcess(argv, 0, "", "")
+        raise AssertionError(f"unexpected command {argv}")
+
+
+def _submission(work: Path, stage: str, tasks: list[tuple[str, int, int]], name: str) -> None:
+    from hpcvid.launch import Submission, write_submission
+
+    write_submission(work, Submission(
+        stage, "slurm", [t[0] for t in tasks],
+        [{"job_id": j, "shard": i, "count": n, "name": f"{i:04d}-of-{n:04d}" if n > 1 else stage}
+         for j, i, n in tasks], str(work / "jobs" / "logs" / "%j"), ["hpcvid", "submit", stage], name))
+
+
+@pytest.fixture
+def work_with_jobs(tmp_path):
+    from hpcvid.progress import write_progress
+    from hpcvid.sharding import ShardSpec
+
+    work = tmp_path / "work"
+    _submission(work, "extract", [("41_0", 0, 5), ("41_1", 1, 5), ("41_2", 2, 5), ("41_3", 3, 5),
+                                  ("41_4", 4, 5)], "t1")
+    _submission(work, "merge", [("43", 0, 1)], "t2")
+    (work / "extract").mkdir(parents=True)
+    (work / "extract" / "shard-0000-of-0005.json").write_text(json.dumps(
+        {"videos": [{"id": "a"}, {"id": "b"}, {"id": "c"}], "failed": [{"video": "d", "reason": "bad"}]}))
+    write_progress(work, "extract", ShardSpec(2, 5), done=2, total=8, started=1000.0)
+    return work
+
+
+def test_status_makes_one_batched_query_and_shows_every_state(work_with_jobs, monkeypatch, capsys):
+    from hpcvid import scheduler
+
+    fake = FakeSlurm()
+    monkeypatch.setattr(scheduler, "run_command", fake)
+    assert hpcvid("status", work_with_jobs) == 0
+    out = capsys.readouterr().out
+    assert [c[0] for c in fake.calls] == ["sacct", "squeue"], "one sacct and one squeue call, not one per shard"
+    assert "41,43" in " ".join(fake.calls[0])
+    lines = {line.split()[1]: line for line in out.splitlines() if line.startswith(("extract", "merge"))}
+    assert "COMPLETED" in lines["0000-of-0005"] and "4/4" in lines["0000-of-0005"]
+    assert " 1 " in lines["0000-of-0005"], "the failed video must be counted"
+    assert "CANCELLED" in lines["0001-of-0005"]
+    assert "RUNNING" in lines["0002-of-0005"] and "2/8" in lines["0002-of-0005"]
+    assert "requeued 1x" in lines["0002-of-0005"]
+    assert "DependencyNeverSatisfied" in lines["merge"] and "never start" in lines["merge"]
+    assert "will never start" in out
+
+
+def test_status_after_slurm_forgot_the_jobs_uses_the_files(work_with_jobs, monkeypatch, capsys):
+    from hpcvid import scheduler
+
+    monkeypatch.setattr(scheduler, "run_command", FakeSlurm(sacct="", squeue_rc=1))
+    assert hpcvid("status", work_with_jobs) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "0000-of-0005" in line)
+    assert "COMPLETED" in row and "4/4" in row
+    assert "UNKNOWN" in next(line for line in out.splitlines() if "0001-of-0005" in line)
+
+
+def test_cancel_cancels_only_live_jobs_in_one_call(work_with_jobs, monkeypatch, capsys):
+    from hpcvid import scheduler
+
+    fake = FakeSlurm()
+    monkeypatch.setattr(scheduler, "run_command", fake)
+    assert hpcvid("cancel", work_with_jobs) == 0
+    scancels = [c for c in fake.calls if c[0] == "scancel"]
+    assert scancels == [["scancel", "43", "41_2", "41_3", "41_4"]]
+    assert "cancelled 4 job(s)" in capsys.readouterr().out
+
+
+def test_resubmission_skips_shards_still_queued(work_with_jobs, monkeypatch):
+    from hpcvid import scheduler
+    from hpcvid.config import resolve_config
+    from hpcvid.sharding import all_shards
+    from hpcvid.submit import _without_active
+
+    monkeypatch.setattr(scheduler, "run_command", FakeSlurm())
+    config = resolve_config(overrides={"work": str(work_with_jobs), "launch.executor": "slurm"})
+    kept = _without_active(config, "extract", all_shards(5))
+    # 41_0 done, 41_1 cancelled: may be queued again; 41_2 running, 41_3/41_4 pending: not twice
+    assert [s.index for s in kept] == [0, 1]
