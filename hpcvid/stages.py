@@ -26,6 +26,7 @@ from hpcvid.config import write_resolved
 # stage -> module. Only stages that are built are listed.
 STAGES: dict[str, str] = {
     "extract": "hpcvid.extract",
+    "merge": "hpcvid.merge",
 }
 
 

@@ -30,7 +30,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import quote, unquote
 
 import numpy as np
@@ -239,6 +239,32 @@ def write_shard(path: Path | str, videos: Iterable[VideoData], *, kind: str = KI
             for video in videos:
                 summaries.append(write_video(group, video, options))
     return summaries
+
+
+def write_features_shard(folder: Path | str, spec: Any, videos: Iterable[VideoData], *,
+                         failed: Sequence[Mapping[str, Any]] = (), meta: Mapping[str, Any] | None = None,
+                         options: StorageOptions = StorageOptions()) -> dict[str, Any]:
+    """A features-only shard ``folder/shard-<spec.name>.h5`` plus its record (written last), in the layout
+    ``hpcvid run merge --features-dir folder`` reads. ``spec`` is a :class:`hpcvid.sharding.ShardSpec`.
+
+    For the trainer's recomputed features: give each VideoData its attrs (copy them from the extract
+    shard's ``ShardReader.info``), ``frame_indices`` and ``features={name: (T, D)}``; frames and flow may be
+    left out (the merged file points at the extract shards for those).
+    """
+    from hpcvid.fileio import atomic_write_json, read_json, sha256_file
+
+    folder = Path(folder)
+    shard = folder / f"shard-{spec.name}.h5"
+    summaries = write_shard(shard, videos, kind=KIND_FEATURES, meta=dict(meta or {}), options=options)
+    record = {
+        "schema_version": SCHEMA_VERSION, "kind": "hpcvid.features.record", "shard": spec.name,
+        "index": spec.index, "count": spec.count, "file": shard.name, "sha256": sha256_file(shard),
+        "n_videos": len(summaries), "n_frames": sum(s["frames"] for s in summaries), "videos": summaries,
+        "n_failed": len(failed), "failed": [dict(f) for f in failed], "meta": dict(meta or {}),
+    }
+    record_file = folder / f"shard-{spec.name}.json"
+    atomic_write_json(record_file, record)
+    return read_json(record_file)
 
 
 # ------------------------------------------------------------------------------------------- reading

@@ -1,0 +1,144 @@
+"""Merge: one contiguous file whose windows equal the shard data; statistics from the train split only."""
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+
+import numpy as np
+import pytest
+
+from extract_helpers import extract_config, write_folder_manifest
+from hpcvid import extract, merge
+from hpcvid.errors import StoreError
+from hpcvid.sharding import ShardSpec, all_shards
+from hpcvid.store import ShardReader, VideoData, write_features_shard
+
+
+@pytest.fixture(scope="module")
+def extracted(tiny_synthetic, tmp_path_factory):
+    """The tiny synthetic set extracted in 2 shards (ResNet-18 at 32 px, Farneback flow)."""
+    work = tmp_path_factory.mktemp("merge_work")
+    write_folder_manifest(tiny_synthetic, work)
+    config = extract_config(work, backbone="resnet18", shards=2)
+    records = [extract.run_shard(config, spec) for spec in all_shards(2)]
+    return config, records
+
+
+def _shard_features(config, records) -> dict[str, tuple[str, np.ndarray]]:
+    out = {}
+    for record in records:
+        with ShardReader(extract.extract_dir(config) / record["file"]) as reader:
+            for video_id in reader.video_ids():
+                out[video_id] = (reader.info(video_id)["split"], reader.features(video_id, "resnet18"))
+    return out
+
+
+def _read_window(merged, i, start, length):
+    return merged.window(i, start, length)
+
+
+def test_windows_equal_the_shards_and_stats_come_from_train_only(extracted):
+    config, records = extracted
+    record = merge.merge(config.work_dir)
+    assert record["n_videos"] == 24 and record["backbones"] == ["resnet18"] and record["n_frames"] == 24 * 12
+    truth = _shard_features(config, records)
+    merged = merge.MergedFeatures(config.work_dir / "features.h5")
+    assert [e.id for e in merged.entries] == sorted(truth)
+    assert merged.classes == sorted({e.id.split("/")[0] for e in merged.entries})
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        i = int(rng.integers(len(merged)))
+        entry = merged.entries[i]
+        length = int(rng.integers(1, entry.length + 1))
+        start = int(rng.integers(0, entry.length - length + 1))
+        np.testing.assert_array_equal(merged.window(i, start, length), truth[entry.id][1][start:start + length])
+        assert entry.split == truth[entry.id][0]
+    np.testing.assert_array_equal(merged.video(3), truth[merged.entries[3].id][1])
+    with pytest.raises(ValueError, match="outside"):
+        merged.window(0, 5, merged.entries[0].length)
+    train = np.concatenate([f for split, f in truth.values() if split == "train"]).astype(np.float64)
+    everything = np.concatenate([f for _, f in truth.values()]).astype(np.float64)
+    assert 0 < len(train) < len(everything)
+    np.testing.assert_allclose(merged.mean, train.mean(0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(merged.std, np.maximum(train.std(0), merged.std.min()), rtol=1e-4, atol=1e-7)
+    assert not np.allclose(merged.mean, everything.mean(0), rtol=1e-5, atol=1e-7)  # test videos left out
+    normalised = merged.normalise(np.concatenate([merged.video(i) for i in merged.indices("train")]))
+    np.testing.assert_allclose(normalised.mean(0), 0, atol=1e-3)
+
+
+def test_frames_and_flow_are_reachable_through_the_merged_file(extracted):
+    config, records = extracted
+    merge.merge(config.work_dir)
+    with merge.MergedFeatures(config.work_dir / "features.h5") as merged:
+        shard, group = merged.shard_of(5)
+        with ShardReader(shard) as reader:
+            video_id = merged.entries[5].id
+            np.testing.assert_array_equal(merged.frames(5, [0, 7]), reader.frames(video_id, [0, 7]))
+            np.testing.assert_array_equal(merged.flow(5, 2, 4), reader.flow(video_id, 2, 4))
+            assert reader.group(video_id).name.endswith(group)
+
+
+def test_reader_opens_nothing_before_a_fork_and_works_in_workers(extracted):
+    config, _ = extracted
+    merge.merge(config.work_dir)
+    merged = merge.MergedFeatures(config.work_dir / "features.h5")
+    assert merged._file is None
+    expected = merged.window(2, 1, 4)
+    clone = pickle.loads(pickle.dumps(merged))
+    assert clone._file is None
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        got = pool.apply(_read_window, (merged, 2, 1, 4))
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_rerun_is_skipped_until_sources_change(extracted):
+    config, records = extracted
+    first = merge.merge(config.work_dir)
+    again = merge.merge(config.work_dir)
+    assert again.get("skipped") and again["sha256"] == first["sha256"]
+    forced = merge.merge(config.work_dir, force=True)
+    assert not forced.get("skipped") and forced["n_frames"] == first["n_frames"]
+
+
+def test_features_only_shards_merge_and_point_at_the_extract_shards(extracted, tmp_path):
+    config, records = extracted
+    folder = config.work_dir / "features" / "finetuned"
+    for record in records:
+        spec = ShardSpec(record["index"], record["count"])
+        with ShardReader(extract.extract_dir(config) / record["file"]) as reader:
+            videos = []
+            for video_id in reader.video_ids():
+                info = reader.info(video_id)
+                doubled = reader.features(video_id, "resnet18") * 2
+                videos.append(VideoData(video_id, {k: info[k] for k in ("label", "class_name", "split")},
+                                        info["frame_indices"], features={"frame_cnn": doubled}))
+        write_features_shard(folder, spec, videos, meta={"run": "finetuned"})
+    record = merge.merge(config.work_dir, features_dir=folder)
+    assert record["output"] == str(folder / "features.h5") and record["backbones"] == ["frame_cnn"]
+    merged = merge.MergedFeatures(folder / "features.h5")
+    base = merge.MergedFeatures(merge.merge(config.work_dir)["output"])
+    np.testing.assert_allclose(merged.video(4), base.video(4) * 2)
+    np.testing.assert_array_equal(merged.frames(4, [1]), base.frames(4, [1]))
+
+
+def test_missing_shards_are_named(tmp_path):
+    (tmp_path / "extract").mkdir()
+    with pytest.raises(StoreError, match="no shard records"):
+        merge.merge(tmp_path)
+    (tmp_path / "extract" / "shard-0001-of-0003.json").write_text("{}")
+    with pytest.raises(StoreError, match="0000, 0002 of 3 have no record"):
+        merge.merge(tmp_path)
+
+
+def test_statistics_keep_tiny_features_and_constant_columns():
+    stats = merge._RunningStats()
+    rng = np.random.default_rng(1)
+    values = rng.normal(size=(200, 3)) * 1e-12 + 5e-12  # untrained GoogLeNet's scale
+    values[:, 2] = 3e-12  # a constant column
+    stats.add(values[:120])
+    stats.add(values[120:])
+    mean, std, meta = stats.finish()
+    np.testing.assert_allclose(mean, values.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(std[:2], values[:, :2].std(0), rtol=1e-4)  # not erased by the epsilon
+    assert 0 < std[2] <= 1e-17 and meta["epsilon"] == pytest.approx(std[2])
+    assert np.isfinite((values - mean) / std).all()
