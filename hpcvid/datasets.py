@@ -286,6 +286,61 @@ class MergedFeatureSource:
         return {"path": self.path, "mean": self.mean, "std": self.std, "_merged": None, "_pid": -1}
 
 
+class ShardFeatureSource:
+    """Per-frame features of one named set (``features/<name>``) read from shard files, window by window.
+
+    :meth:`fit_statistics` computes the mean/std over the frames of the given (training) videos only.
+    """
+
+    def __init__(self, shards: Sequence[str | os.PathLike], name: str) -> None:
+        from hpcvid.store import ShardReader
+
+        self.name = name
+        self.paths: list[str] = []
+        self.items: list[FeatureItem] = []
+        for path in shards:
+            with ShardReader(path) as reader:
+                for vid in reader.video_ids():
+                    info = reader.info(vid)
+                    if name not in info["features"]:
+                        continue
+                    self.paths.append(str(path))
+                    self.items.append(FeatureItem(len(self.items), vid, int(info["label"]), int(info["frames"]),
+                                                  str(info.get("split", "train"))))
+        self.mean: np.ndarray | None = None
+        self.std: np.ndarray | None = None
+        self._readers: dict[str, Any] = {}
+        self._pid = -1
+
+    def _reader(self, index: int) -> Any:
+        if self._pid != os.getpid():
+            self._readers, self._pid = {}, os.getpid()
+        path = self.paths[index]
+        if path not in self._readers:
+            from hpcvid.store import ShardReader
+            self._readers[path] = ShardReader(path)
+        return self._readers[path]
+
+    def window(self, index: int, start: int, length: int) -> np.ndarray:
+        item = self.items[index]
+        return self._reader(index).features(item.id, self.name, start, start + length)
+
+    def fit_statistics(self, items: Sequence[FeatureItem]) -> None:
+        total, total_sq, count = None, None, 0
+        for item in items:
+            x = self.window(item.index, 0, item.frames).astype(np.float64)
+            total = x.sum(0) if total is None else total + x.sum(0)
+            total_sq = (x ** 2).sum(0) if total_sq is None else total_sq + (x ** 2).sum(0)
+            count += len(x)
+        self.mean = total / count
+        self.std = np.sqrt(np.maximum(total_sq / count - self.mean ** 2, 0.0))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update({"_readers": {}, "_pid": -1})
+        return state
+
+
 # ------------------------------------------------------------------------------ datasets
 class _EpochDataset(Dataset):
     """Shared bits: items, labels, a per-(seed, epoch, index) random stream when training."""

@@ -1,0 +1,153 @@
+"""The trainer: it learns, it writes what it promises, and it refuses bad checkpoints clearly."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import trainkit
+from hpcvid.config import resolve_config
+from hpcvid.errors import CheckpointError
+from hpcvid.train import (BEST_NAME, METRICS_NAME, check_compatible, list_checkpoints, load_checkpoint, load_run,
+                          newest_valid_checkpoint, read_metrics, train)
+
+torch.set_num_threads(1)
+
+
+def lstm_config(work, **extra):
+    overrides = {"work": str(work), "train.model": "lstm", "train.seq_len": 16, "train.chunk": 4, "train.hidden": 32,
+                 "train.layers": 1, "train.epochs": 8, "train.batch_size": 8, "train.dropout": 0.0, "train.lr": 0.01,
+                 "train.device": "cpu"}
+    overrides.update(extra)
+    return resolve_config(overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def lstm_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("work")
+    config = lstm_config(work)
+    result = train(config, data_factory=trainkit.lstm_data)
+    return config, result
+
+
+def test_lstm_learns_the_temporal_task(lstm_run):
+    config, result = lstm_run
+    history = result["history"]
+    assert len(history) == 8
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+    assert history[-1]["val_acc"] >= 0.75                 # chance is 1/3
+
+
+def test_run_folder_contents(lstm_run):
+    config, _ = lstm_run
+    run = config.work_dir / "runs" / "lstm"
+    assert [p.name for p in list_checkpoints(run)] == ["ckpt-e0007-s0000000.pt", "ckpt-e0008-s0000000.pt"]
+    assert (run / BEST_NAME).is_file()
+    lines = read_metrics(run)
+    assert [line["epoch"] for line in lines] == list(range(1, 9))
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "samples_per_s", "data_wait_share"):
+        assert key in lines[0]
+    resolved = json.loads((run / "config.resolved.json").read_text())
+    assert resolved["config"]["train"]["chunk"] == 4
+    payload = load_checkpoint(run / "ckpt-e0008-s0000000.pt")
+    for key in ("model", "optimizer", "scheduler", "rng", "config", "code_version", "epoch", "step", "meta"):
+        assert key in payload
+    assert payload["config"]["train"]["hidden"] == 32 and payload["epoch"] == 8
+
+
+def test_load_run_gives_the_trained_model_and_its_preparation(lstm_run):
+    config, _ = lstm_run
+    model, loaded_config, meta = load_run(config.work_dir / "runs" / "lstm", which="last")
+    assert loaded_config.train.seq_len == 16 and meta["kind"] == "lstm" and meta["centring"] is True
+    assert isinstance(meta["feature_mean"], np.ndarray) and meta["feature_mean"].shape == (4,)
+    bundle = trainkit.lstm_data(config)
+    xs = torch.stack([bundle.val[i][0] for i in range(len(bundle.val))])
+    ys = torch.tensor([bundle.val[i][1] for i in range(len(bundle.val))])
+    with torch.no_grad():
+        logits = model(xs)
+    assert logits.shape == (len(ys), 16, 3)
+    accuracy = (logits[:, -1].argmax(-1) == ys).float().mean().item()
+    assert accuracy == pytest.approx(read_metrics(config.work_dir / "runs" / "lstm")[-1]["val_acc"])
+
+
+def test_rerun_of_a_finished_run_trains_nothing_more(lstm_run):
+    config, _ = lstm_run
+    before = (config.work_dir / "runs" / "lstm" / "ckpt-e0008-s0000000.pt").read_bytes()
+    result = train(config, data_factory=trainkit.lstm_data)
+    assert result["epochs"] == 8 and len(result["history"]) == 8
+    assert (config.work_dir / "runs" / "lstm" / "ckpt-e0008-s0000000.pt").read_bytes() == before
+
+
+def test_corrupt_checkpoint_is_refused_clearly(tmp_path, lstm_run):
+    config, _ = lstm_run
+    run = config.work_dir / "runs" / "lstm"
+    good = run / "ckpt-e0008-s0000000.pt"
+    broken = tmp_path / "ckpt-e0009-s0000000.pt"
+    broken.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])     # a truncated copy
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(broken)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match=str(garbage)):
+        load_checkpoint(garbage)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weight": torch.zeros(2)}, foreign)
+    with pytest.raises(CheckpointError, match="not an hpcvid checkpoint"):
+        load_checkpoint(foreign)
+    # resume skips a corrupt newest checkpoint and takes the newest valid one
+    copy = tmp_path / "run"
+    copy.mkdir()
+    (copy / good.name).write_bytes(good.read_bytes())
+    (copy / broken.name).write_bytes(broken.read_bytes())
+    path, payload = newest_valid_checkpoint(copy)
+    assert path.name == good.name and payload["epoch"] == 8
+    only_broken = tmp_path / "broken_run"
+    only_broken.mkdir()
+    (only_broken / broken.name).write_bytes(broken.read_bytes())
+    with pytest.raises(CheckpointError, match="no valid checkpoint"):
+        load_run(only_broken, which="last")
+
+
+def test_incompatible_checkpoint_is_refused(tmp_path, lstm_run):
+    config, _ = lstm_run
+    path = config.work_dir / "runs" / "lstm" / "ckpt-e0008-s0000000.pt"
+    payload = load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="hidden"):
+        check_compatible(payload, path, "lstm", dict(payload["init_args"], hidden=64))
+    with pytest.raises(CheckpointError, match="'lstm' model, not 'flow'"):
+        check_compatible(payload, path, "flow", payload["init_args"])
+    # the trainer itself refuses to continue the run with another architecture
+    with pytest.raises(CheckpointError, match="hidden"):
+        train(lstm_config(config.work_dir, **{"train.hidden": 16}), data_factory=trainkit.lstm_data)
+
+
+@pytest.mark.parametrize("model", ["frame", "flow", "twostream"])
+def test_cnn_models_train_end_to_end(tmp_path, model):
+    config = resolve_config(overrides={
+        "work": str(tmp_path), "train.model": model, "train.backbone": "small", "train.flow_stack": 3,
+        "train.epochs": 2, "train.batch_size": 4, "train.lr": 0.003, "train.device": "cpu",
+        "train.val_fraction": 0.34, "train.schedule": "cyclic"})
+    result = train(config, data_factory=trainkit.video_data)
+    assert len(result["history"]) == 2 and all(np.isfinite(h["train_loss"]) for h in result["history"])
+    assert result["history"][0]["lr"] != result["history"][1]["lr"]           # the cyclic schedule moves
+    net, _, meta = load_run(tmp_path / "runs" / model)
+    assert meta["kind"] == model
+    if model == "twostream":
+        out = net(torch.zeros(2, 3, 32, 32), torch.zeros(2, 6, 32, 32))
+    elif model == "flow":
+        out = net(torch.zeros(2, 6, 32, 32))
+    else:
+        out = net(torch.zeros(2, 3, 32, 32))
+    assert out.shape == (2, 3)
+
+
+def test_twostream_starts_from_trained_streams(tmp_path):
+    base = {"work": str(tmp_path), "train.backbone": "small", "train.flow_stack": 3, "train.epochs": 1,
+            "train.batch_size": 4, "train.device": "cpu", "train.val_fraction": 0.34}
+    train(resolve_config(overrides=dict(base, **{"train.model": "frame"})), data_factory=trainkit.video_data)
+    frame_state = load_checkpoint(tmp_path / "runs" / "frame" / BEST_NAME)["model"]
+    cfg = resolve_config(overrides=dict(base, **{"train.model": "twostream", "train.lr": 1e-12}))
+    train(cfg, data_factory=trainkit.video_data)
+    fused = load_checkpoint(tmp_path / "runs" / "twostream" / BEST_NAME)["model"]
+    key = next(k for k in frame_state if k.startswith("trunk."))
+    assert torch.allclose(fused["rgb." + key], frame_state[key], atol=1e-6)

@@ -1,0 +1,99 @@
+"""Small in-memory data for the trainer tests (importable by spawned ranks and killed subprocesses).
+
+The feature task imitates what the synthetic videos give an LSTM: each clip has a large random static
+offset (appearance, background) and a small temporal pattern that decides the class (motion), so only a
+model that sees change over time gets above chance.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from hpcvid.config import Config
+from hpcvid.datasets import (FeatureDataset, FeatureItem, FrameDataset, MemoryFeatureSource, MemoryVideoSource,
+                             VideoItem, feature_input_dim, hold_out)
+from hpcvid.train import DataBundle
+
+CLASSES = ["rise", "fall", "wave"]
+
+
+def feature_clips(n_per_class: int = 24, frames: int = 16, dim: int = 4, seed: int = 123):
+    rng = np.random.default_rng(seed)
+    arrays, labels = [], []
+    t = np.linspace(0.0, 1.0, frames)[:, None]
+    patterns = [t, 1.0 - t, np.sin(2 * np.pi * t)]
+    for label, pattern in enumerate(patterns):
+        for _ in range(n_per_class):
+            offset = rng.normal(scale=1.0, size=(1, dim))
+            direction = np.zeros((1, dim))
+            direction[0, :2] = 1.0
+            arrays.append((offset + 3.0 * pattern * direction + rng.normal(scale=0.1, size=(frames, dim))).astype(np.float32))
+            labels.append(label)
+    return arrays, labels
+
+
+class SlowFeatureDataset(FeatureDataset):
+    """Sleeps a little per item so that a test can kill the run in the middle of an epoch."""
+
+    def __getitem__(self, index):
+        time.sleep(0.01)
+        return super().__getitem__(index)
+
+
+def lstm_data(config: Config, slow: bool = False) -> DataBundle:
+    arrays, labels = feature_clips()
+    items = [FeatureItem(i, f"clip{i:03d}", label, len(arrays[i])) for i, label in enumerate(labels)]
+    train_items, val_items = hold_out(items, config.train.val_fraction, config.train.seed)
+    source = MemoryFeatureSource(arrays)
+    source.mean = np.concatenate([arrays[it.index] for it in train_items]).mean(0)
+    source.std = np.concatenate([arrays[it.index] for it in train_items]).std(0)
+    t = config.train
+    cls = SlowFeatureDataset if slow else FeatureDataset
+    make = lambda its, train: cls(source, its, seq_len=t.seq_len, train=train, seed=t.seed,  # noqa: E731
+                                  centring=t.temporal_centering)
+    meta = {"classes": CLASSES, "centring": t.temporal_centering, "feature_mean": source.mean,
+            "feature_std": source.std, "seq_len": t.seq_len}
+    return DataBundle(make(train_items, True), make(val_items, False) if val_items else None, CLASSES,
+                      {"input_dim": feature_input_dim(arrays[0].shape[1], t.temporal_centering)}, meta)
+
+
+def slow_lstm_data(config: Config) -> DataBundle:
+    return lstm_data(config, slow=True)
+
+
+def video_clips(n_per_class: int = 6, frames: int = 6, size: int = 32, seed: int = 5):
+    """Videos whose class is the colour of a square that moves right: frames and flow for each."""
+    rng = np.random.default_rng(seed)
+    frames_, flow, items = {}, {}, []
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    for label, colour in enumerate(colours):
+        for k in range(n_per_class):
+            vid = f"c{label}/v{k}"
+            video = rng.integers(0, 40, (frames, size, size, 3), dtype=np.uint8)
+            top, left = rng.integers(4, size - 12, 2)
+            for f in range(frames):
+                video[f, top:top + 8, left + f:left + f + 8] = colour
+            frames_[vid] = video
+            field = np.zeros((frames - 1, size, size, 2), np.float32)
+            field[:, top:top + 8, left:left + 8, 0] = 1.0 + label     # speed differs per class too
+            flow[vid] = field
+            items.append(VideoItem(vid, label, frames))
+    return MemoryVideoSource(frames_, flow), items
+
+
+def video_data(config: Config) -> DataBundle:
+    from hpcvid.datasets import Augment, FlowDataset, TwoStreamDataset
+
+    source, items = video_clips()
+    train_items, val_items = hold_out(items, config.train.val_fraction, config.train.seed)
+    t = config.train
+    augment = Augment(tuple(t.scale_jitter), t.flip) if t.augment else None
+    if t.model == "frame":
+        make = lambda its, train: FrameDataset(source, its, train=train, seed=t.seed, augment=augment)  # noqa: E731
+    else:
+        cls = FlowDataset if t.model == "flow" else TwoStreamDataset
+        make = lambda its, train: cls(source, its, stack=t.flow_stack, train=train, seed=t.seed,  # noqa: E731
+                                      compensation=t.flow_camera_compensation, augment=augment)
+    return DataBundle(make(train_items, True), make(val_items, False), CLASSES, {"stack": t.flow_stack},
+                      {"classes": CLASSES, "flow_stack": t.flow_stack, "compensation": t.flow_camera_compensation})
