@@ -21,7 +21,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -285,21 +285,25 @@ def reduce_mpi(work: Path | str, *, runs: Sequence[str] | None = None, allow_par
     errors = comm.allgather(error)
     if any(errors):
         raise StoreError(next(e for e in errors if e))
-    totals = _mpi_sum(comm, plans, local_totals)
-    result, error = None, None
-    if rank == 0:
+    totals, error = _mpi_sum(comm, local_totals)
+    result = None
+    if rank == 0 and error is None:
         try:
             result = finish(work, manifest, plans, totals, allow_partial)
         except StoreError as exc:
             error = str(exc)
-    error = comm.bcast(error, root=0)
+    error = comm.bcast(error, root=0)   # every rank leaves with the same outcome (no rank left waiting)
     if error:
         raise StoreError(error)
     return result
 
 
-def _mpi_sum(comm: Any, plans: Sequence[ShardPlan], local: dict[str, RunCounts]) -> dict[str, RunCounts]:
-    """Integer arrays go through MPI.Reduce(SUM); the video lists are gathered to check exactly-once."""
+def _mpi_sum(comm: Any, local: dict[str, RunCounts]) -> tuple[dict[str, RunCounts], str | None]:
+    """Integer arrays go through MPI.Reduce(SUM); the video lists are gathered to check exactly-once.
+
+    Returns (totals on rank 0 / {} elsewhere, the first error rank 0 found). Rank 0 keeps taking part in
+    every collective after an error, so no rank is left waiting.
+    """
     from mpi4py import MPI
 
     # which runs have counts somewhere, and their shapes (metadata is small: gather it)
@@ -309,18 +313,22 @@ def _mpi_sum(comm: Any, plans: Sequence[ShardPlan], local: dict[str, RunCounts])
         for run, template in meta.items():
             templates.setdefault(run, template)
     totals: dict[str, RunCounts] = {}
+    error: str | None = None
     for run in sorted(templates):
-        template = templates[run]
-        mine = local.get(run, template)
+        mine = local.get(run, templates[run])
         flat = _flatten(mine)
         summed = np.zeros_like(flat) if comm.Get_rank() == 0 else None
         comm.Reduce([flat, MPI.INT64_T], [summed, MPI.INT64_T] if summed is not None else None, op=MPI.SUM, root=0)
         pieces = comm.gather(_without_counts(mine) if run in local else None, root=0)
-        if comm.Get_rank() == 0:
-            merged = merge_counts([p for p in pieces if p is not None])   # duplicates are found here
+        if comm.Get_rank() == 0 and error is None:
+            try:
+                merged = merge_counts([p for p in pieces if p is not None])   # duplicates are found here
+            except StoreError as exc:
+                error = str(exc)
+                continue
             _unflatten(merged, summed)
             totals[run] = merged
-    return totals
+    return totals, error
 
 
 def _flatten(counts: RunCounts) -> np.ndarray:
@@ -411,9 +419,3 @@ def main(args: argparse.Namespace) -> int:
     print(format_table(summary))
     print(f"report: {out / 'report.md'}")
     return 3 if summary.get("partial") else 0
-
-
-def _iter_strategies(reduction: Reduction) -> Iterable[tuple[RunCounts, str]]:
-    for total in reduction.runs.values():
-        for strategy in total.strategies:
-            yield total, strategy

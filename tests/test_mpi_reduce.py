@@ -1,0 +1,91 @@
+"""The MPI reduce (2 ranks, real Open MPI via mpirun + mpi4py) equals the single-process file reduce."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hpcvid.reduce import collect, reduce_files
+
+from predictions_factory import make_manifest, write_run
+
+pytestmark = pytest.mark.mpi
+
+MPIRUN = shutil.which("mpirun")
+RANK_SCRIPT = """
+import json, sys
+from mpi4py import MPI
+from hpcvid.reduce import collect, reduce_mpi
+work, out = sys.argv[1], sys.argv[2]
+comm = MPI.COMM_WORLD
+try:
+    path = collect(work, out, use_mpi=True)
+    print(json.dumps({"rank": comm.Get_rank(), "size": comm.Get_size(), "out": str(path) if path else None}))
+except Exception as exc:
+    print(json.dumps({"rank": comm.Get_rank(), "size": comm.Get_size(), "error": str(exc)}))
+"""
+
+
+def _mpirun(work: Path, out: Path) -> list[dict]:
+    if MPIRUN is None:
+        pytest.skip("mpirun is not installed (apt-get install openmpi-bin)")
+    pytest.importorskip("mpi4py")
+    env = dict(os.environ, OMPI_MCA_rmaps_base_oversubscribe="1", PYTHONPATH=str(Path(__file__).parents[1]),
+               OMP_NUM_THREADS="1")
+    argv = [MPIRUN, "--allow-run-as-root", "-n", "2", sys.executable, "-c", RANK_SCRIPT, str(work), str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert sorted(line["rank"] for line in lines) == [0, 1] and all(line["size"] == 2 for line in lines)
+    return lines
+
+
+def _comparable(summary: dict) -> dict:
+    summary = dict(summary)
+    summary.pop("collected_at")
+    return summary
+
+
+def test_mpi_reduce_equals_file_reduce(tmp_path):
+    work = tmp_path / "work"
+    manifest = make_manifest(work, n_classes=12, test_per_class=4)
+    write_run(work, manifest, "frame", "frame", {"middle": 0.3, "mean_frames": 0.4}, shards=3, seed=5)
+    write_run(work, manifest, "lstm", "lstm", {"windows": 0.9, "last_step": 0.6, "mean": 0.7}, shards=4, seed=6)
+
+    lines = _mpirun(work, tmp_path / "mpi")
+    assert [line.get("out") for line in sorted(lines, key=lambda x: x["rank"])] == [str(tmp_path / "mpi"), None]
+    collect(work, tmp_path / "files")
+    by_mpi = json.loads((tmp_path / "mpi" / "summary.json").read_text())
+    by_files = json.loads((tmp_path / "files" / "summary.json").read_text())
+    assert _comparable(by_mpi) == _comparable(by_files)
+    for name in ("per_class.csv", "confusion/lstm__windows.csv", "confusion/frame__middle.csv", "improvement.csv"):
+        assert (tmp_path / "mpi" / name).read_text() == (tmp_path / "files" / name).read_text()
+    reduction = reduce_files(work)
+    assert by_mpi["runs"]["lstm"]["strategies"]["windows"]["correct"] == int(
+        np.trace(reduction.runs["lstm"].confusion["windows"]))
+
+
+def test_mpi_reduce_names_a_video_counted_on_two_ranks(tmp_path):
+    work = tmp_path / "work"
+    manifest = make_manifest(work)
+    write_run(work, manifest, "lstm", "lstm", {"windows": 0.9}, shards=2)
+    # shard 1 (counted by rank 1) also holds a video of shard 0 (counted by rank 0)
+    from hpcvid.predictions import read_prediction_shard, write_prediction_shard
+
+    folder = work / "eval" / "lstm"
+    first, second = (read_prediction_shard(folder / f"pred-000{i}-of-0002.h5") for i in range(2))
+    second.video_ids.append(first.video_ids[0])
+    second.labels = np.append(second.labels, first.labels[0])
+    second.scores = {s: np.vstack([second.scores[s], first.scores[s][:1]]) for s in second.strategies}
+    second.splits = None
+    write_prediction_shard(work, second)
+    lines = _mpirun(work, tmp_path / "mpi")
+    for line in lines:   # every rank reports the same error
+        assert f"video {first.video_ids[0]} of run lstm was counted twice" in line["error"]
+    assert not (tmp_path / "mpi" / "summary.json").exists()
