@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -305,7 +306,24 @@ def _record(config: SynthConfig) -> dict[str, Any]:
         "frames": config.frames, "size": config.size, "fps": config.fps, "seed": config.seed}}
 
 
-def generate(out_dir: Path | str, config: SynthConfig | None = None, *, progress: bool = False) -> Path:
+def make_clip(out: Path, config: SynthConfig, label: int, name: str, index: int) -> Path:
+    """Render, encode and save the ground truth of one clip; return the video's path."""
+    width, height = parse_size(config.size)
+    motions = motions_for(config.classes)
+    appearance = next(look for look in APPEARANCES if name.startswith(look))
+    motion = motions[label % len(motions)]
+    rng = np.random.default_rng([config.seed, label, index])
+    traj = make_trajectory(rng, motion, config.frames, width, height)
+    video, masks = render_clip(rng, appearance, traj, width, height)
+    path = out / name / f"{video_name(name, index)}.avi"
+    encode_avi(path, video, config.fps)
+    flow = clip_flow(traj, masks, width, height)
+    save_motion(motion_path(path), traj, flow, masks, {"class_name": name, "motion": motion, "appearance": appearance})
+    return path
+
+
+def generate(out_dir: Path | str, config: SynthConfig | None = None, *, progress: bool = False,
+             workers: int = 3) -> Path:
     """Write the dataset under ``out_dir`` and return it. Reruns with the same settings do nothing.
 
     Each clip has its own random stream (seed, class, clip), so a clip does not depend on the others and
@@ -313,7 +331,7 @@ def generate(out_dir: Path | str, config: SynthConfig | None = None, *, progress
     """
     config = config or SynthConfig()
     out = Path(out_dir)
-    width, height = parse_size(config.size)
+    parse_size(config.size)  # fail before any work
     names = class_names(config.classes)
     motions = motions_for(config.classes)
     if config.frames < 2:
@@ -326,23 +344,18 @@ def generate(out_dir: Path | str, config: SynthConfig | None = None, *, progress
         return out
     record_path.unlink(missing_ok=True)
 
-    jobs = [(label, name, index) for label, name in enumerate(names) for index in range(config.per_class)]
-    iterator = jobs
-    if progress:
-        from tqdm import tqdm
+    clips = [(label, name, index) for label, name in enumerate(names) for index in range(config.per_class)]
+    # Threads overlap the ffmpeg encoder processes (start-up, pipes) with numpy rendering; each clip has
+    # its own random stream, so the order in which they finish does not matter.
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = [pool.submit(make_clip, out, config, label, name, index) for label, name, index in clips]
+        finished = as_completed(futures)
+        if progress:
+            from tqdm import tqdm
 
-        iterator = tqdm(jobs, desc="synth", unit="clip")
-    for label, name, index in iterator:
-        appearance = next(look for look in APPEARANCES if name.startswith(look))
-        motion = motions[label % len(motions)]
-        rng = np.random.default_rng([config.seed, label, index])
-        traj = make_trajectory(rng, motion, config.frames, width, height)
-        video, masks = render_clip(rng, appearance, traj, width, height)
-        stem = out / name / video_name(name, index)
-        encode_avi(stem.with_suffix(".avi"), video, config.fps)
-        flow = clip_flow(traj, masks, width, height)
-        save_motion(motion_path(stem.with_suffix(".avi")), traj, flow, masks,
-                    {"class_name": name, "motion": motion, "appearance": appearance})
+            finished = tqdm(finished, total=len(futures), desc="synth", unit="clip")
+        for future in finished:
+            future.result()
     _write_split_files(out, names, config)
     atomic_write_json(record_path, {**_record(config), "classes": names, "motions": list(motions),
                                     "middle_frame": config.frames // 2})
