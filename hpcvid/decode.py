@@ -242,6 +242,9 @@ def _check_size(path: Path, width: int, height: int) -> None:
 
 
 def _one_line(error: BaseException) -> str:
+    reason = getattr(error, "strerror", None)  # av.FFmpegError: the reason without the repeated path
+    if isinstance(reason, str) and reason:
+        return reason
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
 
@@ -312,7 +315,7 @@ def _pyav_source(path: Path, cfg: ExtractConfig) -> tuple[VideoInfo, Iterator[tu
         finally:
             container.close()
 
-    return info, frames()
+    return info, _Source(frames(), container.close)
 
 
 def _start_imageio(path: Path, pix_fmt: str, threads: list[str]):
@@ -334,6 +337,7 @@ def _start_imageio(path: Path, pix_fmt: str, threads: list[str]):
 def _imageio_source(path: Path, cfg: ExtractConfig) -> tuple[VideoInfo, Iterator[tuple[int, Callable[[], np.ndarray]]]]:
     """The portable decoder: imageio-ffmpeg's ffmpeg binary, raw 4:2:0 (or RGB) frames over a pipe."""
     threads = ["-threads", str(cfg.decoder_threads)]
+    declared = _declared_info(path)  # PyAV's clear reasons (no video stream, image, too small) first
     reader, meta = _start_imageio(path, "yuv420p", threads)
     width, height = (int(v) for v in meta["size"])
     planar = width % 2 == 0 and height % 2 == 0
@@ -350,7 +354,8 @@ def _imageio_source(path: Path, cfg: ExtractConfig) -> tuple[VideoInfo, Iterator
     except VideoError:
         reader.close()
         raise
-    info = VideoInfo(fps=float(meta.get("fps") or 0.0), frames=0, width=width, height=height)
+    info = VideoInfo(fps=float(meta.get("fps") or 0.0), frames=declared.frames if declared else 0,
+                     width=width, height=height, sample_aspect=declared.sample_aspect if declared else 1.0)
     luma = width * height
     frame_bytes = luma * 3 // 2 if planar else luma * 3
 
@@ -383,7 +388,35 @@ def _imageio_source(path: Path, cfg: ExtractConfig) -> tuple[VideoInfo, Iterator
         if index == 0:
             raise VideoError(f"{path} has no decodable frame")
 
-    return info, frames()
+    return info, _Source(frames(), reader.close)
+
+
+def _declared_info(path: Path) -> VideoInfo | None:
+    """The container's facts via PyAV when it is installed (it is a dependency; imageio works without)."""
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        return None
+    container, _stream, info = _open_pyav(path, 1)
+    container.close()
+    return info
+
+
+class _Source:
+    """A frame iterator that releases its decoder on close(), even when it was never started."""
+
+    def __init__(self, iterator: Iterator, release: Callable[[], None]) -> None:
+        self._iterator = iterator
+        self._release = release
+
+    def __iter__(self) -> Iterator:
+        return self._iterator
+
+    def close(self) -> None:
+        try:
+            self._iterator.close()
+        finally:
+            self._release()
 
 
 _SOURCES = {"pyav": _pyav_source, "imageio": _imageio_source}
@@ -432,6 +465,7 @@ def _stream(path: Path, cfg: ExtractConfig, total: int | None):
             if total < 1:
                 raise VideoError(f"{path} has no video frames")
             selector = make_selector(cfg, info.fps, total)
+            _check_not_truncated(path, total, info.frames)
     except VideoError as exc:
         source.close()
         if str(exc).startswith(str(path)):
@@ -506,9 +540,9 @@ def _read_once(path: Path, cfg: ExtractConfig, total: int | None, retried: bool 
         if retried:
             raise VideoError(f"{path}: only {decoded} of its frames decode")
         return _read_once(path, cfg, total=decoded, retried=True)
+    if reached_end:
+        _check_not_truncated(path, decoded, info.frames)
     declared = info.frames
-    if reached_end and declared and decoded < 0.9 * declared - 1:
-        raise VideoError(f"{path} is truncated: the container declares {declared} frames, only {decoded} decode")
     if reached_end:
         total_frames = decoded
     else:
@@ -518,6 +552,13 @@ def _read_once(path: Path, cfg: ExtractConfig, total: int | None, retried: bool 
         indices=np.asarray(indices, dtype=np.int64),
         fps=info.fps, total_frames=int(total_frames), width=info.width, height=info.height,
     )
+
+
+def _check_not_truncated(path: Path, found: int, declared: int) -> None:
+    """A container that declares clearly more frames than exist was cut short (a partial copy)."""
+    if declared and found < 0.9 * declared - 1:
+        raise VideoError(f"{path} is truncated: the container declares {declared} frames, only {found} are there; "
+                         "re-copy it")
 
 
 def _check_raw_budget(path: Path, frame: np.ndarray, info: VideoInfo) -> None:
