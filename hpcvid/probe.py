@@ -22,6 +22,7 @@ class VideoInfo:
 def probe_video(path: Path | str, *, exact: bool = False) -> VideoInfo:
     """fps, frame count and size of the first video stream; VideoError (one line, naming the file) if unreadable."""
     import av
+    from av.error import FFmpegError
 
     from hpcvid.errors import VideoError
 
@@ -40,7 +41,7 @@ def probe_video(path: Path | str, *, exact: bool = False) -> VideoInfo:
             frames = _decode_count(container, stream) if counted else header_frames
     except VideoError:
         raise
-    except (av.FFmpegError, OSError, ValueError, EOFError) as exc:  # av's errors subclass these
+    except (FFmpegError, OSError, ValueError, EOFError) as exc:  # PyAV errors and broken files
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise VideoError(f"{path}: cannot be read as a video ({reason})") from None
     if frames <= 0:

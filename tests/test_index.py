@@ -240,3 +240,19 @@ def test_cli_index_bad_input_is_one_line_exit_2(tmp_path, capsys):
     code = cli_main(["index", "--dataset", str(tmp_path / "nowhere"), "--work", str(tmp_path / "w")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "nowhere is not a folder" in err
+
+
+def test_probe_errors_are_one_line_naming_the_file(tmp_path):
+    from hpcvid.commands import run_command
+    from hpcvid.errors import VideoError
+    import imageio_ffmpeg
+
+    audio = tmp_path / "sound.mkv"
+    run_command([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "sine=duration=0.2", str(audio)])
+    garbage = tmp_path / "garbage.avi"
+    garbage.write_bytes(b"RIFF" + bytes(200))
+    for path, reason in ((audio, "has no video stream"), (garbage, "cannot be read as a video"),
+                         (tmp_path / "gone.avi", "no such file")):
+        with pytest.raises(VideoError) as error:
+            probe_video(path)
+        assert str(error.value).startswith(f"{path}: {reason}") and "\n" not in str(error.value)
