@@ -685,8 +685,14 @@ class Trainer:
     def _loader(self, dataset: Any, sampler: Any) -> Any:
         from torch.utils.data import DataLoader
 
+        import torch
+
         workers = self.config.train.workers
+        # its own generator: creating the iterator must not draw from the global stream (dropout), or a
+        # resume in the middle of an epoch would shift every random number after it
+        generator = torch.Generator().manual_seed(self.config.train.seed + self.epoch)
         return DataLoader(dataset, batch_size=self.per_rank_batch, sampler=sampler, num_workers=workers,
+                          generator=generator,
                           pin_memory=self.device.type == "cuda", persistent_workers=False,
                           multiprocessing_context="spawn" if workers and sys.platform == "darwin" else None)
 

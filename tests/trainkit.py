@@ -97,3 +97,36 @@ def video_data(config: Config) -> DataBundle:
                                       compensation=t.flow_camera_compensation, augment=augment)
     return DataBundle(make(train_items, True), make(val_items, False), CLASSES, {"stack": t.flow_stack},
                       {"classes": CLASSES, "flow_stack": t.flow_stack, "compensation": t.flow_camera_compensation})
+
+
+def resume_config(work: str, epochs: int = 3) -> Config:
+    from hpcvid.config import resolve_config
+
+    return resolve_config(overrides={
+        "work": work, "train.model": "lstm", "train.seq_len": 16, "train.chunk": 4, "train.hidden": 16,
+        "train.layers": 2, "train.epochs": epochs, "train.batch_size": 6, "train.dropout": 0.3, "train.lr": 0.01,
+        "train.device": "cpu", "train.schedule": "cyclic", "train.cycle_epochs": 1.0})
+
+
+def main(argv: list[str]) -> None:
+    """``python -c 'import trainkit; trainkit.main([WORK])'``: a slow run for the kill/resume tests.
+
+    Like submitit, it installs a SIGUSR2 handler that calls ``TrainJob.checkpoint`` and exits; the
+    TrainJob defers it to the end of the current optimiser step.
+    """
+    import signal
+    import sys
+
+    import torch
+
+    from hpcvid.train import TrainJob
+
+    torch.set_num_threads(1)
+    job = TrainJob(resume_config(argv[0]), data_factory=slow_lstm_data)
+
+    def submitit_like_handler(signum, frame):
+        job.checkpoint()
+        sys.exit(7)
+
+    signal.signal(signal.SIGUSR2, submitit_like_handler)
+    job()
