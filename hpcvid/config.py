@@ -172,7 +172,12 @@ class EvalConfig:
     """Sharded evaluation and inference strategies."""
 
     shards: int = option(1, check=POSITIVE)
-    window_stride: int = option(30, check=POSITIVE)
+    window_stride: int = option(30, check=POSITIVE, help="lstm 'windows': start of each seq_len window, in frames")
+    checkpoint: str = option("best", choices=("best", "last"), help="which checkpoint of the run to evaluate")
+    frame_samples: int = option(8, check=POSITIVE, help="frame 'mean_frames': evenly spaced frames averaged")
+    flow_windows: int = option(3, check=POSITIVE, help="flow 'mean_stacks': evenly spaced flow stacks averaged")
+    batch_size: int = option(32, check=POSITIVE, help="inputs per forward pass")
+    device: str = option("auto", choices=("auto", "cpu", "cuda"))
 
 
 @dataclass(frozen=True)

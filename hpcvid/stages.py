@@ -27,6 +27,7 @@ from hpcvid.config import write_resolved
 STAGES: dict[str, str] = {
     "extract": "hpcvid.extract",
     "merge": "hpcvid.merge",
+    "eval": "hpcvid.evaluate",
 }
 
 
