@@ -213,6 +213,24 @@ def test_stored_motion_matches_the_object_measured_in_decoded_frames(motion_set)
     assert checked >= 20  # most of the 32 clips stay inside the frame
 
 
+def test_an_independent_optical_flow_agrees_with_the_stored_flow(motion_set):
+    """OpenCV's Farneback on the decoded frames lands far closer to the stored flow than no motion or the
+    reversed motion would (checks the convention: frame t -> t+1, (dx, dy) order)."""
+    import cv2
+
+    for video in sorted(motion_set.glob("Triangle*/*_c01.avi"))[:4]:
+        truth, frames = load_motion(video), decode_av(video)
+        gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]
+        errors, still, reversed_ = [], [], []
+        for t in range(len(gray) - 1):
+            estimate = cv2.calcOpticalFlowFarneback(gray[t], gray[t + 1], None, 0.5, 3, 11, 3, 5, 1.1, 0)
+            stored, mask = truth["flow"][t].astype(np.float32), truth["mask"][t]
+            errors.append(np.linalg.norm(estimate - stored, axis=-1)[mask].mean())
+            still.append(np.linalg.norm(estimate, axis=-1)[mask].mean())
+            reversed_.append(np.linalg.norm(estimate + stored, axis=-1)[mask].mean())
+        assert np.mean(errors) < 0.5 * np.mean(still) and np.mean(errors) < 0.3 * np.mean(reversed_), video.name
+
+
 def test_background_flow_is_the_camera_jitter(motion_set):
     """Away from the object, decoded frame t+1 shifted back by the stored jitter step equals frame t."""
     video = next(motion_set.glob("BarRotateRight/*.avi"))
