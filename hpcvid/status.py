@@ -131,6 +131,8 @@ def _row(work: Path, stage: str, index: int, count: int, submission: Any, task: 
         row.done = row.total = (videos or 0) + (row.failed if isinstance(record.get("videos"), list) else 0)
         if known is None:
             row.state = "COMPLETED"
+        elif row.state != "COMPLETED":
+            row.reason = row.reason or "its record exists: the shard's work is done"
     elif progress is not None:
         row.done, row.total, row.failed = progress.get("done"), progress.get("total"), progress.get("failed")
     if progress is not None:

@@ -3,7 +3,8 @@
 It does what a real stage does, in miniature: items per shard, one output file per item written
 atomically, resume by skipping finished items, per-item progress (hpcvid.progress), the record last.
 Its knobs live in WORK/toy.json (so that jobs on SLURM nodes read the same): {"items": per shard,
-"sleep": seconds per item, "fail": [shard indices that raise]}. Every item it starts is appended to
+"sleep": seconds per item, "sleep_by_shard": {"1": seconds per item of shard 1}, "fail": [shard indices
+that raise]}. Every item it starts is appended to
 WORK/toy/started.log ("shard item restart"), which lets a test count what was redone after a requeue.
 The ``toymerge`` stage (run_local) needs every shard record, and records when it ran.
 """
@@ -60,7 +61,7 @@ def run_shard(config, spec: ShardSpec) -> dict[str, Any]:
             continue
         with open(Path(config.work) / "toy" / "started.log", "a") as log:
             log.write(f"{spec.index} {item} {restart}\n")
-        time.sleep(knobs.get("sleep", 0))
+        time.sleep(knobs.get("sleep_by_shard", {}).get(str(spec.index), knobs.get("sleep", 0)))
         atomic_write_text(target, f"{item} of shard {spec.name}\n")
         write_progress(config.work, "toy", spec, done=done + 1, total=len(items), started=started)
     if spec.index in knobs.get("fail", []):

@@ -1,0 +1,177 @@
+"""Against the REAL one-machine SLURM (slurm/local-cluster.sh): arrays, status, cancel + resubmit,
+requeue on the pre-timeout signal, and a dependency chain. Tiny work so all of it takes a few minutes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_helpers import (SCRIPT, hpcvid, job_states, slurm_cluster, toy_stages, wait_finished,  # noqa: F401
+                           wait_until)
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _toy_work(tmp_path: Path, **knobs) -> Path:
+    work = tmp_path / "work"
+    work.mkdir(parents=True)
+    (work / "toy.json").write_text(json.dumps({"items": 2, "sleep": 0.0, "fail": [], **knobs}))
+    return work
+
+
+def _last_submission(work: Path, stage: str) -> dict:
+    paths = sorted((work / "jobs").glob(f"{stage}-*.json"), key=lambda p: p.stat().st_mtime)
+    return json.loads(paths[-1].read_text())
+
+
+def _started(work: Path) -> list[tuple[int, str, str]]:
+    log = work / "toy" / "started.log"
+    return [tuple(line.split()) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def _status(work: Path, *extra: str) -> str:
+    """`hpcvid status` in a NEW process: only the files and SLURM are shared."""
+    out = subprocess.run([sys.executable, "-m", "hpcvid.cli", "status", str(work), *extra], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_cluster_up_is_idempotent_and_status_answers(slurm_cluster):
+    again = subprocess.run(["bash", str(SCRIPT), "up"], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "already up" in again.stderr
+    status = subprocess.run(["bash", str(SCRIPT), "status"], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and "n1=idle" in status.stdout.replace("n1=mix", "n1=idle")
+
+
+def _extract_job_file(tmp_path: Path, dataset: Path, work: Path) -> Path:
+    job = tmp_path / f"{work.name}.toml"
+    job.write_text(f'work = "{work}"\n[dataset]\nroot = "{dataset}"\nformat = "ucf101"\n'
+                   '[extract]\nshards = 3\nsize = 32\nbackbone = "none"\nflow = "farneback"\n')
+    return job
+
+
+def _checksums(work: Path) -> dict[str, str]:
+    return {v["id"]: v["checksum"] for record in sorted((work / "extract").glob("shard-*.json"))
+            for v in json.loads(record.read_text())["videos"]}
+
+
+def test_extract_array_completes_and_equals_the_local_run(slurm_cluster, tiny_synthetic, tmp_path, capsys):
+    on_slurm, local = tmp_path / "slurm", tmp_path / "local"
+    assert hpcvid("submit", "extract", "--config", _extract_job_file(tmp_path, tiny_synthetic, on_slurm),
+                  "--profile", ROOT / "slurm" / "local.toml", "--walltime", "00:10:00") == 0
+    out = capsys.readouterr().out
+    assert "submitted 3 job(s) on slurm" in out
+    submission = _last_submission(on_slurm, "extract")
+    assert [t["shard"] for t in submission["tasks"]] == [0, 1, 2]
+    assert hpcvid("run", "extract", "--config", _extract_job_file(tmp_path, tiny_synthetic, local)) == 0
+    states = wait_finished(submission["job_ids"], timeout=240)
+    assert {s.state for s in states.values()} == {"COMPLETED"}, states
+    assert all(s.nodes.startswith("n") for s in states.values()), "the tasks ran on the fake nodes"
+    expected = _checksums(local)
+    assert len(expected) == 24 and _checksums(on_slurm) == expected
+    table = _status(on_slurm)
+    assert table.count("COMPLETED") == 3 and "3/3 jobs completed" in table
+    done = sum(len(json.loads(p.read_text())["videos"]) for p in (on_slurm / "extract").glob("shard-*.json"))
+    assert f"videos {done}/{done}" in table
+    # a second submission finds every shard done and queues nothing
+    assert hpcvid("submit", "extract", "--config", _extract_job_file(tmp_path, tiny_synthetic, on_slurm),
+                  "--profile", ROOT / "slurm" / "local.toml") == 0
+    assert "nothing to submit" in capsys.readouterr().out
+
+
+def test_cancelled_task_shows_cancelled_and_only_it_is_resubmitted(slurm_cluster, toy_stages, tmp_path, capsys):
+    # shard 1 is slow enough that SLURM's KillWait (10 s) ends it: submitit ignores the SIGTERM of scancel
+    work = _toy_work(tmp_path, items=3, sleep=1.0, sleep_by_shard={"1": 8.0})
+    args = ("submit", "toy", "--work", work, "--shards", "3", "--profile", ROOT / "slurm" / "local.toml",
+            "--walltime", "00:05:00")
+    assert hpcvid(*args) == 0
+    first = _last_submission(work, "toy")
+    victim = first["tasks"][1]["job_id"]
+    # cancel it while it runs (a task cancelled before it ever started leaves no accounting record)
+    wait_until(lambda: any(s[0] == "1" for s in _started(work)), 90, "shard 1 to start")
+    subprocess.run(["scancel", victim], check=True)
+    wait_finished(first["job_ids"], timeout=120)
+    table = _status(work)
+    row = next(line for line in table.splitlines() if "0001-of-0003" in line)
+    assert "CANCELLED" in row, table
+    assert table.count("COMPLETED") == 2
+    before = [s for s in _started(work) if s[0] != "1"]
+    capsys.readouterr()
+    assert hpcvid(*args) == 0
+    second = _last_submission(work, "toy")
+    assert [t["shard"] for t in second["tasks"]] == [1], "only the cancelled shard is queued again"
+    wait_finished(second["job_ids"], timeout=120)
+    assert all((work / "toy" / f"shard-000{i}-of-0003.json").exists() for i in range(3))
+    assert [s for s in _started(work) if s[0] != "1"] == before, "finished shards must not run again"
+    table = _status(work)
+    assert table.count("COMPLETED") == 3 and "CANCELLED" not in table
+
+
+def test_pre_timeout_signal_requeues_and_the_rerun_redoes_only_the_item_in_flight(
+        slurm_cluster, toy_stages, tmp_path):
+    """SIGUSR2 is what SLURM sends signal_delay_s before the walltime (DESIGN 8: sent here with scancel -s
+    USR2, because the real one can arrive up to 60 s early); submitit checkpoints and requeues the job."""
+    work = _toy_work(tmp_path, items=6, sleep=1.5)
+    assert hpcvid("submit", "toy", "--work", work, "--shards", "1", "--profile", ROOT / "slurm" / "local.toml",
+                  "--walltime", "00:05:00", "--signal-delay", "60") == 0
+    job_id = _last_submission(work, "toy")["job_ids"][0]
+    wait_until(lambda: len(_started(work)) >= 3, 90, "three items to start")
+    subprocess.run(["scancel", "-s", "USR2", job_id], check=True)
+    wait_until(lambda: job_states([job_id]).get(job_id) is not None and job_states([job_id])[job_id].requeues >= 1,
+               60, "the job to be requeued")
+    states = wait_finished([job_id], timeout=180)
+    assert states[job_id].state == "COMPLETED" and states[job_id].requeues == 1
+    started = _started(work)
+    items = [s[1] for s in started]
+    assert sorted(set(items)) == [f"item{i:05d}" for i in range(6)]
+    redone = [item for item in set(items) if items.count(item) > 1]
+    assert len(redone) <= 1, f"more than the item in flight was redone: {redone}"
+    assert {s[2] for s in started} == {"0", "1"}, "the second half must run in the requeued job"
+    sacct = subprocess.run(["sacct", "-n", "-P", "-D", "-X", "-o", "State", "-j", job_id], capture_output=True,
+                           text=True, check=True).stdout.split()
+    assert sacct == ["REQUEUED", "COMPLETED"] and "TIMEOUT" not in sacct
+    assert "requeued 1x" in _status(work)
+
+
+def _chain_job_file(tmp_path: Path, work: Path, shards: int = 2) -> Path:
+    job = tmp_path / "chain.toml"
+    job.write_text(f'work = "{work}"\n[extract]\nshards = {shards}\n')
+    return job
+
+
+def test_dependency_chain_runs_in_order_and_a_failure_leaves_dependants_pending(
+        slurm_cluster, toy_stages, tmp_path, capsys):
+    ok = _toy_work(tmp_path / "ok", items=2, sleep=1.0)
+    assert hpcvid("submit", "pipeline", _chain_job_file(tmp_path / "ok", ok), "--stages", "toy,toymerge",
+                  "--profile", ROOT / "slurm" / "local.toml") == 0
+    bad = _toy_work(tmp_path / "bad", items=1, sleep=0.0, fail=[0])
+    assert hpcvid("submit", "pipeline", _chain_job_file(tmp_path / "bad", bad), "--stages", "toy,toymerge",
+                  "--profile", ROOT / "slurm" / "local.toml") == 0
+    merge_ok = _last_submission(ok, "toymerge")
+    toy_ok = _last_submission(ok, "toy")
+    assert merge_ok["dependency"] == "afterok:" + toy_ok["job_ids"][0].split("_")[0]
+    states = wait_finished(merge_ok["job_ids"] + toy_ok["job_ids"], timeout=180)
+    merged = json.loads((ok / "toy" / "merged.json").read_text())
+    assert merged["shards"] == 2 and merged["merged_at"] >= merged["last_shard_finished"]
+    assert max(states[j].end for j in toy_ok["job_ids"]) <= states[merge_ok["job_ids"][0]].start
+
+    merge_bad = _last_submission(bad, "toymerge")["job_ids"][0]
+    wait_until(lambda: job_states([merge_bad]).get(merge_bad) is not None
+               and job_states([merge_bad])[merge_bad].reason == "DependencyNeverSatisfied", 120,
+               "the merge to wait on a failed dependency")
+    table = _status(bad)
+    assert "FAILED" in next(line for line in table.splitlines() if line.startswith("toy "))
+    row = next(line for line in table.splitlines() if line.startswith("toymerge"))
+    assert "PENDING" in row and "DependencyNeverSatisfied" in row and "will never start" in table
+    capsys.readouterr()
+    assert hpcvid("cancel", bad) == 0
+    assert merge_bad in capsys.readouterr().out
+    assert wait_finished([merge_bad], timeout=60)[merge_bad].state == "CANCELLED"
+    assert not (bad / "toy" / "merged.json").exists()
