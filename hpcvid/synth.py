@@ -46,8 +46,8 @@ from typing import Any
 import numpy as np
 
 from hpcvid.config import SynthConfig
-from hpcvid.errors import ConfigError
-from hpcvid.fileio import atomic_path, atomic_write_json, atomic_write_text, read_json
+from hpcvid.errors import ConfigError, DatasetError
+from hpcvid.fileio import atomic_path, atomic_write_json, atomic_write_text, read_json, remove_stale_partials
 
 log = logging.getLogger(__name__)
 
@@ -338,16 +338,15 @@ def generate(out_dir: Path | str, config: SynthConfig | None = None, *, progress
         raise ConfigError(f"synth.frames = {config.frames}: a clip needs at least 2 frames to move")
     if not 0 <= config.test_per_class < config.per_class:
         raise ConfigError("synth.test_per_class must be smaller than synth.per_class")
-    record_path = out / RECORD_NAME
-    if record_path.is_file() and read_json(record_path).get("config") == _record(config)["config"]:
+    if _prepare_folder(out, config):
         log.info("%s is complete (same settings): nothing to do", out)
         return out
-    record_path.unlink(missing_ok=True)
 
     clips = [(label, name, index) for label, name in enumerate(names) for index in range(config.per_class)]
     # Threads overlap the ffmpeg encoder processes (start-up, pipes) with numpy rendering; each clip has
     # its own random stream, so the order in which they finish does not matter.
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
         futures = [pool.submit(make_clip, out, config, label, name, index) for label, name, index in clips]
         finished = as_completed(futures)
         if progress:
@@ -356,10 +355,46 @@ def generate(out_dir: Path | str, config: SynthConfig | None = None, *, progress
             finished = tqdm(finished, total=len(futures), desc="synth", unit="clip")
         for future in finished:
             future.result()
+    finally:  # on an error or Ctrl-C, clips not started are dropped; the record still says "not complete"
+        pool.shutdown(wait=True, cancel_futures=True)
     _write_split_files(out, names, config)
-    atomic_write_json(record_path, {**_record(config), "classes": names, "motions": list(motions),
-                                    "middle_frame": config.frames // 2})
+    atomic_write_json(out / RECORD_NAME, {**_record(config), "classes": names, "motions": list(motions),
+                                          "middle_frame": config.frames // 2, "complete": True})
     return out
+
+
+def _prepare_folder(out: Path, config: SynthConfig) -> bool:
+    """True when ``out`` already holds this very set. Otherwise clear an older or unfinished synthetic set
+    there (only the files it makes), mark the folder as in progress, and return False. A non-empty folder
+    that is not a synthetic set is refused, so a mistyped OUT never mixes clips into real data."""
+    record_path = out / RECORD_NAME
+    if record_path.is_file():
+        old = read_json(record_path)
+        if old.get("complete") and old.get("config") == _record(config)["config"]:
+            return True
+        _remove_generated(out, old.get("classes", []))
+    elif out.exists() and any(out.iterdir()):
+        raise DatasetError(f"{out} is not empty and holds no synthetic dataset (no {RECORD_NAME}): "
+                           "give hpcvid synth a new or empty folder")
+    atomic_write_json(record_path, {**_record(config), "classes": class_names(config.classes), "complete": False})
+    return False
+
+
+def _remove_generated(out: Path, classes: list[str]) -> None:
+    """Delete what an earlier run made (clips, motion files, partials, split files), nothing else."""
+    for name in classes:
+        folder = out / name
+        if not folder.is_dir():
+            continue
+        remove_stale_partials(folder)
+        for path in folder.glob(f"v_{name}_g*_c*"):
+            if path.name.endswith((".avi", ".motion.npz")):
+                path.unlink()
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    for pattern in ("classInd.txt", "trainlist0?.txt", "testlist0?.txt"):
+        for path in out.glob(pattern):
+            path.unlink()
 
 
 def _write_split_files(out: Path, names: list[str], config: SynthConfig) -> None:

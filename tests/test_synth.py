@@ -105,6 +105,20 @@ def test_rerun_with_same_settings_is_a_no_op_and_new_settings_regenerate(tmp_pat
     assert video.stat().st_mtime_ns == stamp
     generate(root, SynthConfig(**{**settings, "frames": 5}))
     assert decode_av(video).shape[0] == 5
+    # a smaller set replaces a bigger one: no clip of the old set is left behind
+    generate(root, SynthConfig(**{**settings, "per_class": 1, "test_per_class": 0}))
+    assert sorted(p.name for p in root.rglob("*.avi")) == ["v_BarExpand_g01_c01.avi", "v_TriangleExpand_g01_c01.avi"]
+    assert len(list(root.rglob("*.motion.npz"))) == 2
+
+
+def test_refuses_a_non_empty_folder_that_is_not_a_synthetic_set(tmp_path):
+    from hpcvid.errors import DatasetError
+
+    (tmp_path / "mine" / "Walk").mkdir(parents=True)
+    (tmp_path / "mine" / "Walk" / "holiday.avi").write_bytes(b"precious")
+    with pytest.raises(DatasetError, match="is not empty and holds no synthetic dataset"):
+        generate(tmp_path / "mine", SynthConfig(classes=2, per_class=2, test_per_class=1, frames=4, size="32x32"))
+    assert (tmp_path / "mine" / "Walk" / "holiday.avi").read_bytes() == b"precious"
 
 
 # ------------------------------------------------------------------------------- no single-frame cue
@@ -283,3 +297,26 @@ def test_cli_synth_unknown_flag_exits_2(tmp_path, capsys):
 def test_size_must_be_even_and_motion_count_bounded():
     with pytest.raises(ConfigError, match="even"):
         generate("/nonexistent", SynthConfig(size="31x32"))
+
+
+def test_an_interrupted_run_is_not_complete_and_a_rerun_finishes_it(tmp_path, monkeypatch):
+    import hpcvid.synth as synth
+
+    settings = SynthConfig(classes=2, per_class=3, test_per_class=1, frames=4, size="32x32")
+    real_encode, calls = synth.encode_avi, []
+
+    def dying_encode(path, video, fps):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # like a kill in the middle of the run
+        real_encode(path, video, fps)
+
+    monkeypatch.setattr(synth, "encode_avi", dying_encode)
+    with pytest.raises(KeyboardInterrupt):
+        synth.generate(tmp_path / "d", settings, workers=1)
+    record = (tmp_path / "d" / "synth.json").read_text()
+    assert '"complete": false' in record and not (tmp_path / "d" / "trainlist01.txt").exists()
+    assert not list((tmp_path / "d").rglob("*.partial"))
+    monkeypatch.setattr(synth, "encode_avi", real_encode)
+    synth.generate(tmp_path / "d", settings)
+    assert len(list((tmp_path / "d").rglob("*.avi"))) == 6 and '"complete": true' in (tmp_path / "d" / "synth.json").read_text()
