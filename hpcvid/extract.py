@@ -42,6 +42,8 @@ HELP = "decode, optical flow and CNN features per shard into WORK/extract/shard-
 RECORD_SCHEMA_VERSION = 1
 EXTRACT_DIR = "extract"
 REASON_MAX = 300
+RANDOM_INIT_SEED = 0
+"""Seed of the randomly initialised backbone (no --weights): the same network in every process."""
 
 
 # ------------------------------------------------------------------------------------------ the CLI
@@ -228,7 +230,7 @@ class _VideoRunner:
         if self._extractor is None and self.cfg.backbone != "none":
             self._extractor = feature_extractor(self.cfg.backbone, self.cfg.weights, self.cfg.device,
                                                 self.cfg.batch_size)
-            self.feature_info = self._extractor.describe()
+            self.feature_info = {**self._extractor.describe(), "random_init_seed": RANDOM_INIT_SEED}
             if self._extractor.random_init:
                 log.warning("features come from a RANDOMLY INITIALISED %s (no --weights given): fine for tests, "
                             "meaningless for real results", self.cfg.backbone)
@@ -334,9 +336,15 @@ def feature_extractor(backbone: str, weights: str, device: str, batch_size: int)
     """One FeatureExtractor per settings and process: shards run in one process share the loaded model."""
     key = (backbone, weights, device, batch_size)
     if key not in _EXTRACTORS:
+        import torch
+
         from hpcvid.features import FeatureExtractor
 
-        _EXTRACTORS[key] = FeatureExtractor(backbone, weights, device, batch_size)
+        # A random network must be the SAME network in every process: a resumed shard, or shards run on
+        # different nodes, would otherwise mix features of different random networks.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            _EXTRACTORS[key] = FeatureExtractor(backbone, weights, device, batch_size)
     return _EXTRACTORS[key]
 
 
@@ -383,7 +391,7 @@ def _make_record(config: Config, spec: ShardSpec, manifest: Manifest, videos: Se
     seconds = time.time() - started
     warnings = []
     if runner.feature_info is None and runner.extractor is not None:  # every video was resumed
-        runner.feature_info = runner.extractor.describe()
+        runner.feature_info = {**runner.extractor.describe(), "random_init_seed": RANDOM_INIT_SEED}
     if runner.extractor is not None and runner.extractor.random_init:
         warnings.append(f"features come from a RANDOMLY INITIALISED {config.extract.backbone} (no --weights): "
                         "fine for tests and the demo, meaningless for real results")

@@ -166,3 +166,19 @@ def test_cli_indexes_when_the_manifest_is_missing_and_reports(tiny_synthetic, tm
     out = capsys.readouterr().out
     assert "2 of 2 shards done" in out
     assert main(argv) == 0 and "nothing to do" in capsys.readouterr().out
+
+
+def test_a_random_backbone_is_the_same_network_in_every_process(monkeypatch):
+    """Resumed shards and shards on other nodes must not mix features of different random networks."""
+    torch = pytest.importorskip("torch")
+    frames = np.random.default_rng(0).integers(0, 255, size=(3, 32, 32, 3), dtype=np.uint8)
+    monkeypatch.setattr(extract, "_EXTRACTORS", {})
+    torch.manual_seed(123)
+    first = extract.feature_extractor("resnet18", "", "cpu", 4).extract(frames)
+    monkeypatch.setattr(extract, "_EXTRACTORS", {})  # as if in a new process with other RNG state
+    torch.manual_seed(456)
+    state = torch.random.get_rng_state()
+    second = extract.feature_extractor("resnet18", "", "cpu", 4).extract(frames)
+    np.testing.assert_array_equal(first, second)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
+    assert np.abs(first).max() > 0
