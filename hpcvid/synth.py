@@ -23,7 +23,7 @@ Layout under OUT::
     testlist0{1,2,3}.txt             "TriangleExpand/v_TriangleExpand_g01_c01.avi"
     <Class>/v_<Class>_gXX_cYY.avi    mpeg4, qscale 2, yuv420p, bit-exact
     <Class>/v_<Class>_gXX_cYY.motion.npz
-    synth.json                       what was generated (written last: its presence means complete)
+    synth.json                       settings, classes, motions; "complete": true once everything is written
 
 Motion file (``np.load``): ``flow`` float16 (T-1, H, W, 2), OpenCV's convention: ``flow[t][y, x] =
 (dx, dy)`` moves pixel (x, y) of frame t (pixel centres at integer coordinates, x = column) to its
