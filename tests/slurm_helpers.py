@@ -31,6 +31,7 @@ def _cluster(verb: str, timeout: float = 240) -> subprocess.CompletedProcess:
 def slurm_cluster() -> Iterator[str]:
     """The SLURM_CONF of a running local cluster (started here when it is not up)."""
     os.environ["SLURM_CONF"] = str(STATE / "etc" / "slurm.conf")
+    started_here = False
     if _cluster("status", 60).returncode != 0:
         if os.geteuid() != 0 or not shutil.which("apt-get") and not shutil.which("slurmctld"):
             pytest.skip("the local SLURM cannot come up here: it needs root and apt-get (or Debian's SLURM "
@@ -38,7 +39,10 @@ def slurm_cluster() -> Iterator[str]:
         started = _cluster("up")
         if started.returncode != 0:
             pytest.fail(f"slurm/local-cluster.sh up failed:\n{started.stdout}\n{started.stderr}")
+        started_here = True
     yield os.environ["SLURM_CONF"]
+    if started_here:  # leave the machine as we found it (make test does the same)
+        _cluster("down", 120)
 
 
 @pytest.fixture
