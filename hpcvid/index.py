@@ -136,11 +136,14 @@ def parse_hmdb51_file(text: str, source: str, class_name: str) -> list[SplitEntr
 
 
 def read_hmdb51(splits_dir: Path, split: int) -> ParsedSplit:
-    files = sorted(p for p in splits_dir.glob(f"*_test_split{split}.txt") if HMDB_SPLIT_NAME.match(p.name))
-    if not files:
+    by_class = {HMDB_SPLIT_NAME.match(p.name)["cls"]: p for p in splits_dir.glob(f"*_test_split{split}.txt")
+                if HMDB_SPLIT_NAME.match(p.name)}
+    if not by_class:
         raise DatasetError(f"missing split files: expected <class>_test_split{split}.txt files in {splits_dir} "
                            "(set dataset.splits_dir or --splits-dir to the unpacked testTrainMulti_7030_splits)")
-    classes = tuple(HMDB_SPLIT_NAME.match(p.name)["cls"] for p in files)
+    # Labels follow sorted class names ('climb' before 'climb_stairs'), not sorted file names.
+    classes = tuple(sorted(by_class))
+    files = [by_class[name] for name in classes]
     entries: list[SplitEntry] = []
     for path, class_name in zip(files, classes):
         entries += parse_hmdb51_file(path.read_text(), str(path), class_name)
