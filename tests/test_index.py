@@ -256,3 +256,11 @@ def test_probe_errors_are_one_line_naming_the_file(tmp_path):
         with pytest.raises(VideoError) as error:
             probe_video(path)
         assert str(error.value).startswith(f"{path}: {reason}") and "\n" not in str(error.value)
+
+
+def test_ucf101_class_is_the_folder_not_the_file_name():
+    # Real UCF-101: the folder and classInd say HandstandPushups, the files say HandStandPushups.
+    classes = parse_class_index("1 HandstandPushups\n", "classInd.txt")
+    entries = parse_ucf101_list("HandstandPushups/v_HandStandPushups_g08_c01.avi 1\r\n", "trainlist01.txt",
+                                classes, "train")
+    assert (entries[0].class_name, entries[0].id) == ("HandstandPushups", "HandstandPushups/v_HandStandPushups_g08_c01")
