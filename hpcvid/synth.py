@@ -128,7 +128,7 @@ def load_motion(video: Path | str) -> dict[str, np.ndarray]:
         return {key: data[key] for key in data.files}
 
 
-def test_indices(per_class: int, test_per_class: int, split: int) -> set[int]:
+def held_out_indices(per_class: int, test_per_class: int, split: int) -> set[int]:
     """Which clip indices of a class are test clips in ``split``: a block that moves with the split."""
     start = ((split - 1) * test_per_class) % per_class
     return {(start + k) % per_class for k in range(test_per_class)}
@@ -140,7 +140,7 @@ def make_trajectory(rng: np.random.Generator, motion: str, frames: int, width: i
     side = min(width, height)
     mid = frames // 2
     steps = np.arange(frames, dtype=np.float64) - mid
-    # The middle frame: identical distribution for every motion (keeps the whole trajectory in frame).
+    # The middle frame: the same random calls, in the same order, for every motion.
     radius_mid = rng.uniform(*MID_RADIUS) * side
     # The middle-frame object always fits; an expanding one may touch the border near the clip's ends.
     margin = MID_RADIUS[1] * side + TRANSLATION / 2 * side * (1 + RATE_SPREAD) + MAX_JITTER
@@ -400,7 +400,7 @@ def _remove_generated(out: Path, classes: list[str]) -> None:
 def _write_split_files(out: Path, names: list[str], config: SynthConfig) -> None:
     atomic_write_text(out / "classInd.txt", "".join(f"{i + 1} {name}\n" for i, name in enumerate(names)))
     for split in SPLITS_WRITTEN:
-        test = test_indices(config.per_class, config.test_per_class, split)
+        test = held_out_indices(config.per_class, config.test_per_class, split)
         train_lines, test_lines = [], []
         for label, name in enumerate(names):
             for index in range(config.per_class):
