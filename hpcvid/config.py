@@ -165,6 +165,7 @@ class TrainConfig:
     features: str = option("", help="lstm: feature set in WORK/features.h5; empty = the fine-tuned one, else the extracted one")
     init_from_runs: bool = option(True, help="twostream: start from WORK/runs/frame and WORK/runs/flow when present")
     keep_checkpoints: int = option(2, check=POSITIVE, help="epoch checkpoints kept (best.pt is kept apart)")
+    checkpoint: str = option("", help="`run features`: frame run folder or checkpoint; empty = WORK/runs/frame")
 
 
 @dataclass(frozen=True)

@@ -269,21 +269,21 @@ class MemoryFeatureSource:
 
 
 class MergedFeatureSource:
-    """The merged features file (``WORK/features.h5``), opened lazily in each process."""
+    """The merged features file (:class:`hpcvid.merge.MergedFeatures`): items, windows, train mean/std.
 
-    def __init__(self, path: str, mean: np.ndarray, std: np.ndarray) -> None:
-        self.path, self.mean, self.std = str(path), mean, std
-        self._merged: Any = None
-        self._pid = -1
+    The merged reader opens its HDF5 file lazily in the process that reads (never before a fork).
+    """
+
+    def __init__(self, path: str | os.PathLike, name: str | None = None) -> None:
+        from hpcvid.merge import MergedFeatures
+
+        self.merged = MergedFeatures(path, name)
+        self.mean, self.std = np.asarray(self.merged.mean), np.asarray(self.merged.std)
+        self.items = [FeatureItem(i, e.id, int(e.label), int(e.length), e.split)
+                      for i, e in enumerate(self.merged.entries)]
 
     def window(self, index: int, start: int, length: int) -> np.ndarray:
-        if self._merged is None or self._pid != os.getpid():
-            from hpcvid.merge import MergedFeatures
-            self._merged, self._pid = MergedFeatures(self.path), os.getpid()
-        return np.asarray(self._merged.window(index, start, length), dtype=np.float32)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "mean": self.mean, "std": self.std, "_merged": None, "_pid": -1}
+        return np.asarray(self.merged.window(index, start, length), dtype=np.float32)
 
 
 class ShardFeatureSource:

@@ -162,6 +162,9 @@ class TwoStreamModel(nn.Module):
                           "fused_channels": fused_channels, "dropout": dropout}
         self.rgb = FrameModel(num_classes, backbone, weights, dropout=dropout)
         self.flow = FlowModel(num_classes, stack, backbone, weights, dropout=dropout)
+        # the single-stream heads are kept (frozen) for late fusion; mid-level fusion does not use them
+        _frozen(self.rgb.head)
+        _frozen(self.flow.head)
         both = self.rgb.trunk.out_channels + self.flow.trunk.out_channels
         self.fuse = nn.Sequential(nn.Conv2d(both, fused_channels, 1), nn.ReLU(inplace=True))
         self.dropout = nn.Dropout(dropout)
@@ -173,6 +176,10 @@ class TwoStreamModel(nn.Module):
             self.rgb.load_state_dict(frame_state)
         if flow_state is not None:
             self.flow.load_state_dict(flow_state)
+
+    def late(self, rgb: torch.Tensor, flow: torch.Tensor, weights: tuple[float, ...] = (1.0, 1.5)) -> torch.Tensor:
+        """Late fusion with the streams' own heads (as trained in the frame and flow runs): probabilities."""
+        return late_fusion(self.rgb(rgb), self.flow(flow), weights)
 
     def forward(self, rgb: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
         a = self.rgb.trunk.feature_map(rgb)

@@ -28,6 +28,8 @@ STAGES: dict[str, str] = {
     "extract": "hpcvid.extract",
     "merge": "hpcvid.merge",
     "eval": "hpcvid.evaluate",
+    "train": "hpcvid.train",
+    "features": "hpcvid.refeature",
 }
 
 

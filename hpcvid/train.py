@@ -310,8 +310,12 @@ def load_data(config: Config) -> DataBundle:
     return _video_data(config)
 
 
-def _shard_paths(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.glob("shard-*-of-*.h5") if not p.name.startswith("."))
+def _shard_files(folder: Path) -> list[Path]:
+    """The shard files of the newest complete set of shard records in ``folder`` (as merge chooses them)."""
+    from hpcvid.fileio import read_json
+    from hpcvid.merge import find_shard_records
+
+    return [folder / read_json(record)["file"] for record in find_shard_records(folder)]
 
 
 def _video_data(config: Config) -> DataBundle:
@@ -320,9 +324,7 @@ def _video_data(config: Config) -> DataBundle:
     from hpcvid.store import ShardReader
 
     t = config.train
-    shards = _shard_paths(config.work_dir / "extract")
-    if not shards:
-        raise StoreError(f"no shards in {config.work_dir / 'extract'}: run `hpcvid run extract --work {config.work}` first")
+    shards = _shard_files(config.work_dir / "extract")
     classes = list(load_manifest(config.work_dir).classes)
     needs_flow = t.model in ("flow", "twostream")
     items, shard_of = [], {}
@@ -336,7 +338,7 @@ def _video_data(config: Config) -> DataBundle:
                 shard_of[vid] = str(path)
     if not items:
         raise StoreError(f"the shards in {config.work_dir / 'extract'} hold no train-split videos with "
-                         f"{'flow' if needs_flow else 'frames'}: re-extract with flow/frames enabled")
+                         f"{'flow' if needs_flow else 'frames'}: re-extract with extract.flow (and frames) enabled")
     train_items, val_items = hold_out(items, t.val_fraction, t.seed)
     source = ShardVideoSource(shard_of)
     augment = Augment(tuple(t.scale_jitter), t.flip) if t.augment else None
@@ -352,41 +354,56 @@ def _video_data(config: Config) -> DataBundle:
                       {"stack": t.flow_stack}, meta)
 
 
-def feature_set_location(config: Config) -> tuple[Path, str]:
-    """(shard folder, feature name) the LSTM reads: the fine-tuned set from ``run features`` when it
-    exists (or is asked for), else the features extraction stored."""
+def refeature_dir(work: Path | str) -> Path:
+    """Where ``run features`` writes the fine-tuned frame CNN's per-frame features (same shard layout)."""
+    return Path(work) / "features" / "frame"
+
+
+def feature_source(config: Config) -> tuple[Any, str]:
+    """The LSTM's features and their name, in this order of preference:
+
+    1. the fine-tuned set (``run features``): merged ``WORK/features/frame/features.h5``, else its shards;
+    2. the extracted set (``extract.backbone``, or ``train.features``): merged ``WORK/features.h5``, else
+       the extract shards.
+    A merged file brings the train-split mean/std; from shards they are computed over the training videos.
+    """
+    from hpcvid.datasets import MergedFeatureSource, ShardFeatureSource
+
     wanted = config.train.features
-    refeatured = config.work_dir / "features"
-    if wanted in ("", FINETUNED_FEATURES) and _shard_paths(refeatured):
-        return refeatured, FINETUNED_FEATURES
+    fine = refeature_dir(config.work_dir)
+    if wanted in ("", FINETUNED_FEATURES) and ((fine / "features.h5").is_file() or list(fine.glob("shard-*.json"))):
+        if (fine / "features.h5").is_file():
+            return MergedFeatureSource(fine / "features.h5", FINETUNED_FEATURES), FINETUNED_FEATURES
+        return ShardFeatureSource(_shard_files(fine), FINETUNED_FEATURES), FINETUNED_FEATURES
     if wanted == FINETUNED_FEATURES:
-        raise StoreError(f"no fine-tuned features in {refeatured}: run `hpcvid run features --checkpoint "
+        raise StoreError(f"no fine-tuned features in {fine}: run `hpcvid run features --checkpoint "
                          f"{config.work_dir / 'runs' / 'frame'}` first")
-    return config.work_dir / "extract", wanted or config.extract.backbone
+    name = wanted or config.extract.backbone
+    merged = config.work_dir / "features.h5"
+    if merged.is_file():
+        return MergedFeatureSource(merged, name), name
+    return ShardFeatureSource(_shard_files(config.work_dir / "extract"), name), name
 
 
 def _feature_data(config: Config) -> DataBundle:
     import numpy as np
 
-    from hpcvid.datasets import FeatureDataset, FeatureItem, ShardFeatureSource, feature_input_dim, hold_out
+    from hpcvid.datasets import FeatureDataset, feature_input_dim, hold_out
     from hpcvid.manifest import load_manifest
 
     t = config.train
-    folder, name = feature_set_location(config)
-    shards = _shard_paths(folder)
-    if not shards:
-        raise StoreError(f"no shards in {folder}: run `hpcvid run extract --work {config.work}` first")
+    source, name = feature_source(config)
     classes = list(load_manifest(config.work_dir).classes)
-    source = ShardFeatureSource(shards, name)
     items = [it for it in source.items if it.split == "train"]
     if not items:
-        raise StoreError(f"{folder} holds no train-split videos with features {name!r}")
+        raise StoreError(f"no train-split videos with features {name!r} in {config.work}: extract with a backbone")
     train_items, val_items = hold_out(items, t.val_fraction, t.seed)
-    source.fit_statistics(train_items)      # the TRAIN mean/std, never the validation or test videos
+    if source.mean is None:
+        source.fit_statistics(train_items)      # the training videos' mean/std, never validation or test
     dim = int(np.asarray(source.mean).shape[0])
     make = lambda items, train: FeatureDataset(source, items, seq_len=t.seq_len, train=train, seed=t.seed,  # noqa: E731
                                                centring=t.temporal_centering)
-    meta = {"classes": classes, "feature_set": name, "feature_folder": str(folder), "feature_dim": dim,
+    meta = {"classes": classes, "feature_set": name, "feature_dim": dim,
             "centring": t.temporal_centering, "seq_len": t.seq_len,
             "feature_mean": np.asarray(source.mean, np.float64), "feature_std": np.asarray(source.std, np.float64),
             "val_ids": [it.id for it in val_items]}

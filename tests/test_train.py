@@ -151,3 +151,56 @@ def test_twostream_starts_from_trained_streams(tmp_path):
     fused = load_checkpoint(tmp_path / "runs" / "twostream" / BEST_NAME)["model"]
     key = next(k for k in frame_state if k.startswith("trunk."))
     assert torch.allclose(fused["rgb." + key], frame_state[key], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_cli_trains_every_model_from_real_shards(tmp_path, tiny_work):
+    """Real files end to end: extract (ffmpeg, Farneback, HDF5) -> `hpcvid run train` for frame, flow,
+    twostream (2 gloo processes) -> `hpcvid run features` -> lstm on the fine-tuned features."""
+    import shutil
+
+    from hpcvid.cli import main
+    from hpcvid.config import load_resolved, replace
+    from hpcvid.extract import run_shard
+    from hpcvid.sharding import all_shards
+    from hpcvid.store import ShardReader
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_work, work)
+    config = replace(load_resolved(work), work=str(work), **{"extract.size": 32, "extract.backbone": "none",
+                                                              "extract.flow": "farneback", "extract.shards": 2})
+    for spec in all_shards(2):
+        run_shard(config, spec)
+    common = ["--work", str(work), "--backbone", "small", "--device", "cpu", "--batch-size", "4"]
+    job = tmp_path / "job.toml"
+    job.write_text('[train]\nflow_stack = 4\nseq_len = 12\nchunk = 4\nhidden = 16\nval_fraction = 0.34\n'
+                   f'[dataset]\nroot = "{load_resolved(work).dataset.root}"\n')
+    common += ["--config", str(job)]
+    assert main(["run", "train", "--model", "frame", "--epochs", "1", *common]) == 0
+    assert main(["run", "train", "--model", "flow", "--epochs", "1", *common]) == 0
+    assert main(["run", "train", "--model", "twostream", "--epochs", "1", "--procs", "2", *common]) == 0
+    assert read_metrics(work / "runs" / "twostream")[0]["world_size"] == 2
+
+    assert main(["run", "features", "--work", str(work), "--config", str(job), "--device", "cpu"]) == 0
+    shards = sorted((work / "features" / "frame").glob("shard-*.h5"))
+    assert len(shards) == 2 and len(list((work / "features" / "frame").glob("shard-*.json"))) == 2
+    frame_model, _, meta = load_run(work / "runs" / "frame")
+    with ShardReader(shards[0]) as reader:
+        vid = reader.video_ids()[0]
+        stored = reader.features(vid, "finetuned")
+        scores = reader.scores(vid, "finetuned")
+    with ShardReader(work / "extract" / "shard-0000-of-0002.h5") as extract_reader:
+        frames = extract_reader.frames(vid)
+    from hpcvid.datasets import prepare_frames
+    with torch.no_grad():
+        x = prepare_frames(frames)
+        assert np.allclose(stored, frame_model.features(x).numpy(), atol=1e-4)
+        assert np.allclose(scores, frame_model(x).numpy(), atol=1e-4)
+
+    assert main(["run", "train", "--model", "lstm", "--epochs", "2", *common]) == 0
+    _, _, lstm_meta = load_run(work / "runs" / "lstm")
+    assert lstm_meta["feature_set"] == "finetuned" and lstm_meta["feature_mean"].shape == (frame_model.feature_dim,)
+    # a second `run features` finds every shard done and changes nothing
+    before = shards[0].read_bytes()
+    assert main(["run", "features", "--work", str(work), "--config", str(job), "--device", "cpu"]) == 0
+    assert shards[0].read_bytes() == before
