@@ -30,6 +30,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "cancel": ("hpcvid.cancel", "cancel every queued or running job of a work folder"),
     "mpi": ("hpcvid.mpi", "run a shard stage across the ranks of one MPI allocation"),
     "collect": ("hpcvid.reduce", "reduce prediction shards into results/NAME (tables, confusion matrices, plots)"),
+    "demo": ("hpcvid.demo", "the whole pipeline on a small synthetic dataset, on this machine -> results/demo"),
+    "bench": ("hpcvid.bench", "speed ratios of decode, flow, features and storage (DESIGN 7) -> results/bench"),
 }
 
 
