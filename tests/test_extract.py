@@ -182,3 +182,32 @@ def test_a_random_backbone_is_the_same_network_in_every_process(monkeypatch):
     np.testing.assert_array_equal(first, second)
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
     assert np.abs(first).max() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone,dim", [("googlenet", 1024), ("resnet18", 512)])
+def test_features_are_finite_and_not_zero_even_untrained(tiny_synthetic, tmp_path, backbone, dim):
+    """Untrained GoogLeNet's features are ~1e-12 (DESIGN 8): stored as float32 they must survive, and the
+    merged statistics must not erase them."""
+    from hpcvid.merge import MergedFeatures, merge
+
+    clips = sorted(tiny_synthetic.rglob("*.avi"))
+    picked = [clips[0], clips[5], clips[-1]]
+    work = tmp_path / "work"
+    write_folder_manifest(tiny_synthetic, work, files=picked)
+    config = extract_config(work, backbone=backbone, flow="none", size=64)
+    record = extract.run_shard(config, ShardSpec(0, 1))
+    assert record["n_videos"] == 3 and record["features"]["random_init"]
+    with ShardReader(extract.shard_path(config, ShardSpec(0, 1))) as reader:
+        features = [reader.features(v, backbone) for v in reader.video_ids()]
+    for values in features:
+        assert values.dtype == np.float32 and values.shape == (12, dim)
+        assert np.isfinite(values).all() and np.count_nonzero(values) > values.size // 10
+        assert np.abs(np.diff(values, axis=0)).max() > 0  # frames differ
+    assert np.abs(features[0] - features[2]).max() > 0  # videos differ
+    merge(work)
+    merged = MergedFeatures(work / "features.h5")
+    normalised = merged.normalise(np.concatenate([merged.video(i) for i in merged.indices("train")]))
+    assert np.isfinite(normalised).all()
+    varying = np.concatenate(features).std(0) > 0
+    assert varying.sum() > dim // 10 and np.abs(normalised[:, varying]).max() > 0.5  # not crushed to ~0
