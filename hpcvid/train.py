@@ -359,13 +359,14 @@ def refeature_dir(work: Path | str) -> Path:
     return Path(work) / "features" / "frame"
 
 
-def feature_source(config: Config) -> tuple[Any, str]:
+def feature_source(config: Config) -> tuple[Any, str, Path]:
     """The LSTM's features and their name, in this order of preference:
 
     1. the fine-tuned set (``run features``): merged ``WORK/features/frame/features.h5``, else its shards;
     2. the extracted set (``extract.backbone``, or ``train.features``): merged ``WORK/features.h5``, else
        the extract shards.
     A merged file brings the train-split mean/std; from shards they are computed over the training videos.
+    Returns (source, feature name, the folder of the shards that hold the features).
     """
     from hpcvid.datasets import MergedFeatureSource, ShardFeatureSource
 
@@ -373,16 +374,17 @@ def feature_source(config: Config) -> tuple[Any, str]:
     fine = refeature_dir(config.work_dir)
     if wanted in ("", FINETUNED_FEATURES) and ((fine / "features.h5").is_file() or list(fine.glob("shard-*.json"))):
         if (fine / "features.h5").is_file():
-            return MergedFeatureSource(fine / "features.h5", FINETUNED_FEATURES), FINETUNED_FEATURES
-        return ShardFeatureSource(_shard_files(fine), FINETUNED_FEATURES), FINETUNED_FEATURES
+            return MergedFeatureSource(fine / "features.h5", FINETUNED_FEATURES), FINETUNED_FEATURES, fine
+        return ShardFeatureSource(_shard_files(fine), FINETUNED_FEATURES), FINETUNED_FEATURES, fine
     if wanted == FINETUNED_FEATURES:
         raise StoreError(f"no fine-tuned features in {fine}: run `hpcvid run features --checkpoint "
                          f"{config.work_dir / 'runs' / 'frame'}` first")
     name = wanted or config.extract.backbone
     merged = config.work_dir / "features.h5"
+    extracted = config.work_dir / "extract"
     if merged.is_file():
-        return MergedFeatureSource(merged, name), name
-    return ShardFeatureSource(_shard_files(config.work_dir / "extract"), name), name
+        return MergedFeatureSource(merged, name), name, extracted
+    return ShardFeatureSource(_shard_files(extracted), name), name, extracted
 
 
 def _feature_data(config: Config) -> DataBundle:
@@ -392,7 +394,7 @@ def _feature_data(config: Config) -> DataBundle:
     from hpcvid.manifest import load_manifest
 
     t = config.train
-    source, name = feature_source(config)
+    source, name, folder = feature_source(config)
     classes = list(load_manifest(config.work_dir).classes)
     items = [it for it in source.items if it.split == "train"]
     if not items:
@@ -403,7 +405,7 @@ def _feature_data(config: Config) -> DataBundle:
     dim = int(np.asarray(source.mean).shape[0])
     make = lambda items, train: FeatureDataset(source, items, seq_len=t.seq_len, train=train, seed=t.seed,  # noqa: E731
                                                centring=t.temporal_centering)
-    meta = {"classes": classes, "feature_set": name, "feature_dim": dim,
+    meta = {"classes": classes, "feature_set": name, "feature_dim": dim, "feature_folder": str(folder),
             "centring": t.temporal_centering, "seq_len": t.seq_len,
             "feature_mean": np.asarray(source.mean, np.float64), "feature_std": np.asarray(source.std, np.float64),
             "val_ids": [it.id for it in val_items]}
