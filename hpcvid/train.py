@@ -550,7 +550,7 @@ class Trainer:
                                                      cycle_momentum=t.optimizer == "sgd")
         if t.schedule == "plateau":
             return torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=t.plateau_factor,
-                                                              patience=t.plateau_patience)
+                                                              patience=t.plateau_patience, eps=0.0)
         return None
 
     # -------------------------------------------------------------- checkpoints

@@ -204,3 +204,15 @@ def test_cli_trains_every_model_from_real_shards(tmp_path, tiny_work):
     before = shards[0].read_bytes()
     assert main(["run", "features", "--work", str(work), "--config", str(job), "--device", "cpu"]) == 0
     assert shards[0].read_bytes() == before
+
+
+def test_plateau_schedule_and_early_stopping(tmp_path):
+    """SGD with a vanishing step: the validation loss stops improving, the plateau schedule cuts the learning
+    rate, and early stopping ends the run before its epochs are used up."""
+    config = lstm_config(tmp_path, **{"train.optimizer": "sgd", "train.lr": 1e-30, "train.epochs": 6,
+                                      "train.schedule": "plateau", "train.plateau_patience": 0,
+                                      "train.early_stopping": 2})
+    result = train(config, data_factory=trainkit.lstm_data)
+    history = result["history"]
+    assert result["stopped_early"] and len(history) == 3
+    assert history[-1]["lr"] < history[0]["lr"]
