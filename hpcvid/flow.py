@@ -37,7 +37,8 @@ TVL1_DEFAULTS: dict[str, Any] = {
 }
 """Reduced TV-L1: 3 scales x 3 warps (OpenCV: 5 x 5, scale step 0.8); the rest as OpenCV."""
 STORAGES = ("uint8", "float16")
-FlowFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+FlowFn = Callable[..., np.ndarray]
+"""(gray t, gray t+1, out=None) -> float32 (H, W, 2); writes into ``out`` when given (no copy)."""
 
 
 def _unknown(algorithm: str, given: dict, defaults: dict) -> None:
@@ -61,9 +62,9 @@ def make_flow(algorithm: str, **params: Any) -> FlowFn:
 
     settings = flow_parameters(algorithm, **params)
     if algorithm == "farneback":
-        def farneback(prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+        def farneback(prev: np.ndarray, nxt: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
             return cv2.calcOpticalFlowFarneback(
-                prev, nxt, None, settings["pyr_scale"], settings["levels"], settings["winsize"],
+                prev, nxt, out, settings["pyr_scale"], settings["levels"], settings["winsize"],
                 settings["iterations"], settings["poly_n"], settings["poly_sigma"], settings["flags"])
         return farneback
     if algorithm == "dis":
@@ -72,7 +73,7 @@ def make_flow(algorithm: str, **params: Any) -> FlowFn:
         if settings["preset"] not in presets:
             raise ConfigError(f"DIS preset {settings['preset']!r} is unknown; choose one of {', '.join(presets)}")
         dis = cv2.DISOpticalFlow_create(presets[settings["preset"]])
-        return lambda prev, nxt: dis.calc(prev, nxt, None)
+        return lambda prev, nxt, out=None: dis.calc(prev, nxt, out)
     if not hasattr(cv2, "optflow"):
         raise ConfigError("TV-L1 needs cv2.optflow: install opencv-contrib-python-headless (not opencv-python)")
     tvl1 = cv2.optflow.DualTVL1OpticalFlow_create(
@@ -80,7 +81,7 @@ def make_flow(algorithm: str, **params: Any) -> FlowFn:
         warps=settings["warps"], epsilon=settings["epsilon"], innnerIterations=settings["inner_iterations"],
         outerIterations=settings["outer_iterations"], scaleStep=settings["scale_step"],
         medianFiltering=settings["median_filtering"])
-    return lambda prev, nxt: tvl1.calc(prev, nxt, None)
+    return lambda prev, nxt, out=None: tvl1.calc(prev, nxt, out)
 
 
 def to_gray(frames: np.ndarray) -> np.ndarray:
@@ -104,7 +105,9 @@ def compute_flow(frames: np.ndarray, algorithm: str = "farneback", **params: Any
     gray = to_gray(frames)
     out = np.empty((max(len(gray) - 1, 0), gray.shape[1], gray.shape[2], 2), dtype=np.float32)
     for t in range(len(gray) - 1):
-        out[t] = estimate(gray[t], gray[t + 1])
+        result = estimate(gray[t], gray[t + 1], out[t])  # OpenCV fills out[t] in place
+        if result is not None and not np.shares_memory(result, out[t]):
+            out[t] = result
     return out
 
 
