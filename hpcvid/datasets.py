@@ -334,6 +334,13 @@ class ShardFeatureSource:
             count += len(x)
         self.mean = total / count
         self.std = np.sqrt(np.maximum(total_sq / count - self.mean ** 2, 0.0))
+        self.close()    # no HDF5 handle may stay open in the parent when DataLoader workers fork
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for reader in self._readers.values():
+                reader.close()
+        self._readers = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
