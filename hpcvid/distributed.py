@@ -1,13 +1,17 @@
 """Where this process sits in a distributed job: rank, world size, local rank, master address and port.
 
 One function, :func:`detect`, reads whichever launcher started us: torchrun (``RANK``/``WORLD_SIZE``),
-submitit or SLURM (``SLURM_PROCID``/``SLURM_NTASKS``), or Open MPI (``OMPI_COMM_WORLD_*``); with none of
-them it is a single process. The port is derived from the SLURM job id so that concurrent jobs on the
-same nodes do not collide.
+submitit (its ``TorchDistributedEnvironment``), SLURM's srun (``SLURM_PROCID``/``SLURM_NTASKS``), or Open MPI
+(``OMPI_COMM_WORLD_*``); with none of them it is a single process. The port is derived
+from the SLURM job id so that concurrent jobs on the same nodes do not collide. The master address is the
+first node of the allocation; a node name that does not resolve (the fake nodes of slurm/local-cluster.sh,
+or sites whose node names are not in DNS) is replaced by the NodeAddr that ``scontrol show node`` knows.
 """
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -22,6 +26,7 @@ class DistEnv:
     local_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
+    source: str = "single"  # which launcher it came from: torchrun, submitit, slurm, mpi, single
 
     @property
     def is_distributed(self) -> bool:
@@ -55,19 +60,59 @@ def _first_host(nodelist: str) -> str:
     return head
 
 
+def resolve_node(name: str) -> str:
+    """An address for a SLURM node name: the name when it resolves, else scontrol's NodeAddr, else the name."""
+    try:
+        socket.getaddrinfo(name, None)
+        return name
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["scontrol", "show", "node", name, "-o"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return name
+    for field in out.stdout.split():
+        if field.startswith("NodeAddr="):
+            return field.split("=", 1)[1]
+    return name
+
+
+def _from_submitit(env: Mapping[str, str]) -> DistEnv | None:
+    """Inside a submitit job: its TorchDistributedEnvironment (rank, world, local rank, first host)."""
+    try:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        dist = TorchDistributedEnvironment()
+    except Exception:  # noqa: BLE001 - not a usable submitit job: fall back to the plain variables
+        return None
+    master = env.get("MASTER_ADDR") or resolve_node(dist.master_addr)
+    return DistEnv(dist.rank, dist.world_size, dist.local_rank, master,
+                   int(env.get("MASTER_PORT") or port_for_job(env.get("SLURM_JOB_ID", "0"))), "submitit")
+
+
 def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
-    """The distributed environment of this process (single process when no launcher is found)."""
+    """The distributed environment of this process (single process when no launcher is found).
+
+    ``environ`` is for tests; without it the real environment is read, and inside a submitit job
+    submitit's own TorchDistributedEnvironment is asked.
+    """
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, or variables we exported ourselves
         return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
-                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun / submitit on SLURM
+                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
+    if environ is None and env.get("SUBMITIT_EXECUTOR") == "slurm" and "SLURM_PROCID" in env:
+        found = _from_submitit(env)
+        if found is not None:
+            return found
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun (also under mpi=pmix)
         job = env.get("SLURM_JOB_ID", "0")
         nodelist = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))
+        master = env.get("MASTER_ADDR") or (resolve_node(_first_host(nodelist)) if environ is None
+                                            else _first_host(nodelist))
         return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                       env.get("MASTER_ADDR", _first_host(nodelist)), port_for_job(job))
+                       master, int(env.get("MASTER_PORT") or port_for_job(job)), "slurm")
     if "OMPI_COMM_WORLD_RANK" in env:  # mpirun
         return DistEnv(int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
                        int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)), env.get("MASTER_ADDR", "127.0.0.1"),
-                       int(env.get("MASTER_PORT", 29500)))
+                       int(env.get("MASTER_PORT", 29500)), "mpi")
     return DistEnv()
