@@ -58,6 +58,7 @@ def build_summary(reduction: Any) -> dict[str, Any]:
             "model": total.model,
             "default_strategy": total.default_strategy,
             "n_videos": total.n_videos,
+            "strategy_order": list(total.strategies),
             "strategies": {s: strategy_summary(total.confusion[s], total.topk[s]) for s in total.strategies},
             "provenance": {
                 "config": total.config, "code_version": total.code_version, "checkpoint": total.checkpoint,
@@ -100,12 +101,21 @@ def _pct(value: float | None) -> str:
 
 def table_rows(summary: Mapping[str, Any]) -> list[list[str]]:
     rows = []
-    for run, entry in summary["runs"].items():
-        for strategy, numbers in entry["strategies"].items():
+    for run in ordered_runs(summary["runs"]):
+        entry = summary["runs"][run]
+        for strategy in _strategy_order(entry):
+            numbers = entry["strategies"][strategy]
             mark = " *" if strategy == entry["default_strategy"] else ""
             rows.append([run, strategy + mark, _pct(numbers["top1"]), _pct(numbers["top5"]),
                          _pct(numbers["top10"]), _pct(numbers["mean_class_accuracy"]), str(numbers["n_videos"])])
     return rows
+
+
+def _strategy_order(entry: Mapping[str, Any]) -> list[str]:
+    """The default strategy first, then the others in the order evaluation listed them."""
+    order = entry.get("strategy_order") or list(entry["strategies"])
+    default = entry["default_strategy"]
+    return [default] + [s for s in order if s != default]
 
 
 TABLE_HEADER = ["run", "strategy", "top-1 %", "top-5 %", "top-10 %", "mean class acc %", "videos"]
@@ -399,7 +409,8 @@ def _report_markdown(summary: Mapping[str, Any], pictures: Sequence[tuple[str, s
               "![learning curves](learning_curves.png)" if curves else "No `WORK/runs/*/metrics.jsonl` was found.", ""]
     lines += ["## Per-class improvement, single frame -> LSTM", "", improvement_text, ""]
     lines += ["## Provenance", ""]
-    for run, entry in summary["runs"].items():
+    for run in ordered_runs(summary["runs"]):
+        entry = summary["runs"][run]
         provenance = entry["provenance"]
         shards = ", ".join(s["file"] for s in provenance["shards"])
         lines.append(f"- `{run}` ({entry['model']}): checkpoint `{provenance['checkpoint']}`, code "
