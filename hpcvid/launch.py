@@ -99,6 +99,26 @@ class StageJob:
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
+class CliJob:
+    """An ``hpcvid`` verb run as a job (the reducer's ``collect``): the CLI's own code, nothing re-implemented."""
+
+    def __init__(self, argv: Sequence[str]):
+        self.argv = [str(a) for a in argv]
+
+    def __call__(self) -> int:
+        from hpcvid.cli import main
+
+        code = int(main(self.argv) or 0)
+        if code not in (0, 3):
+            raise SchedulerError(f"hpcvid {' '.join(self.argv)} exited with code {code}")
+        return code
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
 # ------------------------------------------------------------------------------------------ validation
 def validate_launch(launch: LaunchConfig, *, check_cluster: bool = True) -> None:
     """Refuse, before sbatch runs, what sbatch would refuse later (or worse, accept wrongly)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -35,7 +36,15 @@ def stage_module(stage: str) -> ModuleType | None:
             return None
         return module if hasattr(module, "TrainJob") else None
     name = STAGES.get(stage)
-    return importlib.import_module(name) if name else None
+    if name:
+        return importlib.import_module(name)
+    if stage == "reduce":  # the reducer is the `collect` verb (hpcvid.reduce.collect)
+        try:
+            module = importlib.import_module("hpcvid.reduce")
+        except ImportError:
+            return None
+        return module if hasattr(module, "collect") and hasattr(module, "add_cli") else None
+    return None
 
 
 def submittable_stages() -> list[str]:
@@ -48,7 +57,8 @@ def submittable_stages() -> list[str]:
 def refusal(stage: str) -> str:
     from hpcvid.stages import STAGES
 
-    what = "hpcvid.train.TrainJob" if stage == "train" else f"a `{stage}` entry in hpcvid.stages.STAGES"
+    what = {"train": "hpcvid.train.TrainJob", "reduce": "hpcvid.reduce.collect"}.get(
+        stage, f"a `{stage}` entry in hpcvid.stages.STAGES")
     built = ", ".join(s for s in STAGE_ORDER if stage_module(s) is not None) or "none yet"
     return (f"stage {stage!r} is not built yet in this checkout (no {what}), so it cannot be submitted; "
             f"stages that can: {built}" + (f"; registered: {', '.join(STAGES)}" if STAGES else ""))
@@ -88,6 +98,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                        help="processes per node (default: one per GPU, or 1)")
 
 
+def _add_reduce_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("reduce (hpcvid collect)")
+    group.add_argument("--out", metavar="DIR", help="report folder (default: results/<name of WORK>)")
+    group.add_argument("--allow-partial", action="store_true", help="report over the shards that are there")
+
+
 def add_cli(parser: argparse.ArgumentParser) -> None:
     stages = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
     for stage in submittable_stages():
@@ -99,7 +115,9 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
         sub.add_argument("--dry-run", action="store_true", help="print the sbatch script and queue nothing")
         if stage == "train":
             _add_train_arguments(sub)
-        if module is not None and hasattr(module, "add_arguments"):
+        if stage == "reduce":
+            _add_reduce_arguments(sub)
+        elif module is not None and hasattr(module, "add_arguments"):
             module.add_arguments(sub)
     pipe = stages.add_parser("pipeline", help="queue extract -> merge -> train -> eval -> reduce with afterok",
                              description="queue the built stages in order, joined by SLURM afterok dependencies")
@@ -140,6 +158,15 @@ def submit_stage(stage: str, module: ModuleType, config: Config, args: argparse.
         return _report(launch.submit_single(config, module.TrainJob(launch.absolute_work(config)), stage,
                                             resources, sys.argv))
     resources = launch.Resources(name=f"hpcvid-{stage}", dependency=dependency)
+    if stage == "reduce" and module.__name__ == "hpcvid.reduce":
+        work = launch.absolute_work(config).work
+        out = Path(getattr(args, "out", None) or module.default_out(work)).resolve()
+        argv = ["collect", work, "--out", str(out)] + (["--allow-partial"] if getattr(args, "allow_partial", False)
+                                                       else [])
+        if getattr(args, "dry_run", False):
+            print(launch.sbatch_text(config.launch, resources, launch.jobs_dir(config.work) / "logs" / "%j"))
+            return None
+        return _report(launch.submit_single(config, launch.CliJob(argv), stage, resources, sys.argv))
     if hasattr(module, "plan") and hasattr(module, "run_shard"):
         specs = _without_active(config, stage, list(module.plan(config, args)))
         if not specs:
@@ -250,7 +277,9 @@ def _default_stage_args(stage: str, module: ModuleType, pipeline_args: argparse.
     add_config_arguments(parser)
     if stage == "train":
         _add_train_arguments(parser)
-    if hasattr(module, "add_arguments"):
+    if stage == "reduce":
+        _add_reduce_arguments(parser)
+    elif hasattr(module, "add_arguments"):
         module.add_arguments(parser)
     stage_args = parser.parse_args([])
     stage_args.config, stage_args.profile, stage_args.work = pipeline_args.job_file, pipeline_args.profile, \

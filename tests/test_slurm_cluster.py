@@ -175,3 +175,25 @@ def test_dependency_chain_runs_in_order_and_a_failure_leaves_dependants_pending(
     assert merge_bad in capsys.readouterr().out
     assert wait_finished([merge_bad], timeout=60)[merge_bad].state == "CANCELLED"
     assert not (bad / "toy" / "merged.json").exists()
+
+
+def test_pipeline_of_the_real_extract_and_merge_stages_runs_in_order(slurm_cluster, tiny_synthetic, tmp_path):
+    from hpcvid.submit import stage_module
+
+    if stage_module("merge") is None:
+        pytest.skip("the merge stage is not built in this checkout")
+    work = tmp_path / "pipe"
+    job = tmp_path / "pipe.toml"
+    job.write_text(f'work = "{work}"\n[dataset]\nroot = "{tiny_synthetic}"\nformat = "ucf101"\n'
+                   '[extract]\nshards = 2\nsize = 32\nbackbone = "resnet18"\nflow = "farneback"\n')
+    assert hpcvid("submit", "pipeline", job, "--stages", "extract,merge", "--profile",
+                  ROOT / "slurm" / "local.toml") == 0
+    extract_jobs = _last_submission(work, "extract")["job_ids"]
+    merge = _last_submission(work, "merge")
+    assert merge["dependency"] == "afterok:" + extract_jobs[0].split("_")[0]
+    states = wait_finished(extract_jobs + merge["job_ids"], timeout=240)
+    assert {s.state for s in states.values()} == {"COMPLETED"}, states
+    assert max(states[j].end for j in extract_jobs) <= states[merge["job_ids"][0]].start
+    assert (work / "features.h5").is_file()
+    table = _status(work)
+    assert "3/3 jobs completed" in table and "videos 24/24" in table
