@@ -111,6 +111,8 @@ class ExtractConfig:
     flow: str = option("farneback", choices=("farneback", "dis", "tvl1", "none"))
     flow_storage: str = option("uint8", choices=("uint8", "float16"))
     flow_bound: float = option(20.0, check=POSITIVE, help="pixels; flow is clipped to +-bound when quantised")
+    flow_compression: str = option("lzf", choices=("none", "lzf", "gzip"),
+                                   help="HDF5 filter on stored flow (6-13x smaller): lzf fastest, gzip (level 1) smallest")
     dis_preset: str = option("fast", choices=("ultrafast", "fast", "medium"), help="DIS optical flow preset")
     tvl1_scales: int = option(3, check=POSITIVE, help="TV-L1 pyramid levels (OpenCV default 5; reduced for CPU)")
     tvl1_warps: int = option(3, check=POSITIVE, help="TV-L1 warps per level (OpenCV default 5)")

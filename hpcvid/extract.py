@@ -390,7 +390,7 @@ def _make_record(config: Config, spec: ShardSpec, manifest: Manifest, videos: Se
     failed = [o["failure"] for o in outcomes if not o["ok"]]
     seconds = time.time() - started
     warnings = []
-    if runner.feature_info is None and runner.extractor is not None:  # every video was resumed
+    if runner.extractor is not None:  # described after use: the precision is decided on the first batch
         runner.feature_info = {**runner.extractor.describe(), "random_init_seed": RANDOM_INIT_SEED}
     if runner.extractor is not None and runner.extractor.random_init:
         warnings.append(f"features come from a RANDOMLY INITIALISED {config.extract.backbone} (no --weights): "

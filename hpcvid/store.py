@@ -63,10 +63,12 @@ class StorageOptions:
     jpeg_quality: int = 90
     flow_storage: str = "uint8"
     flow_bound: float = 20.0
+    flow_compression: str = "lzf"
 
     @classmethod
     def from_config(cls, extract: Any) -> "StorageOptions":
-        return cls(extract.frame_storage, extract.jpeg_quality, extract.flow_storage, extract.flow_bound)
+        return cls(extract.frame_storage, extract.jpeg_quality, extract.flow_storage, extract.flow_bound,
+                   getattr(extract, "flow_compression", "lzf"))
 
 
 @dataclass
@@ -170,13 +172,17 @@ def _write_flow(group: Any, flow: np.ndarray, options: StorageOptions, put: Any,
     if len(flow) != max(kept - 1, 0):
         raise StoreError(f"flow has {len(flow)} fields but the video keeps {kept} frames (expected {kept - 1})")
     chunks = (1,) + flow.shape[1:] if len(flow) else None
+    filters: dict[str, Any] = {}
+    if chunks and options.flow_compression != "none":  # one pair per chunk: a window reads only its pairs
+        filters = {"compression": options.flow_compression,
+                   "compression_opts": 1 if options.flow_compression == "gzip" else None}
     if options.flow_storage == "uint8":
         from hpcvid.flow import quantise
 
-        dataset = put("flow", quantise(flow, options.flow_bound), chunks=chunks)
+        dataset = put("flow", quantise(flow, options.flow_bound), chunks=chunks, **filters)
         dataset.attrs["bound"] = float(options.flow_bound)
     else:
-        dataset = put("flow", flow.astype(np.float16), chunks=chunks)
+        dataset = put("flow", flow.astype(np.float16), chunks=chunks, **filters)
     dataset.attrs["storage"] = options.flow_storage
 
 

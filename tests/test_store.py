@@ -37,15 +37,18 @@ def test_group_names_are_safe_and_reversible():
         assert video_id_of(name) == video_id
 
 
-@pytest.mark.parametrize("frame_storage,flow_storage", [("jpeg", "uint8"), ("uint8", "float16")])
-def test_round_trip(tmp_path, frame_storage, flow_storage):
+@pytest.mark.parametrize("frame_storage,flow_storage,compression",
+                         [("jpeg", "uint8", "lzf"), ("uint8", "float16", "gzip"), ("jpeg", "uint8", "none")])
+def test_round_trip(tmp_path, frame_storage, flow_storage, compression):
     videos = [_video("B/second clip", seed=1), _video("A/ünï", seed=2)]
-    options = StorageOptions(frame_storage=frame_storage, jpeg_quality=95, flow_storage=flow_storage, flow_bound=20)
+    options = StorageOptions(frame_storage=frame_storage, jpeg_quality=95, flow_storage=flow_storage, flow_bound=20,
+                             flow_compression=compression)
     summaries = write_shard(tmp_path / "s.h5", videos, options=options, meta={"note": "x"})
     assert [s["id"] for s in summaries] == ["B/second clip", "A/ünï"]
     with ShardReader(tmp_path / "s.h5") as reader:
         assert reader.attrs["schema_version"] == SCHEMA_VERSION
         assert sorted(reader.video_ids()) == ["A/ünï", "B/second clip"]
+        assert reader.group("A/ünï")["flow"].compression == (None if compression == "none" else compression)
         for video in videos:
             info = reader.info(video.video_id)
             assert info["label"] == 3 and info["class_name"] == "Rotate" and info["frames"] == 5
