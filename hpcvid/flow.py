@@ -20,6 +20,7 @@ motion), round. The largest error of a value inside ±bound after :func:`dequant
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable
 
 import numpy as np
@@ -37,8 +38,12 @@ TVL1_DEFAULTS: dict[str, Any] = {
 }
 """Reduced TV-L1: 3 scales x 3 warps (OpenCV: 5 x 5, scale step 0.8); the rest as OpenCV."""
 STORAGES = ("uint8", "float16")
-FlowFn = Callable[..., np.ndarray]
-"""(gray t, gray t+1, out=None) -> float32 (H, W, 2); writes into ``out`` when given (no copy)."""
+FlowFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""(gray t, gray t+1) -> a new float32 (H, W, 2) array.
+
+Never hand OpenCV a destination array: DIS reads the contents of a given ``flow`` argument even without
+its use-initial-flow flag, so an uninitialised buffer changes the result or crashes the process
+(seen here with ``np.empty``)."""
 
 
 def _unknown(algorithm: str, given: dict, defaults: dict) -> None:
@@ -62,9 +67,9 @@ def make_flow(algorithm: str, **params: Any) -> FlowFn:
 
     settings = flow_parameters(algorithm, **params)
     if algorithm == "farneback":
-        def farneback(prev: np.ndarray, nxt: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        def farneback(prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
             return cv2.calcOpticalFlowFarneback(
-                prev, nxt, out, settings["pyr_scale"], settings["levels"], settings["winsize"],
+                prev, nxt, None, settings["pyr_scale"], settings["levels"], settings["winsize"],
                 settings["iterations"], settings["poly_n"], settings["poly_sigma"], settings["flags"])
         return farneback
     if algorithm == "dis":
@@ -73,7 +78,7 @@ def make_flow(algorithm: str, **params: Any) -> FlowFn:
         if settings["preset"] not in presets:
             raise ConfigError(f"DIS preset {settings['preset']!r} is unknown; choose one of {', '.join(presets)}")
         dis = cv2.DISOpticalFlow_create(presets[settings["preset"]])
-        return lambda prev, nxt, out=None: dis.calc(prev, nxt, out)
+        return lambda prev, nxt: dis.calc(prev, nxt, None)
     if not hasattr(cv2, "optflow"):
         raise ConfigError("TV-L1 needs cv2.optflow: install opencv-contrib-python-headless (not opencv-python)")
     tvl1 = cv2.optflow.DualTVL1OpticalFlow_create(
@@ -81,7 +86,25 @@ def make_flow(algorithm: str, **params: Any) -> FlowFn:
         warps=settings["warps"], epsilon=settings["epsilon"], innnerIterations=settings["inner_iterations"],
         outerIterations=settings["outer_iterations"], scaleStep=settings["scale_step"],
         medianFiltering=settings["median_filtering"])
-    return lambda prev, nxt, out=None: tvl1.calc(prev, nxt, out)
+    return lambda prev, nxt: tvl1.calc(prev, nxt, None)
+
+
+_ESTIMATORS = threading.local()
+
+
+def _cached_flow(algorithm: str, params: dict[str, Any]) -> FlowFn:
+    """One estimator per (algorithm, parameters) and thread, reused across videos.
+
+    Why: a fresh DIS/TV-L1 object allocates its pyramids on the first pair; over a whole shard of
+    ~30-pair clips that cost 10-25 % of DIS's speed. OpenCV's objects are not thread-safe, hence per thread.
+    """
+    cache = getattr(_ESTIMATORS, "cache", None)
+    if cache is None:
+        cache = _ESTIMATORS.cache = {}
+    key = (algorithm, tuple(sorted((k, repr(v)) for k, v in params.items())))
+    if key not in cache:
+        cache[key] = make_flow(algorithm, **params)
+    return cache[key]
 
 
 def to_gray(frames: np.ndarray) -> np.ndarray:
@@ -101,13 +124,11 @@ def compute_flow(frames: np.ndarray, algorithm: str = "farneback", **params: Any
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim not in (3, 4):
         raise ValueError(f"frames must be uint8 (T, H, W, 3) or (T, H, W), got {frames.dtype} {frames.shape}")
-    estimate = make_flow(algorithm, **params)
+    estimate = _cached_flow(algorithm, params)
     gray = to_gray(frames)
     out = np.empty((max(len(gray) - 1, 0), gray.shape[1], gray.shape[2], 2), dtype=np.float32)
     for t in range(len(gray) - 1):
-        result = estimate(gray[t], gray[t + 1], out[t])  # OpenCV fills out[t] in place
-        if result is not None and not np.shares_memory(result, out[t]):
-            out[t] = result
+        out[t] = estimate(gray[t], gray[t + 1])
     return out
 
 

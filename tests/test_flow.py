@@ -122,3 +122,19 @@ def test_encoded_flow_decodes_from_its_attributes(storage) -> None:
     inside = np.abs(flow) < 16.0
     tolerance = 16.0 / 255 + 1e-5 if storage == "uint8" else 3 * 2.0 ** -11 * 16
     assert np.abs(back - flow)[inside].max() <= tolerance
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_reused_estimator_gives_exactly_the_bare_opencv_result(algorithm) -> None:
+    """compute_flow caches one estimator per thread: reuse must not change results (no state carried
+    between videos, no uninitialised destination buffer handed to OpenCV)."""
+    from hpcvid.flow import make_flow, to_gray
+
+    frames = shifted_pair(dx=2, dy=1, size=48)
+    fresh = make_flow(algorithm)
+    gray = to_gray(frames)
+    expected = fresh(gray[0], gray[1])
+    other = shifted_pair(dx=-3, dy=2, size=48)
+    for _ in range(3):
+        compute_flow(other, algorithm)
+        assert np.array_equal(compute_flow(frames, algorithm)[0], expected)
