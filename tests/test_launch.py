@@ -98,15 +98,18 @@ def test_unknown_partition_is_refused_with_the_cluster_s_partitions(tmp_path, to
     assert "launch.partition = 'gpu' does not exist" in err and "debug, long" in err
 
 
-def test_stages_not_built_are_refused_not_faked(tmp_path, capsys):
-    from hpcvid.submit import STAGE_ORDER, stage_module
+def test_stages_not_built_are_refused_not_faked(tmp_path, capsys, monkeypatch):
+    from hpcvid import stages
 
-    missing = [s for s in STAGE_ORDER if stage_module(s) is None]
-    if not missing:
-        pytest.skip("every pipeline stage is built in this checkout")
-    assert hpcvid("submit", missing[0], "--work", tmp_path, "--executor", "local") == 2
-    assert "not built yet" in capsys.readouterr().err
-    assert not (tmp_path / "jobs").exists()
+    monkeypatch.delitem(stages.STAGES, "merge", raising=False)  # as in a checkout without the merge stage
+    assert hpcvid("submit", "merge", "--work", tmp_path, "--executor", "local") == 2
+    err = capsys.readouterr().err
+    assert "stage 'merge' is not built yet" in err and "stages that can: extract" in err
+    job = tmp_path / "job.toml"
+    job.write_text(f'work = "{tmp_path / "w"}"\n')
+    assert hpcvid("submit", "pipeline", job, "--stages", "merge", "--executor", "slurm") == 0
+    assert "merge: refused: stage 'merge' is not built yet" in capsys.readouterr().out
+    assert not (tmp_path / "jobs").exists() and not (tmp_path / "w" / "jobs").exists()
 
 
 def test_profiles_in_the_repository_resolve():
