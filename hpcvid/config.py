@@ -113,6 +113,8 @@ class ExtractConfig:
     flow_bound: float = option(20.0, check=POSITIVE, help="pixels; flow is clipped to +-bound when quantised")
     flow_compression: str = option("lzf", choices=("none", "lzf", "gzip"),
                                    help="HDF5 filter on stored flow (6-13x smaller): lzf fastest, gzip (level 1) smallest")
+    max_attempts: int = option(3, check=POSITIVE,
+                               help="starts of one video whose process dies on it (crash, OOM kill) before it is listed as failed")
     dis_preset: str = option("fast", choices=("ultrafast", "fast", "medium"), help="DIS optical flow preset")
     tvl1_scales: int = option(3, check=POSITIVE, help="TV-L1 pyramid levels (OpenCV default 5; reduced for CPU)")
     tvl1_warps: int = option(3, check=POSITIVE, help="TV-L1 warps per level (OpenCV default 5)")

@@ -201,6 +201,7 @@ def _settings_fingerprint(config: Config) -> dict[str, Any]:
     settings.pop("shards", None)
     settings.pop("batch_size", None)
     settings.pop("device", None)
+    settings.pop("max_attempts", None)
     return json.loads(json.dumps(settings, sort_keys=True))
 
 
@@ -268,20 +269,25 @@ class _VideoRunner:
             self.reused += 1
             return {"ok": False, "failure": read_json(failed_file)}
         path = video_path(self.manifest, entry)
+        attempts = _count_attempt(parts / f"{key}.attempts.json")
         try:
+            if attempts > self.cfg.max_attempts:
+                raise VideoError(f"the extracting process died {attempts - 1} times while on this video (a crash "
+                                 "in a decoder/flow library, or killed for memory?); skipped")
             video = self.compute(entry, path)
             began = time.perf_counter()
             from hpcvid.store import StorageOptions, write_video_file
 
             summary = write_video_file(part_file, video, StorageOptions.from_config(self.cfg))
             self.seconds["write"] += time.perf_counter() - began
-        except MemoryError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - one bad video must not stop the shard
+        except Exception as exc:  # noqa: BLE001 - one bad video must not stop the shard (MemoryError too)
             failure = {"video": entry.id, "path": str(path), "reason": one_line_reason(exc)}
             log.warning("video %s (%s) failed: %s", entry.id, path, failure["reason"])
             atomic_write_json(failed_file, failure)
             return {"ok": False, "failure": failure}
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                (parts / f"{key}.attempts.json").unlink()
         self.processed += 1
         self.processed_frames += summary["frames"]
         return {"ok": True, "summary": summary}
@@ -346,6 +352,15 @@ def feature_extractor(backbone: str, weights: str, device: str, batch_size: int)
             torch.manual_seed(RANDOM_INIT_SEED)
             _EXTRACTORS[key] = FeatureExtractor(backbone, weights, device, batch_size)
     return _EXTRACTORS[key]
+
+
+def _count_attempt(marker: Path) -> int:
+    """Count one more start on a video. The marker outlives the process only when it dies on that video
+    (SIGKILL, walltime, a segfault in a native library, the OOM killer), so the count says how often that
+    happened; a video that keeps killing its process is eventually listed as failed instead of looping."""
+    attempts = (read_json(marker)["attempts"] if marker.is_file() else 0) + 1
+    atomic_write_json(marker, {"attempts": attempts})
+    return attempts
 
 
 def flow_params(cfg: Any) -> dict[str, Any]:

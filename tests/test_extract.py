@@ -211,3 +211,38 @@ def test_features_are_finite_and_not_zero_even_untrained(tiny_synthetic, tmp_pat
     assert np.isfinite(normalised).all()
     varying = np.concatenate(features).std(0) > 0
     assert varying.sum() > dim // 10 and np.abs(normalised[:, varying]).max() > 0.5  # not crushed to ~0
+
+
+def _run_shard_in_child(config, spec):
+    extract.run_shard(config, spec)
+
+
+def test_a_video_that_kills_its_process_is_listed_after_max_attempts(synthetic_work, monkeypatch):
+    """A segfault or OOM kill on one video must not make every rerun die on it forever."""
+    import multiprocessing
+    import signal
+
+    config, manifest = synthetic_work("w", flow="none", max_attempts=2)
+    spec = ShardSpec(0, 6)
+    victim = sorted(v.id for v in manifest.videos)[6]  # the shard's second video
+    original = extract._VideoRunner.compute
+
+    def crash_on_victim(self, entry, path):
+        if entry.id == victim:
+            os.kill(os.getpid(), signal.SIGKILL)  # what a segfault or the OOM killer does to the process
+        return original(self, entry, path)
+
+    monkeypatch.setattr(extract._VideoRunner, "compute", crash_on_victim)
+    context = multiprocessing.get_context("fork")
+    for _ in range(3):  # two deaths are tolerated (e.g. walltime kills); the third start gives up on it
+        child = context.Process(target=_run_shard_in_child, args=(config, spec))
+        child.start()
+        child.join()
+        if child.exitcode == 0:
+            break
+        assert child.exitcode == -signal.SIGKILL and not extract.record_path(config, spec).exists()
+    assert child.exitcode == 0
+    record = json.loads(extract.record_path(config, spec).read_text())
+    assert [f["video"] for f in record["failed"]] == [victim]
+    assert "died 2 times" in record["failed"][0]["reason"]
+    assert record["n_videos"] == 3 and victim not in {v["id"] for v in record["videos"]}
