@@ -127,8 +127,11 @@ def shard_done(config: Config, spec: ShardSpec) -> bool:
     return record_path(config, spec).is_file()
 
 
-def part_key(video_id: str) -> str:
-    return hashlib.sha1(video_id.encode("utf-8")).hexdigest()[:20]
+def part_key(entry: VideoEntry) -> str:
+    """The name of a video's part files: its id plus the file's size and mtime, so that a video replaced
+    between an interrupted run and its resume is extracted again rather than taken from the old part."""
+    identity = f"{entry.id}|{entry.size}|{entry.mtime!r}"
+    return hashlib.sha1(identity.encode("utf-8")).hexdigest()[:24]
 
 
 def ensure_manifest(config: Config) -> Manifest:
@@ -156,7 +159,7 @@ def run_shard(config: Config, spec: ShardSpec) -> dict[str, Any]:
     _prepare_parts(config, parts, shard_file, record_file)
     runner = _VideoRunner(config, manifest)
     outcomes = runner.run_all(videos, parts, spec)
-    ok_parts = [parts / f"{part_key(v.id)}.h5" for v, outcome in zip(videos, outcomes) if outcome["ok"]]
+    ok_parts = [parts / f"{part_key(v)}.h5" for v, outcome in zip(videos, outcomes) if outcome["ok"]]
     from hpcvid.store import KIND_EXTRACT, assemble_shard
 
     meta = {"shard": spec.name, "config": config.extract.__dict__, "dataset": manifest.dataset}
@@ -258,7 +261,7 @@ class _VideoRunner:
         return outcomes
 
     def run_one(self, entry: VideoEntry, parts: Path) -> dict[str, Any]:
-        key = part_key(entry.id)
+        key = part_key(entry)
         part_file, failed_file = parts / f"{key}.h5", parts / f"{key}.failed.json"
         if part_file.is_file():
             self.reused += 1

@@ -244,3 +244,29 @@ def test_a_video_that_kills_its_process_is_listed_after_max_attempts(synthetic_w
     assert [f["video"] for f in record["failed"]] == [victim]
     assert "died 2 times" in record["failed"][0]["reason"]
     assert record["n_videos"] == 3 and victim not in {v["id"] for v in record["videos"]}
+
+
+def test_a_video_replaced_before_the_resume_is_extracted_again(synthetic_work, monkeypatch, tiny_synthetic):
+    import dataclasses
+
+    from hpcvid.manifest import load_manifest, write_manifest
+
+    config, _ = synthetic_work("w", flow="none")
+    spec = ShardSpec(0, 4)
+    original = extract._VideoRunner.compute
+
+    def die_on_third(self, entry, path):
+        if self.processed == 2:
+            raise _Interrupt()
+        return original(self, entry, path)
+
+    monkeypatch.setattr(extract._VideoRunner, "compute", die_on_third)
+    with pytest.raises(_Interrupt):
+        extract.run_shard(config, spec)
+    monkeypatch.setattr(extract._VideoRunner, "compute", original)
+    manifest = load_manifest(config.work_dir)
+    first = sorted(v.id for v in manifest.videos)[0]
+    videos = tuple(dataclasses.replace(v, mtime=v.mtime + 60) if v.id == first else v for v in manifest.videos)
+    write_manifest(dataclasses.replace(manifest, videos=videos), config.work_dir)  # as if re-indexed
+    record = extract.run_shard(config, spec)
+    assert record["timings"]["videos_resumed"] == 1 and record["n_videos"] == 6
