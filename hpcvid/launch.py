@@ -208,18 +208,15 @@ def sbatch_text(launch: LaunchConfig, resources: Resources, folder: Path, *, arr
     """The sbatch script submitit would write for these settings (shown by --dry-run, tested as golden)."""
     import submitit
 
-    executor = submitit.SlurmExecutor(folder=folder, python=sys.executable)
-    params = slurm_parameters(launch, resources)
-    if array:
-        params["map_count"] = array
-    executor.update_parameters(**{k: v for k, v in params.items() if k != "map_count"})
-    text_params = dict(executor.parameters)
-    if array:
-        text_params["map_count"] = array
     from submitit.slurm.slurm import _make_sbatch_string
 
+    executor = submitit.SlurmExecutor(folder=folder, python=sys.executable)
+    executor.update_parameters(**slurm_parameters(launch, resources))
+    params = dict(executor.parameters)
+    if array:
+        params["map_count"] = array  # what executor.batch() sets for an array of this size
     return _make_sbatch_string(command=f"{shlex.quote(sys.executable)} -u -m submitit.core._submit "
-                               f"{shlex.quote(str(folder))}", folder=folder, **text_params)
+                               f"{shlex.quote(str(folder))}", folder=folder, **params)
 
 
 # ------------------------------------------------------------------------------------------ records

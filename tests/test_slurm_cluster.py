@@ -70,6 +70,15 @@ def test_extract_array_completes_and_equals_the_local_run(slurm_cluster, tiny_sy
     assert "submitted 3 job(s) on slurm" in out
     submission = _last_submission(on_slurm, "extract")
     assert [t["shard"] for t in submission["tasks"]] == [0, 1, 2]
+    # the script sbatch received is the one --dry-run shows (and the golden files pin)
+    from hpcvid.config import resolve_config
+    from hpcvid.launch import Resources, sbatch_text
+
+    launch = resolve_config(_extract_job_file(tmp_path, tiny_synthetic, on_slurm), ROOT / "slurm" / "local.toml",
+                            {"launch.walltime": "00:10:00"}).launch
+    base = submission["job_ids"][0].split("_")[0]
+    sent = (on_slurm / "jobs" / "logs" / base / f"{base}_submission.sh").read_text()
+    assert sent == sbatch_text(launch, Resources(name="hpcvid-extract"), Path(submission["folder"]), array=3)
     assert hpcvid("run", "extract", "--config", _extract_job_file(tmp_path, tiny_synthetic, local)) == 0
     states = wait_finished(submission["job_ids"], timeout=240)
     assert {s.state for s in states.values()} == {"COMPLETED"}, states
