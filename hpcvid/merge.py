@@ -405,6 +405,7 @@ class MergedFeatures:
             self.std = handle[f"stats/{backbone}/std"][()]
             self.dim = int(handle[f"features/{backbone}"].shape[1])
         self._file: Any = None
+        self._features: Any = None
         self._pid: int | None = None
         self._readers: dict[str, Any] = {}
 
@@ -414,6 +415,7 @@ class MergedFeatures:
             import h5py
 
             self._file, self._pid, self._readers = h5py.File(self.path, "r"), os.getpid(), {}
+            self._features = self._file[f"features/{self.backbone}"]  # looked up once per process
         return self._file
 
     def close(self) -> None:
@@ -421,7 +423,7 @@ class MergedFeatures:
             self._file.close()
             for reader in self._readers.values():
                 reader.close()
-        self._file, self._readers = None, {}
+        self._file, self._features, self._readers = None, None, {}
 
     def __enter__(self) -> "MergedFeatures":
         return self
@@ -431,7 +433,7 @@ class MergedFeatures:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(_file=None, _pid=None, _readers={})
+        state.update(_file=None, _features=None, _pid=None, _readers={})
         return state
 
     def __len__(self) -> int:
@@ -448,7 +450,8 @@ class MergedFeatures:
         if start < 0 or length < 0 or start + length > entry.length:
             raise ValueError(f"window [{start}, {start + length}) is outside video {entry.id!r} "
                              f"of {entry.length} frames")
-        return self._data()[f"features/{self.backbone}"][entry.offset + start: entry.offset + start + length]
+        self._data()
+        return self._features[entry.offset + start: entry.offset + start + length]
 
     def video(self, i: int) -> np.ndarray:
         """float32 (T, D): every frame's features of video ``i``."""
