@@ -148,7 +148,7 @@ def ensure_manifest(config: Config) -> Manifest:
 def run_shard(config: Config, spec: ShardSpec) -> dict[str, Any]:
     """Extract shard ``spec`` and return its record. Resumes from finished parts; --force starts over."""
     record_file, shard_file, parts = record_path(config, spec), shard_path(config, spec), parts_dir(config, spec)
-    if spec.force:
+    if spec.force and not _requeued():
         _remove_shard_outputs(record_file, shard_file, parts)
     elif record_file.is_file():
         shutil.rmtree(parts, ignore_errors=True)  # a kill after the record, before the clean-up
@@ -168,6 +168,14 @@ def run_shard(config: Config, spec: ShardSpec) -> dict[str, Any]:
     atomic_write_json(record_file, record)
     shutil.rmtree(parts, ignore_errors=True)
     return read_json(record_file)  # exactly what a later call (or another process) will see
+
+
+def _requeued() -> bool:
+    """True in a SLURM job that was requeued (walltime, preemption): --force then means the first start's
+    clean slate, not a new one, or a long shard would start over at every requeue and never finish."""
+    import os
+
+    return os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0")
 
 
 def _remove_shard_outputs(record_file: Path, shard_file: Path, parts: Path) -> None:

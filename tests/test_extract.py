@@ -270,3 +270,23 @@ def test_a_video_replaced_before_the_resume_is_extracted_again(synthetic_work, m
     write_manifest(dataclasses.replace(manifest, videos=videos), config.work_dir)  # as if re-indexed
     record = extract.run_shard(config, spec)
     assert record["timings"]["videos_resumed"] == 1 and record["n_videos"] == 6
+
+
+def test_force_in_a_requeued_slurm_job_resumes_instead_of_starting_over(synthetic_work, monkeypatch):
+    config, _ = synthetic_work("w", flow="none")
+    spec = ShardSpec(0, 4, force=True)
+    original = extract._VideoRunner.compute
+
+    def die_on_third(self, entry, path):
+        if self.processed == 2:
+            raise _Interrupt()
+        return original(self, entry, path)
+
+    monkeypatch.setattr(extract._VideoRunner, "compute", die_on_third)
+    with pytest.raises(_Interrupt):
+        extract.run_shard(config, spec)  # the first start of `submit extract --force`, then a walltime
+    monkeypatch.setattr(extract._VideoRunner, "compute", original)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert extract.run_shard(config, spec)["timings"]["videos_resumed"] == 2
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # a new --force run starts over
+    assert extract.run_shard(config, spec)["timings"]["videos_resumed"] == 0
