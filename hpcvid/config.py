@@ -148,6 +148,8 @@ class TrainConfig:
     dropout: float = option(0.2, check=Check(lambda v: 0.0 <= v < 1.0, "in [0, 1)"))
     loss_weighting: str = option("linear", choices=("linear", "uniform", "last"))
     temporal_centering: bool = option(True, help="subtract each clip's mean feature, append the mean")
+    mean_scale: float = option(0.05, check=NON_NEGATIVE,
+                               help="lstm: weight of the appended clip mean (small: learn motion before memorising clips)")
     flow_stack: int = option(10, check=POSITIVE, help="L flow fields per flow-CNN input")
     flow_camera_compensation: str = option("median", choices=("median", "mean", "none"))
     fusion_weights: tuple[float, ...] = option((1.0, 1.5))

@@ -207,11 +207,15 @@ class LSTMModel(nn.Module):
     kind = "lstm"
 
     def __init__(self, num_classes: int, input_dim: int, hidden: int = 256, layers: int = 2,
-                 dropout: float = 0.2, input_norm: bool = False) -> None:
+                 dropout: float = 0.2, input_norm: bool = False, mean_scale: float = 1.0) -> None:
         super().__init__()
         self.init_args = {"num_classes": num_classes, "input_dim": input_dim, "hidden": hidden,
-                          "layers": layers, "dropout": dropout, "input_norm": input_norm}
+                          "layers": layers, "dropout": dropout, "input_norm": input_norm, "mean_scale": mean_scale}
         self.input_norm = input_norm
+        # Temporally centred input is [x_t - clip mean, clip mean]; the second half is multiplied by
+        # mean_scale. At full scale the clip mean lets the LSTM memorise the training clips before it learns
+        # any motion (synthetic set: 45 % -> 80-90 % test accuracy with 0.03-0.1).
+        self.mean_scale = float(mean_scale)
         self.input_dropout = nn.Dropout(dropout)
         self.lstm = nn.LSTM(input_dim, hidden, num_layers=layers, batch_first=True,
                             dropout=dropout if layers > 1 else 0.0)
@@ -219,6 +223,9 @@ class LSTMModel(nn.Module):
 
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None,
                 return_state: bool = False) -> Any:
+        if self.mean_scale != 1.0:
+            half = x.shape[-1] // 2
+            x = torch.cat([x[..., :half], x[..., half:] * self.mean_scale], dim=-1)
         if self.input_norm:
             x = relative_standardise(x, dim=-1)
         out, new_state = self.lstm(self.input_dropout(x), state)

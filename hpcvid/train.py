@@ -426,7 +426,8 @@ def model_init_args(config: Config, bundle: DataBundle) -> dict[str, Any]:
         return {"num_classes": n, "stack": bundle.model_args.get("stack", t.flow_stack),
                 "backbone": _flow_backbone(t.backbone), "weights": t.weights, "dropout": t.dropout}
     return {"num_classes": n, "input_dim": bundle.model_args["input_dim"], "hidden": t.hidden, "layers": t.layers,
-            "dropout": t.dropout, "input_norm": t.input_norm}
+            "dropout": t.dropout, "input_norm": t.input_norm,
+            "mean_scale": t.mean_scale if t.temporal_centering else 1.0}
 
 
 def _flow_backbone(name: str) -> str:
