@@ -663,6 +663,7 @@ class Trainer:
             self.model = DistributedDataParallel(self.model, device_ids=ids)
         t = self.config.train
         stopped_early = False
+        finished = False
         try:
             while self.epoch < t.epochs and not stopped_early:
                 if skip == 0:
@@ -672,9 +673,11 @@ class Trainer:
                 val_loss, val_acc = self.validate()
                 stopped_early = self._end_epoch(train_stats, val_loss, val_acc)
                 self._maybe_stop()
+            finished = True
         finally:
             if self.env.is_distributed and dist.is_initialized():
-                dist.barrier()
+                if finished:       # a rank leaving on a signal or an error must not wait for the others
+                    dist.barrier()
                 dist.destroy_process_group()
         return {"run": str(self.run), "epochs": self.epoch, "history": self.history, "stopped_early": stopped_early}
 
