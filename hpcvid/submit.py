@@ -126,6 +126,7 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     pipe.add_argument("--work", metavar="WORK", help="work folder; overrides the job file's `work`")
     pipe.add_argument("--stages", default=",".join(STAGE_ORDER),
                       help=f"comma-separated stages to chain, in the order given (default: {','.join(STAGE_ORDER)})")
+    pipe.add_argument("--results", metavar="DIR", help="the reduce stage's report folder (default: results/<name of WORK>)")
     add_launch_arguments(pipe)
     _add_train_arguments(pipe)
 
@@ -286,5 +287,7 @@ def _default_stage_args(stage: str, module: ModuleType, pipeline_args: argparse.
         pipeline_args.work
     for name in ("nodes", "gpus_per_node", "tasks_per_node"):
         setattr(stage_args, name, getattr(pipeline_args, name, None))
+    if stage == "reduce":
+        stage_args.out = getattr(pipeline_args, "results", None)
     stage_args.dry_run = False
     return stage_args

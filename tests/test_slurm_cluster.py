@@ -186,23 +186,36 @@ def test_dependency_chain_runs_in_order_and_a_failure_leaves_dependants_pending(
     assert not (bad / "toy" / "merged.json").exists()
 
 
-def test_pipeline_of_the_real_extract_and_merge_stages_runs_in_order(slurm_cluster, tiny_synthetic, tmp_path):
-    from hpcvid.submit import stage_module
+def test_pipeline_of_the_real_stages_runs_in_order_with_two_node_training(slurm_cluster, tiny_synthetic, tmp_path):
+    """extract -> merge -> train (2 fake nodes, gloo DDP) -> eval -> reduce, each afterok on the previous."""
+    from hpcvid.submit import STAGE_ORDER, stage_module
 
-    if stage_module("merge") is None:
-        pytest.skip("the merge stage is not built in this checkout")
-    work = tmp_path / "pipe"
+    built = [s for s in STAGE_ORDER if stage_module(s) is not None]
+    if "extract" not in built or "merge" not in built:
+        pytest.skip(f"extract and merge are needed; built here: {built}")
+    work, results = tmp_path / "pipe", tmp_path / "results"
     job = tmp_path / "pipe.toml"
     job.write_text(f'work = "{work}"\n[dataset]\nroot = "{tiny_synthetic}"\nformat = "ucf101"\n'
-                   '[extract]\nshards = 2\nsize = 32\nbackbone = "resnet18"\nflow = "farneback"\n')
-    assert hpcvid("submit", "pipeline", job, "--stages", "extract,merge", "--profile",
-                  ROOT / "slurm" / "local.toml") == 0
-    extract_jobs = _last_submission(work, "extract")["job_ids"]
-    merge = _last_submission(work, "merge")
-    assert merge["dependency"] == "afterok:" + extract_jobs[0].split("_")[0]
-    states = wait_finished(extract_jobs + merge["job_ids"], timeout=240)
+                   '[extract]\nshards = 2\nsize = 32\nbackbone = "resnet18"\nflow = "farneback"\n'
+                   '[train]\nmodel = "lstm"\nepochs = 2\nseq_len = 8\nchunk = 4\nhidden = 16\nlayers = 1\n'
+                   'batch_size = 4\n')
+    assert hpcvid("submit", "pipeline", job, "--stages", ",".join(built), "--nodes", "2", "--results", results,
+                  "--profile", ROOT / "slurm" / "local.toml") == 0
+    chain = [_last_submission(work, stage) for stage in built]
+    for before, after in zip(chain, chain[1:]):
+        assert after["dependency"] == "afterok:" + before["job_ids"][0].split("_")[0]
+    ids = [j for sub in chain for j in sub["job_ids"]]
+    states = wait_finished(ids, timeout=300)
     assert {s.state for s in states.values()} == {"COMPLETED"}, states
-    assert max(states[j].end for j in extract_jobs) <= states[merge["job_ids"][0]].start
+    for before, after in zip(chain, chain[1:]):
+        assert max(states[j].end for j in before["job_ids"]) <= min(states[j].start for j in after["job_ids"])
     assert (work / "features.h5").is_file()
+    if "train" in built:
+        train_id = chain[built.index("train")]["job_ids"][0]
+        logs = sorted((work / "jobs" / "logs" / train_id).glob("*_log.out"))
+        assert len(logs) == 2 and all("global_rank=" in p.read_text() for p in logs), "one rank per node"
+        assert states[train_id].nodes.startswith("n["), f"training ran on {states[train_id].nodes}, not 2 nodes"
+    if "reduce" in built:
+        assert (results / "summary.json").is_file()
     table = _status(work)
-    assert "3/3 jobs completed" in table and "videos 24/24" in table
+    assert f"{len(ids)}/{len(ids)} jobs completed" in table
