@@ -48,17 +48,18 @@ def _assert_same(a: dict, b: dict) -> None:
 
 @pytest.fixture()
 def synthetic_work(tiny_synthetic, tmp_path):
-    def make(name: str, **settings):
+    def make(name: str, every: int = 1, **settings):
         work = tmp_path / name
-        manifest = write_folder_manifest(tiny_synthetic, work)
+        clips = sorted(tiny_synthetic.rglob("*.avi"))[::every]
+        manifest = write_folder_manifest(tiny_synthetic, work, files=clips)
         return extract_config(work, **settings), manifest
     return make
 
 
 @pytest.mark.slow
 def test_one_shard_and_three_shards_store_the_same_videos(synthetic_work):
-    one, manifest = synthetic_work("one", backbone="resnet18")
-    three, _ = synthetic_work("three", backbone="resnet18", shards=3)
+    one, manifest = synthetic_work("one", every=3, backbone="resnet18")  # 8 clips of all 6 classes
+    three, _ = synthetic_work("three", every=3, backbone="resnet18", shards=3)
     records_one, records_three = _run_all(one, 1), _run_all(three, 3)
     ids = sorted(v.id for v in manifest.videos)
     assert sorted(v["id"] for v in records_one[0]["videos"]) == ids
