@@ -20,7 +20,15 @@ def temporary_path_for(final: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
     os.close(fd)
+    # mkstemp creates 0600; shards and records live in a project folder a whole group reads.
+    os.chmod(name, 0o666 & ~_current_umask())
     return Path(name)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:
