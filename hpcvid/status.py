@@ -143,10 +143,23 @@ def _row(work: Path, stage: str, index: int, count: int, submission: Any, task: 
             if record is None and row.total is not None and row.state in ("RUNNING", "UNKNOWN"):
                 row.eta_s = (row.total - done) / (done / elapsed)
     if known is None and record is None:
-        row.state = "UNKNOWN" if submission.executor == "slurm" else f"{submission.executor.upper()}?"
+        row.state = "UNKNOWN" if submission.executor == "slurm" else _local_state(task["job_id"])
     if row.requeues and row.state == "PENDING":
         row.state = "REQUEUED"
     return row
+
+
+def _local_state(job_id: str) -> str:
+    """A job of submitit's local executor (its id is the PID): RUNNING while the process lives."""
+    import os
+
+    try:
+        os.kill(int(str(job_id).split("_")[0]), 0)
+        return "RUNNING"
+    except (ValueError, ProcessLookupError):
+        return "STOPPED"  # ended without writing its record: failed or killed (see its log)
+    except PermissionError:
+        return "RUNNING"
 
 
 def _fmt_eta(seconds: float | None) -> str:

@@ -149,51 +149,63 @@ def submit_stage(stage: str, module: ModuleType, config: Config, args: argparse.
     """Validate and queue one stage; print what was queued; return the Submission (None: nothing queued)."""
     from hpcvid import launch
 
-    launch.validate_launch(config.launch, check_cluster=not getattr(args, "dry_run", False))
-    if stage == "train":
-        resources = _train_resources(args, dependency)
-        if getattr(args, "dry_run", False):
-            print(launch.sbatch_text(config.launch, resources, launch.jobs_dir(config.work) / "logs" / "%j"))
-            return None
-        write_resolved(config, argv=sys.argv)
-        return _report(launch.submit_single(config, module.TrainJob(launch.absolute_work(config)), stage,
-                                            resources, sys.argv))
-    resources = launch.Resources(name=f"hpcvid-{stage}", dependency=dependency)
-    if stage == "reduce" and module.__name__ == "hpcvid.reduce":
-        work = launch.absolute_work(config).work
-        out = Path(getattr(args, "out", None) or module.default_out(work)).resolve()
-        argv = ["collect", work, "--out", str(out)] + (["--allow-partial"] if getattr(args, "allow_partial", False)
-                                                       else [])
-        if getattr(args, "dry_run", False):
-            print(launch.sbatch_text(config.launch, resources, launch.jobs_dir(config.work) / "logs" / "%j"))
-            return None
-        return _report(launch.submit_single(config, launch.CliJob(argv), stage, resources, sys.argv))
-    if hasattr(module, "plan") and hasattr(module, "run_shard"):
+    dry_run = bool(getattr(args, "dry_run", False))
+    launch.validate_launch(config.launch, check_cluster=not dry_run)
+    resources = (_train_resources(args, dependency) if stage == "train"
+                 else launch.Resources(name=f"hpcvid-{stage}", dependency=dependency))
+    specs, job = None, None
+    if _is_shard_stage(stage, module):
         specs = _without_active(config, stage, list(module.plan(config, args)))
         if not specs:
             print(f"{stage}: nothing to submit: every shard has a record or a queued job (use --force to redo)")
             return None
-        if getattr(args, "dry_run", False):
-            print(launch.sbatch_text(config.launch, resources, launch.jobs_dir(config.work) / "logs" / "%j",
-                                     array=len(specs) if len(specs) > 1 else 0))
-            return None
-        write_resolved(config, argv=sys.argv)
+    else:
+        job = _single_job(stage, module, config, args)
+    if dry_run:
+        array = len(specs) if specs and len(specs) > 1 else 0
+        print(launch.sbatch_text(config.launch, resources, launch.jobs_dir(config.work) / "logs" / "%j", array=array))
+        return None
+    write_resolved(config, argv=sys.argv)
+    if specs is not None:
         return _report(launch.submit_shards(config, module.__name__, stage, specs, resources, sys.argv))
+    return _report(launch.submit_single(config, job, stage, resources, sys.argv))
+
+
+def _is_reducer(stage: str, module: ModuleType) -> bool:
+    return stage == "reduce" and module.__name__ == "hpcvid.reduce"
+
+
+def _is_shard_stage(stage: str, module: ModuleType) -> bool:
+    """An array of shards (extract, eval, merge's single shard); train and the reducer are one job each."""
+    return (stage != "train" and not _is_reducer(stage, module)
+            and hasattr(module, "plan") and hasattr(module, "run_shard"))
+
+
+def _single_job(stage: str, module: ModuleType, config: Config, args: argparse.Namespace) -> Any:
+    """The callable one job runs: the trainer, the reducer (`collect`), or a run_local stage."""
+    from hpcvid import launch
+
+    if stage == "train":
+        return module.TrainJob(launch.absolute_work(config))
+    if _is_reducer(stage, module):
+        work = launch.absolute_work(config).work
+        out = Path(getattr(args, "out", None) or module.default_out(work)).resolve()
+        partial = ["--allow-partial"] if getattr(args, "allow_partial", False) else []
+        return launch.CliJob(["collect", work, "--out", str(out), *partial])
     if hasattr(module, "run_local"):
-        if getattr(args, "dry_run", False):
-            print(launch.sbatch_text(config.launch, resources, launch.jobs_dir(config.work) / "logs" / "%j"))
-            return None
-        write_resolved(config, argv=sys.argv)
-        job = launch.StageJob(module.__name__, launch.absolute_work(config).to_dict(), args)
-        return _report(launch.submit_single(config, job, stage, resources, sys.argv))
+        return launch.StageJob(module.__name__, launch.absolute_work(config).to_dict(), args)
     raise ConfigError(f"stage {stage!r} ({module.__name__}) has neither plan/run_shard nor run_local")
 
 
 def _train_resources(args: argparse.Namespace, dependency: str):
     from hpcvid.launch import Resources
 
-    nodes, gpus = int(getattr(args, "nodes", 1) or 1), int(getattr(args, "gpus_per_node", 0) or 0)
-    tasks = getattr(args, "tasks_per_node", None) or max(1, gpus)
+    def given(name: str, default: int) -> int:
+        value = getattr(args, name, None)
+        return default if value is None else int(value)
+
+    nodes, gpus = given("nodes", 1), given("gpus_per_node", 0)
+    tasks = given("tasks_per_node", max(1, gpus))
     if nodes < 1 or tasks < 1 or gpus < 0:
         raise ConfigError(f"--nodes ({nodes}) and --tasks-per-node ({tasks}) must be >= 1, --gpus-per-node >= 0")
     return Resources(nodes=nodes, tasks_per_node=tasks, gpus_per_node=gpus, name="hpcvid-train",

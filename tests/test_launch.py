@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -175,3 +176,45 @@ def test_help_does_not_import_submitit():
     code = "import sys; from hpcvid.cli import build_parser; build_parser(); print('submitit' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("flags", [["--nodes", "0"], ["--gpus-per-node", "-1"], ["--tasks-per-node", "0"]])
+def test_bad_training_allocation_is_refused(tmp_path, capsys, flags):
+    from hpcvid.submit import stage_module
+
+    if stage_module("train") is None:
+        pytest.skip("the trainer is not built in this checkout")
+    assert hpcvid("submit", "train", "--work", tmp_path, "--executor", "slurm", "--dry-run", *flags) == 2
+    assert "--nodes" in capsys.readouterr().err
+
+
+def test_training_dry_run_shows_nodes_tasks_and_gpus(tmp_path, capsys):
+    from hpcvid.submit import stage_module
+
+    if stage_module("train") is None:
+        pytest.skip("the trainer is not built in this checkout")
+    assert hpcvid("submit", "train", "--work", tmp_path, "--executor", "slurm", "--dry-run", "--nodes", "2",
+                  "--gpus-per-node", "4", "--walltime", "08:00:00") == 0
+    out = capsys.readouterr().out
+    assert "--nodes=2" in out and "--ntasks-per-node=4" in out and "--gpus-per-node=4" in out and "--time=480" in out
+
+
+@pytest.mark.slow
+def test_status_of_a_failed_local_shard_says_stopped(tmp_path, toy_stages, capsys):
+    work = _toy_work(tmp_path, items=1, fail=[0])
+    assert hpcvid("submit", "toy", "--work", work, "--shards", "2", "--executor", "local") == 0
+    wait_until(lambda: (work / "toy" / "shard-0001-of-0002.json").exists(), 60, "the good shard")
+    record = json.loads(next((work / "jobs").glob("toy-*.json")).read_text())
+
+    def ended() -> bool:  # this test process started the job (in-process CLI): reap it like init would
+        pid = int(record["tasks"][0]["job_id"])
+        try:
+            return os.waitpid(pid, os.WNOHANG)[0] == pid
+        except ChildProcessError:
+            return True
+
+    wait_until(ended, 60, "the failing shard's process to end")
+    capsys.readouterr()
+    assert hpcvid("status", work) == 0
+    rows = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if line.startswith("toy")}
+    assert "STOPPED" in rows["0000-of-0002"] and "COMPLETED" in rows["0001-of-0002"]
