@@ -31,3 +31,70 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     assert first_a["train_samples"] == first_b["train_samples"] == 60
     assert abs(first_a["train_loss"] - first_b["train_loss"]) < 1e-4
     assert abs(first_a["val_loss"] - first_b["val_loss"]) < 1e-4
+
+
+# --------------------------------------------------------------------------- real SLURM (local cluster)
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from hpcvid.config import replace  # noqa: E402
+from hpcvid.launch import Resources, make_executor  # noqa: E402
+from hpcvid.train import TrainJob, list_checkpoints  # noqa: E402
+from slurm_helpers import slurm_cluster  # noqa: E402,F401 (fixture)
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _on_slurm(config, work):
+    return replace(config, work=str(work), **{"launch.executor": "slurm", "launch.partition": "debug",
+                                              "launch.walltime": "00:05:00", "launch.cpus_per_task": 1})
+
+
+@pytest.fixture
+def importable_tests(monkeypatch):
+    """Jobs on the nodes unpickle trainkit's data factories: put tests/ on their PYTHONPATH."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_trainjob_on_two_slurm_nodes_equals_one_process(tmp_path, slurm_cluster, importable_tests):
+    train(_config(tmp_path / "one", 1), data_factory=trainkit.lstm_data)
+    config = _on_slurm(_config(tmp_path / "slurm", 1), tmp_path / "slurm")
+    executor = make_executor(tmp_path / "logs" / "%j", config.launch, Resources(nodes=2, tasks_per_node=1))
+    job = executor.submit(TrainJob(config, data_factory=trainkit.lstm_data))
+    assert [r["epochs"] for r in job.results()] == [2, 2]
+    a = load_checkpoint(tmp_path / "one" / "runs" / "lstm" / "ckpt-e0002-s0000000.pt")
+    b = load_checkpoint(tmp_path / "slurm" / "runs" / "lstm" / "ckpt-e0002-s0000000.pt")
+    assert b["world_size"] == 2
+    for key, value in a["model"].items():
+        assert torch.allclose(value, b["model"][key], atol=1e-4), key
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_pre_timeout_signal_on_slurm_checkpoints_requeues_and_resumes(tmp_path, slurm_cluster, importable_tests):
+    reference = tmp_path / "reference"
+    train(trainkit.resume_config(str(reference)), data_factory=trainkit.lstm_data)
+    work = tmp_path / "slurm"
+    config = replace(_on_slurm(trainkit.resume_config(str(work)), work), **{"train.keep_checkpoints": 20})
+    executor = make_executor(tmp_path / "logs" / "%j", config.launch, Resources())
+    job = executor.submit(TrainJob(config, data_factory=trainkit.slow_lstm_data))
+    run = work / "runs" / "lstm"
+    deadline = time.monotonic() + 180
+    while not any(p.name.startswith("ckpt-e0001") for p in run.glob("ckpt-*.pt")):
+        assert time.monotonic() < deadline and not job.done(), "the job made no progress"
+        time.sleep(0.1)
+    time.sleep(0.3)
+    subprocess.run(["scancel", "--signal=USR2", str(job.job_id)], check=True)
+    assert job.result()["epochs"] == 3                     # requeued by submitit, resumed, finished
+    names = [p.name for p in list_checkpoints(run)]
+    assert any(not n.endswith("-s0000000.pt") for n in names), names     # the mid-epoch checkpoint
+    final = load_checkpoint(run / "ckpt-e0003-s0000000.pt")
+    expected = load_checkpoint(reference / "runs" / "lstm" / "ckpt-e0003-s0000000.pt")
+    for key, value in expected["model"].items():
+        assert torch.allclose(final["model"][key], value, atol=1e-6), key
