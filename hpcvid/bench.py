@@ -164,8 +164,6 @@ def ffmpeg_null_rate(clip: Path, output_options: list[str] | None = None) -> flo
 
 
 def decode_clips(scratch: Path, quick: bool) -> list[Path]:
-    from hpcvid.decode import probe  # noqa: F401 - fail early when decoding does not work
-
     clips = [make_test_clip(scratch / "ucf-like-320x240.avi", size("decode_frames", quick)),
              make_test_clip(scratch / "h264-320x240.mp4", size("decode_frames", quick), codec="libx264")]
     clips += real_clips()[: (1 if quick else 4)]
