@@ -43,7 +43,23 @@ def _status(work: Path, *extra: str) -> str:
     return out.stdout
 
 
-def test_cluster_up_is_idempotent_and_status_answers(slurm_cluster):
+@pytest.fixture(scope="module")
+def walltime_job(slurm_cluster, tmp_path_factory):
+    """A shard whose work (10 items x 12 s) outlasts its 3-minute walltime, queued when the module starts so
+    that it runs beside the other tests; SLURM signals it 60 s (DESIGN 8: up to 120 s) before the end."""
+    from hpcvid import stages
+
+    work = _toy_work(tmp_path_factory.mktemp("walltime"), items=10, sleep=12.0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(stages.STAGES, "toy", "toystage")
+        patch.syspath_prepend(str(ROOT / "tests"))
+        patch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
+        assert hpcvid("submit", "toy", "--work", work, "--shards", "1", "--profile", ROOT / "slurm" / "local.toml",
+                      "--walltime", "00:03:00", "--signal-delay", "60") == 0
+    return work, _last_submission(work, "toy")["job_ids"][0]
+
+
+def test_cluster_up_is_idempotent_and_status_answers(slurm_cluster, walltime_job):
     again = subprocess.run(["bash", str(SCRIPT), "up"], capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "already up" in again.stderr
     status = subprocess.run(["bash", str(SCRIPT), "status"], capture_output=True, text=True, timeout=60)
@@ -219,3 +235,18 @@ def test_pipeline_of_the_real_stages_runs_in_order_with_two_node_training(slurm_
         assert (results / "summary.json").is_file()
     table = _status(work)
     assert f"{len(ids)}/{len(ids)} jobs completed" in table
+
+
+def test_a_shard_longer_than_its_walltime_is_requeued_and_completes_without_timeout(walltime_job):
+    """The real pre-timeout signal (no scancel): requeued, complete, only the item in flight redone."""
+    work, job_id = walltime_job
+    states = wait_finished([job_id], timeout=420)
+    assert states[job_id].state == "COMPLETED" and states[job_id].requeues >= 1, states[job_id]
+    sacct = subprocess.run(["sacct", "-n", "-P", "-D", "-X", "-o", "State", "-j", job_id], capture_output=True,
+                           text=True, check=True).stdout.split()
+    assert "TIMEOUT" not in sacct and sacct[-1] == "COMPLETED" and "REQUEUED" in sacct
+    items = [s[1] for s in _started(work)]
+    assert sorted(set(items)) == [f"item{i:05d}" for i in range(10)]
+    redone = len(items) - len(set(items))
+    assert redone <= states[job_id].requeues, f"{redone} items redone after {states[job_id].requeues} requeue(s)"
+    assert json.loads((work / "toy" / "shard-0000-of-0001.json").read_text())["restart"] != "0"
