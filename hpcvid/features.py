@@ -58,8 +58,9 @@ class FeatureExtractor:
             self.random_init = bool(getattr(trunk, "random_init", False))
             self.weights_source = str(getattr(trunk, "weights_source", "a module given by the caller"))
             self.feature_dim = None
-        self.trunk = trunk.to(self.device).eval().to(memory_format=torch.channels_last)
-        self.head = head.to(self.device).eval() if head is not None else None
+        # a given module is moved to the device and channels_last in place (no copy of its weights)
+        self.trunk = trunk.to(self.device).to(memory_format=torch.channels_last)
+        self.head = head.to(self.device) if head is not None else None
         self.requested_precision = precision
         self.precision: str | None = None  # decided on the first batch
         self.precision_reason = ""
@@ -124,6 +125,23 @@ class FeatureExtractor:
             raise ValueError(f"frames must be uint8 (T, H, W, 3) RGB, got {frames.dtype} {frames.shape}")
         features: list[np.ndarray] = []
         scores: list[np.ndarray] = []
+        modes = [(m, m.training) for m in (self.trunk, self.head) if m is not None]
+        for module, _ in modes:
+            module.eval()  # a trainer's module may be in training mode: restore it afterwards
+        try:
+            self._batches(frames, want_scores, features, scores)
+        finally:
+            for module, mode in modes:
+                module.train(mode)
+        if self.feature_dim is None and features:
+            self.feature_dim = int(features[0].shape[1])
+        dim = self.feature_dim or 0
+        result = np.concatenate(features) if features else np.zeros((0, dim), np.float32)
+        return result.astype(np.float32, copy=False), (np.concatenate(scores) if want_scores and scores else None)
+
+    def _batches(self, frames: np.ndarray, want_scores: bool, features: list, scores: list) -> None:
+        import torch
+
         with torch.inference_mode():
             for start in range(0, len(frames), self.batch_size):
                 batch = preprocess(frames[start:start + self.batch_size], self.device)
@@ -138,11 +156,6 @@ class FeatureExtractor:
                 if want_scores:
                     scores.append(self.head(out).float().cpu().numpy())
                 features.append(out.cpu().numpy())
-        if self.feature_dim is None and features:
-            self.feature_dim = int(features[0].shape[1])
-        dim = self.feature_dim or 0
-        result = np.concatenate(features) if features else np.zeros((0, dim), np.float32)
-        return result.astype(np.float32, copy=False), (np.concatenate(scores) if want_scores and scores else None)
 
     def describe(self) -> dict[str, Any]:
         """What produced the features, for a record (say loudly when the weights are random)."""

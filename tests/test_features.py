@@ -86,3 +86,16 @@ def test_no_head_means_no_scores_and_empty_input_is_empty(frames) -> None:
     assert extractor.extract(frames[:0]).shape == (0, 512)
     with pytest.raises(ValueError):
         extractor.extract(frames.astype(np.float32))
+
+
+def test_a_training_module_keeps_its_mode(frames) -> None:
+    torch.manual_seed(0)
+    trunk, head, _ = build_backbone("resnet18", num_classes=3)
+    reference = FeatureExtractor(trunk, device="cpu", batch_size=1, precision="fp32").extract(frames[:4])
+    trunk.train()
+    head.train()
+    features, scores = FeatureExtractor(trunk, head=head, device="cpu", batch_size=4,
+                                        precision="fp32").extract_with_scores(frames[:4])
+    assert trunk.training and head.training  # restored after extraction
+    # run in eval mode: in training mode BatchNorm would mix the frames of a batch
+    assert np.allclose(features, reference, rtol=1e-4, atol=1e-5) and scores.shape == (4, 3)
