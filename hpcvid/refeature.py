@@ -88,7 +88,7 @@ def run_shard(config: Config, spec: ShardSpec) -> dict[str, Any]:
     """Recompute features and scores for every video of extract shard ``spec``; return the record."""
     from hpcvid.backbones import pick_device
     from hpcvid.features import FeatureExtractor
-    from hpcvid.fileio import read_json, remove_stale_partials, sha256_file
+    from hpcvid.fileio import read_json, sha256_file
     from hpcvid.store import VIDEO_ATTRIBUTES, ShardReader, VideoData, write_features_shard
 
     out = output_dir(config)

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from hpcvid.config import Config, config_from_dict, replace, write_resolved
+from hpcvid.config import Config, config_from_dict, write_resolved
 from hpcvid.distributed import DistEnv, detect
 from hpcvid.errors import CheckpointError, ConfigError, StoreError
 from hpcvid.fileio import atomic_path, atomic_write_text, remove_stale_partials
@@ -537,8 +537,7 @@ class Trainer:
         """Optimiser steps per epoch (TBPTT: one per chunk); what the cyclic schedule counts in."""
         samples = math.ceil(len(self.bundle.train) / self.env.world_size)
         batches = math.ceil(samples / self.per_rank_batch)
-        t = self.config.train
-        return batches * (math.ceil(t.seq_len / t.chunk) if t.model == "lstm" else 1)
+        return batches * self._steps_per_batch()
 
     def _scheduler(self) -> Any:
         import torch
@@ -641,8 +640,12 @@ class Trainer:
         if self.env.is_main:
             log.info("resuming %s from %s (epoch %d, step %d)", self.config.train.model, path, self.epoch,
                      self.step_in_epoch)
-        return self.step_in_epoch * self.per_rank_batch if self.config.train.model != "lstm" else \
-            (self.step_in_epoch // math.ceil(self.config.train.seq_len / self.config.train.chunk)) * self.per_rank_batch
+        return (self.step_in_epoch // self._steps_per_batch()) * self.per_rank_batch
+
+    def _steps_per_batch(self) -> int:
+        """Optimiser steps one batch makes: one, or one per truncated-BPTT chunk."""
+        t = self.config.train
+        return math.ceil(t.seq_len / t.chunk) if t.model == "lstm" else 1
 
     # -------------------------------------------------------------- the loop
     def fit(self) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import torch
 import trainkit
 from hpcvid.config import resolve_config
 from hpcvid.errors import CheckpointError
-from hpcvid.train import (BEST_NAME, METRICS_NAME, check_compatible, list_checkpoints, load_checkpoint, load_run,
+from hpcvid.train import (BEST_NAME, check_compatible, list_checkpoints, load_checkpoint, load_run,
                           newest_valid_checkpoint, read_metrics, train)
 
 torch.set_num_threads(1)
