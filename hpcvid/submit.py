@@ -87,7 +87,22 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def launch_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {key: getattr(args, flag[2:].replace("-", "_"), None) for flag, (key, _, _) in LAUNCH_FLAGS.items()}
+    """The launch flags as dotted config keys. ``submit`` means SLURM: when neither a flag, the profile nor
+    the job file names an executor, it is ``slurm`` (the config's own default, ``local``, serves ``run``)."""
+    values = {key: getattr(args, flag[2:].replace("-", "_"), None) for flag, (key, _, _) in LAUNCH_FLAGS.items()}
+    if values["launch.executor"] is None and not _files_name_executor(args):
+        values["launch.executor"] = "slurm"
+    return values
+
+
+def _files_name_executor(args: argparse.Namespace) -> bool:
+    from hpcvid.config import load_toml
+
+    for attribute, what in (("profile", "cluster profile"), ("config", "job file"), ("job_file", "job file")):
+        path = getattr(args, attribute, None)
+        if path and "executor" in load_toml(path, what).get("launch", {}):
+            return True
+    return False
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:

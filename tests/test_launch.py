@@ -217,3 +217,17 @@ def test_status_of_a_failed_local_shard_says_stopped(tmp_path, toy_stages, capsy
     assert hpcvid("status", work) == 0
     rows = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if line.startswith("toy")}
     assert "STOPPED" in rows["0000-of-0002"] and "COMPLETED" in rows["0001-of-0002"]
+
+
+def test_submit_means_slurm_unless_a_file_or_flag_says_otherwise(tmp_path, toy_stages, capsys):
+    from hpcvid.submit import launch_overrides
+    import argparse
+
+    work = _toy_work(tmp_path)
+    assert launch_overrides(argparse.Namespace(executor=None, config=None, profile=None))["launch.executor"] == "slurm"
+    profile = tmp_path / "here.toml"
+    profile.write_text('[launch]\nexecutor = "local"\n')
+    assert launch_overrides(argparse.Namespace(executor=None, config=None, profile=str(profile))) \
+        .get("launch.executor") is None, "the profile's executor must not be overridden"
+    assert hpcvid("submit", "toy", "--work", work, "--shards", "2", "--dry-run") == 0
+    assert "#SBATCH --array=0-1%2" in capsys.readouterr().out
