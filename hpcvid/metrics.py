@@ -98,3 +98,20 @@ def normalised_confusion(confusion: np.ndarray) -> np.ndarray:
 def valid_ks(n_classes: int, ks: Sequence[int] = TOP_KS) -> list[int]:
     """The ks of ``ks`` that are defined for ``n_classes`` classes (top-10 of 6 classes is not)."""
     return [k for k in ks if k <= n_classes]
+
+
+def factor_accuracy(confusion: np.ndarray, groups: Sequence[str]) -> float:
+    """Accuracy on one factor of the class (e.g. its motion): predicted and true class in the same group.
+
+    ``groups[c]`` is the factor value of class ``c``. On the synthetic set, grouping by motion measures
+    whether a model sees motion even where it cannot tell the appearances apart (a flow CNN sees no colour).
+    """
+    confusion = np.asarray(confusion, dtype=np.int64)
+    if len(groups) != confusion.shape[0]:
+        raise ValueError(f"{len(groups)} group labels for {confusion.shape[0]} classes")
+    labels = np.asarray(groups, dtype=object)
+    same = labels[:, None] == labels[None, :]
+    total = int(confusion.sum())
+    if total == 0:
+        raise ValueError("factor accuracy is undefined: no video was counted")
+    return float(confusion[same].sum() / total)

@@ -393,8 +393,12 @@ def default_out(work: Path | str) -> Path:
 
 
 def collect(work: Path | str, out: Path | str | None = None, *, runs: Sequence[str] | None = None,
-            allow_partial: bool = False, use_mpi: bool = False) -> Path | None:
-    """Reduce and write the report; returns the report folder (None on MPI ranks other than 0)."""
+            allow_partial: bool = False, use_mpi: bool = False,
+            factors: dict[str, list[str]] | None = None) -> Path | None:
+    """Reduce and write the report; returns the report folder (None on MPI ranks other than 0).
+
+    ``factors`` (optional, see :func:`hpcvid.report.build_summary`) adds per-factor accuracies.
+    """
     from hpcvid.report import write_report
 
     out = Path(out) if out else default_out(work)
@@ -404,7 +408,7 @@ def collect(work: Path | str, out: Path | str | None = None, *, runs: Sequence[s
             return None
     else:
         reduction = reduce_files(work, runs=runs, allow_partial=allow_partial)
-    write_report(reduction, out)
+    write_report(reduction, out, factors)
     return out
 
 

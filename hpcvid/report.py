@@ -47,19 +47,28 @@ def strategy_summary(confusion: np.ndarray, topk: Mapping[int, int]) -> dict[str
     return entry
 
 
-def build_summary(reduction: Any) -> dict[str, Any]:
-    """summary.json's content (see the module docstring and README)."""
+def build_summary(reduction: Any, factors: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
+    """summary.json's content (see the module docstring and README).
+
+    ``factors`` (optional) names factors of the class, e.g. {"motion": [motion of class 0, ...]}; each
+    strategy then also gets ``factors.<name>`` = the accuracy on that factor alone.
+    """
     from hpcvid.predictions import code_version
 
     runs = {}
     for name in ordered_runs(reduction.runs):
         total = reduction.runs[name]
+        strategies = {s: strategy_summary(total.confusion[s], total.topk[s]) for s in total.strategies}
+        for strategy, entry in strategies.items():
+            if factors and entry["n_videos"]:
+                entry["factors"] = {f: metrics.factor_accuracy(total.confusion[strategy], groups)
+                                    for f, groups in factors.items()}
         runs[name] = {
             "model": total.model,
             "default_strategy": total.default_strategy,
             "n_videos": total.n_videos,
             "strategy_order": list(total.strategies),
-            "strategies": {s: strategy_summary(total.confusion[s], total.topk[s]) for s in total.strategies},
+            "strategies": strategies,
             "provenance": {
                 "config": total.config, "code_version": total.code_version, "checkpoint": total.checkpoint,
                 "checkpoint_sha256": total.checkpoint_sha256, "shards": total.shards,
@@ -78,6 +87,7 @@ def build_summary(reduction: Any) -> dict[str, Any]:
         "partial": reduction.partial,
         "collected_by": code_version(),
         "collected_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "factors": {f: list(groups) for f, groups in (factors or {}).items()},
         "runs": runs,
     }
 
@@ -135,6 +145,21 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
     rows = [TABLE_HEADER] + table_rows(summary)
     lines = ["| " + " | ".join(row) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("---" if i < 2 else "---:" for i in range(len(TABLE_HEADER))) + "|")
+    return "\n".join(lines)
+
+
+def factor_table(summary: Mapping[str, Any]) -> str:
+    """Markdown: each run's default strategy, its class accuracy and its accuracy on each class factor."""
+    names = list(summary["factors"])
+    lines = ["Accuracy on each factor of the class alone (default strategies): a prediction counts when it "
+             "has the true class's " + " / ".join(names) + ", whatever the rest.", "",
+             "| run | strategy | class top-1 % | " + " | ".join(f"{n} %" for n in names) + " |",
+             "|---|---|---:|" + "---:|" * len(names)]
+    for run in ordered_runs(summary["runs"]):
+        entry = summary["runs"][run]
+        numbers = entry["strategies"][entry["default_strategy"]]
+        values = [_pct(numbers.get("factors", {}).get(n)) for n in names]
+        lines.append(f"| {run} | {entry['default_strategy']} | {_pct(numbers['top1'])} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
 
@@ -339,11 +364,11 @@ def _pick(reduction: Any, model: str) -> tuple[str, str] | None:
     return None
 
 
-def write_report(reduction: Any, out: Path | str) -> Path:
+def write_report(reduction: Any, out: Path | str, factors: Mapping[str, Sequence[str]] | None = None) -> Path:
     """Write every file of the report into ``out``; returns the path of report.md."""
     out = Path(out)
     (out / "confusion").mkdir(parents=True, exist_ok=True)
-    summary = build_summary(reduction)
+    summary = build_summary(reduction, factors)
     atomic_write_text(out / "per_class.csv", _csv_text(per_class_rows(reduction)))
     pictures: list[tuple[str, str]] = []
     for name in ordered_runs(reduction.runs):
@@ -400,6 +425,8 @@ def _report_markdown(summary: Mapping[str, Any], pictures: Sequence[tuple[str, s
     lines += ["## Accuracy by model and inference strategy", "",
               "`*` marks each model's default strategy. Top-k is empty where the dataset has fewer than k "
               "classes.", "", markdown_table(summary), ""]
+    if summary.get("factors"):
+        lines += [factor_table(summary), ""]
     lines += ["## Confusion matrices", ""]
     for caption, link in pictures:
         lines += [f"![{caption}]({link})", ""]

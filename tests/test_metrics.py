@@ -73,3 +73,17 @@ def test_mean_class_accuracy_ignores_classes_without_test_videos():
     assert metrics.normalised_confusion(confusion)[1].tolist() == [0, 0, 0]
     with pytest.raises(ValueError, match="no class has a test video"):
         metrics.mean_class_accuracy(np.zeros((2, 2), dtype=np.int64))
+
+
+def test_factor_accuracy_counts_predictions_sharing_the_true_factor():
+    # classes: 0 = RedUp, 1 = RedDown, 2 = BlueUp, 3 = BlueDown
+    confusion = np.array([[2, 0, 1, 0],     # RedUp predicted BlueUp once: motion right, colour wrong
+                          [0, 1, 0, 2],     # RedDown predicted BlueDown twice
+                          [0, 1, 3, 0],     # BlueUp predicted RedDown once: both wrong
+                          [0, 0, 0, 4]])
+    motion = ["Up", "Down", "Up", "Down"]
+    colour = ["Red", "Red", "Blue", "Blue"]
+    assert metrics.factor_accuracy(confusion, motion) == pytest.approx((2 + 1 + 1 + 2 + 3 + 4) / 14)
+    assert metrics.factor_accuracy(confusion, colour) == pytest.approx((2 + 1 + 3 + 4) / 14)
+    with pytest.raises(ValueError, match="3 group labels for 4 classes"):
+        metrics.factor_accuracy(confusion, motion[:3])
