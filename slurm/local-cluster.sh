@@ -48,8 +48,13 @@ install_packages() {
 }
 
 # ------------------------------------------------------------------------------------------- helpers
-pid_alive() {  # pid_alive FILE: the process named by the PID file runs
-  [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+pid_alive() {  # pid_alive FILE: the process named by the PID file runs, and it is one of our daemons
+  local pid
+  [ -s "$1" ] || return 1
+  pid=$(cat "$1")
+  kill -0 "$pid" 2>/dev/null || return 1
+  # a stale file whose PID now belongs to another program must neither count as running nor be killed
+  tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qE '(munged|mariadbd|mysqld|slurmdbd|slurmctld|slurmd)( |$)'
 }
 
 wait_for() {  # wait_for SECONDS WHAT COMMAND...: poll until COMMAND succeeds
