@@ -77,6 +77,7 @@ class VideoInfo:
     width: int
     height: int
     sample_aspect: float = 1.0
+    pixel_format: str = ""
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -207,14 +208,13 @@ def i420_to_rgb(y: np.ndarray, u: np.ndarray, v: np.ndarray, size: tuple[int, in
 def pyav_frame_to_rgb(frame, size: tuple[int, int]) -> np.ndarray:
     """A decoded PyAV frame -> RGB uint8 (height, width, 3) at ``size`` = (width, height).
 
-    4:2:0 goes through :func:`i420_to_rgb` (other pixel formats are first converted to yuv420p, as the
-    imageio decoder's ffmpeg does); odd sizes take swscale's RGB + ``cv2.resize``.
+    Limited-range 4:2:0 (``yuv420p``) of even size goes through :func:`i420_to_rgb`; anything else
+    (4:4:4, full-range ``yuvj420p`` MJPEG, RGB, odd sizes) takes swscale's RGB + ``cv2.resize``, exactly
+    like the imageio decoder, so both decoders still agree.
     """
     width, height = size
-    if frame.width % 2 or frame.height % 2:
+    if frame.width % 2 or frame.height % 2 or frame.format.name != "yuv420p":
         return resize_frame(frame.to_ndarray(format="rgb24"), size)
-    if frame.format.name != "yuv420p":
-        frame = frame.reformat(format="yuv420p")
     y, u, v = (_plane_view(plane) for plane in frame.planes)
     if width % 2 or height % 2:  # convert at the source size, then resize the RGB
         return resize_frame(i420_to_rgb(y, u, v, (frame.width, frame.height)), size)
@@ -275,6 +275,7 @@ def _open_pyav(path: Path, threads: int):
             frames=int(stream.frames or 0),
             width=int(ctx.width), height=int(ctx.height),
             sample_aspect=float(sar) if sar else 1.0,
+            pixel_format=str(getattr(ctx, "pix_fmt", "") or ""),
         )
         if info.width == 0 or info.height == 0:
             raise VideoError(f"{path}: the video stream has no frame size (corrupt header?)")
@@ -338,10 +339,11 @@ def _imageio_source(path: Path, cfg: ExtractConfig) -> tuple[VideoInfo, Iterator
     """The portable decoder: imageio-ffmpeg's ffmpeg binary, raw 4:2:0 (or RGB) frames over a pipe."""
     threads = ["-threads", str(cfg.decoder_threads)]
     declared = _declared_info(path)  # PyAV's clear reasons (no video stream, image, too small) first
-    reader, meta = _start_imageio(path, "yuv420p", threads)
+    source_format = declared.pixel_format if declared else "yuv420p"
+    reader, meta = _start_imageio(path, "yuv420p" if source_format == "yuv420p" else "rgb24", threads)
     width, height = (int(v) for v in meta["size"])
-    planar = width % 2 == 0 and height % 2 == 0
-    if not planar:  # 4:2:0 of odd sizes has rounded chroma planes: take RGB instead
+    planar = width % 2 == 0 and height % 2 == 0 and source_format == "yuv420p"
+    if source_format == "yuv420p" and not planar:  # odd 4:2:0 has rounded chroma planes: take RGB
         reader.close()
         reader, meta = _start_imageio(path, "rgb24", threads)
     codec = str(meta.get("codec", ""))

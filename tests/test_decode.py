@@ -24,10 +24,13 @@ def ffmpeg() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
-def make_clip(path: Path, frames: int, size: str = "64x48", codec: str = "mpeg4", rate: int = 25) -> Path:
-    extra = ["-pix_fmt", "yuv420p"] + (["-q:v", "3"] if codec == "mpeg4" else [])
+def make_clip(path: Path, frames: int, size: str = "64x48", codec: str = "mpeg4", rate: int = 25,
+              pix_fmt: str = "yuv420p") -> Path:
+    extra = ["-pix_fmt", pix_fmt] + (["-q:v", "3"] if codec in ("mpeg4", "mjpeg") else [])
+    width, height = size.split("x")
     run_command([ffmpeg(), "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
-                 f"testsrc2=size={size}:rate={rate}", "-frames:v", str(frames), "-c:v", codec, *extra, str(path)])
+                 f"testsrc2=size=64x64:rate={rate}", "-vf", f"scale={width}:{height}", "-frames:v", str(frames),
+                 "-c:v", codec, *extra, str(path)])
     return path
 
 
@@ -48,6 +51,8 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "avi": make_clip(folder / "clip.avi", 30),
         "mp4": make_clip(folder / "clip with space ü.mp4", 20, size="80x60", codec="libx264"),
         "one": make_clip(folder / "one.avi", 1),
+        "yuv444_odd": make_clip(folder / "odd444.mp4", 8, size="65x49", codec="libx264", pix_fmt="yuv444p"),
+        "mjpeg": make_clip(folder / "mjpeg.avi", 8, codec="mjpeg", pix_fmt="yuvj420p"),
     }
 
 
@@ -111,6 +116,28 @@ def test_both_decoders_give_the_same_resized_frames(clips, resize, size) -> None
     assert a.frames.shape == b.frames.shape and a.frames.shape[0] == 10
     assert min(a.frames.shape[1:3]) == size
     assert np.abs(a.frames.astype(int) - b.frames).max() <= 6
+
+
+@pytest.mark.parametrize("kind", ["yuv444_odd", "mjpeg"])
+def test_other_pixel_formats_and_odd_sizes_match_ffmpeg(clips, tmp_path, kind) -> None:
+    """Not 4:2:0 limited range (4:4:4 at 65x49, full-range MJPEG): converted by swscale like ffmpeg."""
+    reference = independent_decode(clips[kind], tmp_path)
+    for decoder in DECODERS:
+        video = read_video(clips[kind], ExtractConfig(decoder=decoder, resize="none"))
+        assert video.frames.shape == reference.shape
+        assert np.abs(video.frames.astype(int) - reference).max() <= 1
+    small = [read_video(clips[kind], ExtractConfig(decoder=d, size=32)).frames for d in DECODERS]
+    assert np.array_equal(small[0], small[1])
+
+
+def test_streaming_gives_the_same_frames(clips) -> None:
+    from hpcvid.decode import iter_frames
+
+    cfg = ExtractConfig(sampling="every", every=3, size=32)
+    streamed = list(iter_frames(clips["avi"], cfg))
+    whole = read_video(clips["avi"], cfg)
+    assert [i for i, _ in streamed] == whole.indices.tolist()
+    assert np.array_equal(np.stack([f for _, f in streamed]), whole.frames)
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
