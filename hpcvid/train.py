@@ -611,10 +611,19 @@ class Trainer:
         import numpy as np
         import torch
 
+        existing = list_checkpoints(self.run)
         found = newest_valid_checkpoint(self.run)
         if found is None:
+            if existing:
+                raise CheckpointError(f"every checkpoint in {self.run} is corrupt "
+                                      f"({', '.join(p.name for p in existing)}): restore one, or move them away "
+                                      "to start the run over")
             return 0
         path, payload = found
+        if self.env.is_main:
+            for newer in existing[existing.index(path) + 1:]:     # corrupt ones: set aside, never pruned into
+                newer.rename(newer.with_name(newer.name + ".corrupt"))
+                log.warning("set aside corrupt checkpoint %s (resuming from %s)", newer, path.name)
         check_compatible(payload, path, self.config.train.model, self.init_args)
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])

@@ -106,6 +106,16 @@ def test_corrupt_checkpoint_is_refused_clearly(tmp_path, lstm_run):
     (only_broken / broken.name).write_bytes(broken.read_bytes())
     with pytest.raises(CheckpointError, match="no valid checkpoint"):
         load_run(only_broken, which="last")
+    # the trainer refuses to start over on top of corrupt checkpoints, and sets aside corrupt newer ones
+    work = tmp_path / "work"
+    (work / "runs" / "lstm").mkdir(parents=True)
+    (work / "runs" / "lstm" / broken.name).write_bytes(broken.read_bytes())
+    with pytest.raises(CheckpointError, match="every checkpoint in .* is corrupt"):
+        train(lstm_config(work), data_factory=trainkit.lstm_data)
+    (work / "runs" / "lstm" / good.name).write_bytes(good.read_bytes())
+    (work / "runs" / "lstm" / "ckpt-e0008-s0000000.pt").rename(work / "runs" / "lstm" / "ckpt-e0007-s0000000.pt")
+    result = train(lstm_config(work), data_factory=trainkit.lstm_data)
+    assert result["epochs"] == 8 and (work / "runs" / "lstm" / (broken.name + ".corrupt")).is_file()
 
 
 def test_incompatible_checkpoint_is_refused(tmp_path, lstm_run):
