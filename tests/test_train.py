@@ -226,3 +226,17 @@ def test_plateau_schedule_and_early_stopping(tmp_path):
     history = result["history"]
     assert result["stopped_early"] and len(history) == 3
     assert history[-1]["lr"] < history[0]["lr"]
+
+
+def test_dataloader_workers_do_not_change_the_result(tmp_path):
+    """Each sample's random frame, crop and flip come from (seed, epoch, index), not from the loading process."""
+    finals = []
+    for workers in (0, 2):
+        config = resolve_config(overrides={
+            "work": str(tmp_path / f"w{workers}"), "train.model": "frame", "train.backbone": "small",
+            "train.epochs": 1, "train.batch_size": 4, "train.device": "cpu", "train.workers": workers,
+            "train.val_fraction": 0.34, "train.dropout": 0.3})
+        train(config, data_factory=trainkit.video_data)
+        finals.append(load_checkpoint(tmp_path / f"w{workers}" / "runs" / "frame" / "ckpt-e0001-s0000000.pt"))
+    for key, value in finals[0]["model"].items():
+        assert torch.allclose(value, finals[1]["model"][key], atol=1e-6), key
