@@ -127,6 +127,7 @@ def test_cancelled_task_shows_cancelled_and_only_it_is_resubmitted(slurm_cluster
     assert "CANCELLED" in row, table
     assert table.count("COMPLETED") == 2
     before = [s for s in _started(work) if s[0] != "1"]
+    (work / "toy.json").write_text(json.dumps({"items": 3, "sleep": 0.0}))  # the rerun need not be slow
     capsys.readouterr()
     assert hpcvid(*args) == 0
     second = _last_submission(work, "toy")
