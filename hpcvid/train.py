@@ -674,7 +674,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.model, device_ids=ids)
         t = self.config.train
-        stopped_early = False
+        stopped_early = bool(t.early_stopping and self.bad_epochs >= t.early_stopping)   # a rerun stays stopped
         finished = False
         try:
             while self.epoch < t.epochs and not stopped_early:

@@ -226,6 +226,8 @@ def test_plateau_schedule_and_early_stopping(tmp_path):
     history = result["history"]
     assert result["stopped_early"] and len(history) == 3
     assert history[-1]["lr"] < history[0]["lr"]
+    again = train(config, data_factory=trainkit.lstm_data)          # a rerun does not train past the stop
+    assert again["stopped_early"] and len(again["history"]) == 3
 
 
 def test_dataloader_workers_do_not_change_the_result(tmp_path):
