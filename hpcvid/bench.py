@@ -35,7 +35,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-TARGETS = {"decode": 0.9, "flow": 0.95, "features": 0.85, "storage": 20.0}
+TARGETS = {"decode": 0.9, "flow": 0.95, "features": 0.85, "storage": 20.0, "stall": 0.05}
 SIZES = {  # quick / full
     "decode_frames": (125, 500), "flow_clips": (2, 6), "flow_frames": (16, 32), "tvl1_pairs": (8, 24),
     "feature_frames": (64, 192), "storage_videos": (40, 200), "storage_frames": 150, "storage_windows": (100, 400),
@@ -52,18 +52,24 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated parts to run (decode, flow, features, storage)")
     parser.add_argument("--scratch", default=None, metavar="DIR",
                         help="folder for temporary clips and files (default: the system temp folder)")
+    parser.add_argument("--train-runs", nargs="*", default=(), metavar="RUN",
+                        help="run folders (WORK/runs/<model>) of real `hpcvid run train` runs: report their "
+                             "training data stall (the trainer's own data-wait share of step time, target <= 5%%)")
 
 
 def main(args: argparse.Namespace) -> int:
     from hpcvid.errors import ConfigError
 
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
+    if args.train_runs and "stall" not in parts:
+        parts.append("stall")
     unknown = sorted(set(parts) - set(TARGETS))
     if unknown:
         raise ConfigError(f"--only: unknown part(s) {unknown}; choose from {', '.join(TARGETS)}")
     repeats = args.repeats or (2 if args.quick else 3)
     result = run_bench(Path(args.out), parts=parts, quick=args.quick, repeats=repeats,
-                       scratch=Path(args.scratch) if args.scratch else None)
+                       scratch=Path(args.scratch) if args.scratch else None,
+                       train_runs=[Path(r) for r in args.train_runs])
     print(render_markdown(result))
     print(f"written: {Path(args.out) / 'bench.json'}, {Path(args.out) / 'bench.md'}")
     return 0
@@ -394,8 +400,38 @@ def bench_storage(scratch: Path, quick: bool, repeats: int) -> dict[str, Any]:
                       "verdict": verdict(ratio, TARGETS["storage"])}]}
 
 
+# ------------------------------------------------------------------------------------------ stall
+def bench_stall(runs: list[Path]) -> dict[str, Any]:
+    """Training data stall from the trainer's own per-epoch ``data_wait_share`` (time waiting for the
+    next batch / epoch time, measured inside the run); the median over epochs per run."""
+    from hpcvid.errors import ConfigError
+    from hpcvid.fileio import read_json
+
+    if not runs:
+        raise ConfigError("the stall part needs --train-runs WORK/runs/<model> (folders of real training runs)")
+    rows = []
+    for run in runs:
+        metrics_file = run / "metrics.jsonl"
+        if not metrics_file.is_file():
+            raise ConfigError(f"{metrics_file} does not exist: give the folder of a run made by `hpcvid run train`")
+        epochs = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+        shares = [float(e["data_wait_share"]) for e in epochs if "data_wait_share" in e]
+        if not shares:
+            raise ConfigError(f"{metrics_file} has no data_wait_share: the trainer predates the measurement")
+        train = read_json(run / "config.resolved.json")["config"]["train"] if (run / "config.resolved.json").is_file() else {}
+        share = statistics.median(shares)
+        rows.append({"run": str(run), "model": train.get("model", run.name), "backbone": train.get("backbone"),
+                     "batch_size": train.get("batch_size"), "workers": train.get("workers"), "epochs": len(shares),
+                     "median_share": round(share, 4), "max_share": round(max(shares), 4),
+                     "verdict": "pass" if share <= TARGETS["stall"] else "FAIL"})
+    return {"target": TARGETS["stall"], "what": "median over epochs of the trainer's data_wait_share (time spent "
+            "waiting for the next batch / epoch time), read from each run's metrics.jsonl; target <= 5 %",
+            "rows": rows}
+
+
 # ------------------------------------------------------------------------------------------ report
-def run_bench(out: Path, *, parts: list[str], quick: bool, repeats: int, scratch: Path | None = None) -> dict[str, Any]:
+def run_bench(out: Path, *, parts: list[str], quick: bool, repeats: int, scratch: Path | None = None,
+              train_runs: list[Path] | tuple = ()) -> dict[str, Any]:
     import cv2
     import torch
 
@@ -409,22 +445,48 @@ def run_bench(out: Path, *, parts: list[str], quick: bool, repeats: int, scratch
         runners = {"decode": lambda: bench_decode(folder, quick, repeats),
                    "flow": lambda: bench_flow(folder, quick, repeats),
                    "features": lambda: bench_features(quick, repeats),
-                   "storage": lambda: bench_storage(folder, quick, repeats)}
+                   "storage": lambda: bench_storage(folder, quick, repeats),
+                   "stall": lambda: bench_stall(list(train_runs))}
         for part in parts:
             log.info("bench: %s", part)
             started = time.perf_counter()
             result["parts"][part] = runners[part]()
-            result["parts"][part]["seconds"] = round(time.perf_counter() - started, 1)
+            result["parts"][part].update(seconds=round(time.perf_counter() - started, 1), date=result["date"],
+                                         commit=result["commit"], repeats=repeats, quick=quick)
     result["machine"]["load_average_at_end"] = list(__import__("os").getloadavg())
-    result["not_measured"] = {
-        "training data stall": "needs the trainer's data loader (issue 5); not part of this benchmark yet",
-        "scaling": "S shards on S workers: the launching issue's benchmark",
-    }
+    result["not_measured"] = {"scaling": "S shards on S workers: the launching issue's benchmark"}
+    if "stall" not in result["parts"]:
+        result["not_measured"]["training data stall"] = "give --train-runs WORK/runs/<model> of real training runs"
     del torch
+    keep_previous_parts(out, result)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "bench.json", result)
     atomic_write_text(out / "bench.md", render_markdown(result))
     return result
+
+
+def keep_previous_parts(out: Path, result: dict[str, Any]) -> None:
+    """Parts not run this time are kept from ``out/bench.json`` (each part carries its own date and commit),
+    so ``--only stall`` adds to the committed results instead of erasing them."""
+    previous_file = out / "bench.json"
+    if not previous_file.is_file():
+        return
+    try:
+        previous = json.loads(previous_file.read_text())
+    except (OSError, ValueError):
+        return
+    kept = {}
+    for name, part in previous.get("parts", {}).items():
+        if name not in result["parts"]:
+            part.setdefault("date", previous.get("date"))
+            part.setdefault("commit", previous.get("commit"))
+            part.setdefault("repeats", previous.get("repeats"))
+            kept[name] = part
+    if kept:
+        result["parts"] = {**kept, **result["parts"]}
+        result["kept_from_previous_runs"] = sorted(kept)
+        if "stall" in result["parts"]:
+            result["not_measured"].pop("training data stall", None)
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -432,11 +494,16 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines = [
         "# hpcvid bench", "",
         f"{result['date']}, commit {result['commit']}, {m.get('cpu')} ({m.get('cores')} cores, shared), "
-        f"torch {m.get('torch')}, OpenCV {m.get('opencv')}, PyAV {m.get('pyav', '-')}; median of "
+        f"torch {m.get('torch')}, OpenCV {m.get('opencv')}, PyAV {m.get('pyav', '-')}; this run: "
+        f"{', '.join(p for p in result['parts'] if p not in result.get('kept_from_previous_runs', ()))}, median of "
         f"{result['repeats']} repeats{' (--quick)' if result['quick'] else ''}; load average at start "
         f"{m.get('load_average_at_start', ['?'])[0]:.2f}.", "",
         "Each ratio is the pipeline's rate over its reference's, timed alternately in the same run.", "",
     ]
+    if result.get("kept_from_previous_runs"):
+        lines += ["Parts from earlier runs (their own date, commit, repeats): " + ", ".join(
+            f"{name} ({result['parts'][name].get('date')}, {result['parts'][name].get('commit')}, "
+            f"{result['parts'][name].get('repeats')} repeats)" for name in result["kept_from_previous_runs"]) + ".", ""]
     parts = result["parts"]
     if "decode" in parts:
         lines += [f"## Decode (target >= {parts['decode']['target']})", "", parts["decode"]["what"], "",
@@ -475,6 +542,14 @@ def render_markdown(result: dict[str, Any]) -> str:
             s = r["rates"]
             lines.append(f"| {s['npy_per_frame']['median']:.1f} | {s['merged_hdf5']['median']:.1f} | "
                          f"{r['ratio']:.1f}x | {r['verdict']} |")
+        lines.append("")
+    if "stall" in parts:
+        lines += [f"## Training data stall (target <= {parts['stall']['target']:.0%})", "", parts["stall"]["what"], "",
+                  "| model | backbone | batch | workers | epochs | median stall | max | verdict |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in parts["stall"]["rows"]:
+            lines.append(f"| {r['model']} | {r['backbone']} | {r['batch_size']} | {r['workers']} | {r['epochs']} | "
+                         f"{r['median_share']:.1%} | {r['max_share']:.1%} | {r['verdict']} |")
         lines.append("")
     if result.get("not_measured"):
         lines += ["## Not measured here", ""] + [f"- {k}: {v}" for k, v in result["not_measured"].items()] + [""]
