@@ -219,7 +219,7 @@ def _item(info: dict[str, dict[str, Any]], video: VideoEntry, need_flow: bool = 
     from hpcvid.datasets import VideoItem
 
     if video.id not in info:
-        raise StoreError(f"not in the extraction shards (extraction failed or has not run for it)")
+        raise StoreError("not in the extraction shards (extraction failed or has not run for it)")
     entry = info[video.id]
     if not entry.get("has_frames", True):
         raise StoreError("its shard holds no frames: re-extract with frames stored")

@@ -11,7 +11,7 @@ import numpy as np
 
 from hpcvid.manifest import Manifest, VideoEntry, write_manifest
 from hpcvid.predictions import PredictionShard, write_prediction_shard
-from hpcvid.sharding import ShardSpec, all_shards, select
+from hpcvid.sharding import all_shards, select
 
 
 def make_manifest(work: Path, n_classes: int = 6, test_per_class: int = 5, train_per_class: int = 2,
