@@ -424,7 +424,7 @@ class _Source:
 _SOURCES = {"pyav": _pyav_source, "imageio": _imageio_source}
 
 
-def probe(path: Path | str, cfg: ExtractConfig | None = None) -> VideoInfo:
+def probe(path: Path | str) -> VideoInfo:
     """Container facts without decoding (frame rate, declared frame count, size); VideoError if unreadable."""
     path = Path(path)
     _check_file(path)
