@@ -6,15 +6,16 @@ from stored frames, without decoding videos again). It runs in ``torch.inference
 and input in ``channels_last`` (1.8x on this machine's CPU, DESIGN §8), in batches of ``batch_size``.
 
 Precision (``precision="auto"``): bf16 autocast where the hardware has it (AVX512-BF16/AMX CPUs, CUDA
-GPUs with bf16), else float32. Never float16: untrained GoogLeNet's features are ~1e-12 and underflow
-to exactly 0 there (largest float16 subnormal step 6e-8). bf16 keeps float32's exponent range, and
-measured here it keeps them (cosine to float32 0.99999 for both backbones, random or not) — but only
-when the comparison itself uses a scale-free epsilon: ``cosine_similarity``'s default eps=1e-8 reports
-~0 for vectors of norm 3e-11. As a safety net the extractor *calibrates* on its first batch: a few
-frames in both precisions; below ``CALIBRATION_MIN_COSINE`` it falls back to float32. ``describe()``
-records the choice and why. Features and scores are always returned as float32: store them as float32
-(or normalise first), never float16.
-A batch with a non-finite feature in bf16 is recomputed in float32; still non-finite -> CheckpointError.
+GPUs with bf16), float16 autocast (classic AMP) on CUDA GPUs without bf16, else float32. float16 is
+dangerous here: untrained GoogLeNet's features are ~1e-12 and underflow to exactly 0 (smallest float16
+subnormal 6e-8). bf16 keeps float32's exponent range and keeps them (cosine to float32 0.99999 for both
+backbones here, random or not) — measured with a scale-free epsilon: ``cosine_similarity``'s default
+eps=1e-8 reports ~0 for vectors of norm 3e-11. So the extractor *calibrates* on its first batch: a few
+frames in float32 and in the candidate precision; below ``CALIBRATION_MIN_COSINE`` (e.g. the zeros of
+float16) it uses float32. ``describe()`` records the choice and why. An explicit ``precision`` ("bf16",
+"fp16", "fp32") is used as given. A batch with a non-finite feature in low precision is recomputed in
+float32; still non-finite -> CheckpointError. Features and scores are always returned as float32: store
+them as float32 (or normalise first), never float16.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 
 CALIBRATION_MIN_COSINE = 0.995
 CALIBRATION_FRAMES = 4
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+_AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
 class FeatureExtractor:
@@ -66,18 +68,20 @@ class FeatureExtractor:
         self.precision_reason = ""
 
     # ----------------------------------------------------------------------------------- precision
-    def _bf16_available(self) -> bool:
+    def _low_precision(self) -> str | None:
+        """The faster precision this device offers: bf16 (AVX512-BF16/AMX CPUs, bf16 GPUs), else fp16 on
+        older CUDA GPUs (classic AMP), else None. Either is used only if the calibration agrees."""
         import torch
 
         if self.device.type == "cuda":
-            return bool(torch.cuda.is_bf16_supported())
-        return cpu_supports_bf16()
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_supports_bf16() else None
 
     def _forward(self, batch, precision: str):
         import torch
 
-        if precision == "bf16":
-            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+        if precision in _AUTOCAST_DTYPES:
+            with torch.autocast(self.device.type, dtype=getattr(torch, _AUTOCAST_DTYPES[precision])):
                 out = self.trunk(batch)
         else:
             out = self.trunk(batch)
@@ -86,26 +90,24 @@ class FeatureExtractor:
     def _decide_precision(self, batch) -> None:
         import torch
 
-        if self.requested_precision == "fp32":
-            self.precision, self.precision_reason = "fp32", "requested"
+        if self.requested_precision != "auto":
+            self.precision, self.precision_reason = self.requested_precision, "requested"
             return
-        if not self._bf16_available():
+        low = self._low_precision()
+        if low is None:
             self.precision, self.precision_reason = "fp32", f"no bf16 support on {self.device.type}"
-            return
-        if self.requested_precision == "bf16":
-            self.precision, self.precision_reason = "bf16", "requested"
             return
         sample = batch[:CALIBRATION_FRAMES]
         reference = self._forward(sample, "fp32")
-        low = self._forward(sample, "bf16")
-        cosine = float(torch.nn.functional.cosine_similarity(reference, low, dim=1, eps=1e-30).min())
+        candidate = self._forward(sample, low)
+        cosine = float(torch.nn.functional.cosine_similarity(reference, candidate, dim=1, eps=1e-30).min())
         if np.isfinite(cosine) and cosine >= CALIBRATION_MIN_COSINE:
-            self.precision = "bf16"
-            self.precision_reason = f"bf16 autocast agrees with fp32 (min cosine {cosine:.4f})"
+            self.precision = low
+            self.precision_reason = f"{low} autocast agrees with fp32 (min cosine {cosine:.4f})"
         else:
             self.precision = "fp32"
-            self.precision_reason = (f"bf16 autocast disagrees with fp32 (min cosine {cosine:.4f} < "
-                                     f"{CALIBRATION_MIN_COSINE})")
+            self.precision_reason = (f"{low} autocast disagrees with fp32 (min cosine {cosine:.4f} < "
+                                     f"{CALIBRATION_MIN_COSINE}), e.g. tiny untrained-GoogLeNet features in fp16")
             log.info("features: %s -> float32", self.precision_reason)
 
     # ----------------------------------------------------------------------------------- extraction

@@ -99,3 +99,17 @@ def test_a_training_module_keeps_its_mode(frames) -> None:
     assert trunk.training and head.training  # restored after extraction
     # run in eval mode: in training mode BatchNorm would mix the frames of a batch
     assert np.allclose(features, reference, rtol=1e-4, atol=1e-5) and scores.shape == (4, 3)
+
+
+def test_calibration_refuses_float16_for_vanishing_features(frames, monkeypatch) -> None:
+    """What a CUDA GPU without bf16 would do (fp16 AMP), run on the CPU: untrained GoogLeNet's ~1e-12
+    features are zero in float16, so the extractor must fall back to float32; ResNet-18 keeps float16."""
+    monkeypatch.setattr(FeatureExtractor, "_low_precision", lambda self: "fp16")
+    torch.manual_seed(0)
+    googlenet = FeatureExtractor("googlenet", device="cpu")
+    features = googlenet.extract(frames[:4])
+    assert googlenet.precision == "fp32" and "disagrees" in googlenet.precision_reason
+    assert (np.abs(features).max(axis=1) > 0).all()
+    resnet = FeatureExtractor("resnet18", device="cpu")
+    resnet.extract(frames[:4])
+    assert resnet.precision == "fp16"
