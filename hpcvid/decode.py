@@ -356,7 +356,8 @@ def _imageio_source(path: Path, cfg: ExtractConfig) -> tuple[VideoInfo, Iterator
     except VideoError:
         reader.close()
         raise
-    info = VideoInfo(fps=float(meta.get("fps") or 0.0), frames=declared.frames if declared else 0,
+    fps = declared.fps if declared and declared.fps else float(meta.get("fps") or 0.0)  # exact 30000/1001
+    info = VideoInfo(fps=fps, frames=declared.frames if declared else 0,
                      width=width, height=height, sample_aspect=declared.sample_aspect if declared else 1.0)
     luma = width * height
     frame_bytes = luma * 3 // 2 if planar else luma * 3
