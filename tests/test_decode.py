@@ -223,3 +223,4 @@ def test_real_clips_decode_completely(name) -> None:
         assert len(video) == video.total_frames == independent
         assert min(video.frames.shape[1:3]) == 48 and video.frames.std() > 10
     assert np.abs(videos[0].frames.astype(int) - videos[1].frames).mean() < 1.0
+    assert videos[0].fps == videos[1].fps  # exact container rate in both (29.97 vs 30000/1001 moves fps ticks)
