@@ -32,7 +32,7 @@ DEMO_SIZES: dict[str, dict[str, Any]] = {
     "small": {
         "synth": {"classes": 6, "per_class": 40, "test_per_class": 10, "frames": 16, "size": "64x64", "seed": 0},
         "extract": {"shards": 2, "size": 64},
-        "epochs": {"frame": 5, "flow": 10, "twostream": 4, "lstm": 20},
+        "epochs": {"frame": 5, "flow": 15, "twostream": 6, "lstm": 20},
         "eval_shards": 2,
     },
 }
