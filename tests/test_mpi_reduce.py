@@ -18,17 +18,20 @@ from predictions_factory import make_manifest, write_run
 pytestmark = pytest.mark.mpi
 
 MPIRUN = shutil.which("mpirun")
+# Each rank runs the user's command, `hpcvid collect WORK --out OUT`; it sees OMPI_COMM_WORLD_SIZE = 2 and
+# reduces with MPI by itself (no --mpi flag), and reports what it did on one JSON line.
 RANK_SCRIPT = """
-import json, sys
+import contextlib, io, json, sys
 from mpi4py import MPI
-from hpcvid.reduce import collect, reduce_mpi
+from hpcvid import cli
 work, out = sys.argv[1], sys.argv[2]
 comm = MPI.COMM_WORLD
-try:
-    path = collect(work, out, use_mpi=True)
-    print(json.dumps({"rank": comm.Get_rank(), "size": comm.Get_size(), "out": str(path) if path else None}))
-except Exception as exc:
-    print(json.dumps({"rank": comm.Get_rank(), "size": comm.Get_size(), "error": str(exc)}))
+printed, errors = io.StringIO(), io.StringIO()
+with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):
+    code = cli.main(["collect", work, "--out", out])
+with open(sys.argv[3] + f"/rank-{comm.Get_rank()}.json", "w") as handle:
+    json.dump({"rank": comm.Get_rank(), "size": comm.Get_size(), "code": code,
+               "out": out if "report:" in printed.getvalue() else None, "error": errors.getvalue()}, handle)
 """
 
 
@@ -38,10 +41,13 @@ def _mpirun(work: Path, out: Path) -> list[dict]:
     pytest.importorskip("mpi4py")
     env = dict(os.environ, OMPI_MCA_rmaps_base_oversubscribe="1", PYTHONPATH=str(Path(__file__).parents[1]),
                OMP_NUM_THREADS="1")
-    argv = [MPIRUN, "--allow-run-as-root", "-n", "2", sys.executable, "-c", RANK_SCRIPT, str(work), str(out)]
+    reports = out.parent / f"{out.name}-ranks"
+    reports.mkdir()
+    argv = [MPIRUN, "--allow-run-as-root", "-n", "2", sys.executable, "-c", RANK_SCRIPT, str(work), str(out),
+            str(reports)]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    lines = [json.loads(path.read_text()) for path in sorted(reports.glob("rank-*.json"))]
     assert sorted(line["rank"] for line in lines) == [0, 1] and all(line["size"] == 2 for line in lines)
     return lines
 
@@ -60,6 +66,7 @@ def test_mpi_reduce_equals_file_reduce(tmp_path):
 
     lines = _mpirun(work, tmp_path / "mpi")
     assert [line.get("out") for line in sorted(lines, key=lambda x: x["rank"])] == [str(tmp_path / "mpi"), None]
+    assert all(line["code"] == 0 for line in lines)
     collect(work, tmp_path / "files")
     by_mpi = json.loads((tmp_path / "mpi" / "summary.json").read_text())
     by_files = json.loads((tmp_path / "files" / "summary.json").read_text())
@@ -86,6 +93,7 @@ def test_mpi_reduce_names_a_video_counted_on_two_ranks(tmp_path):
     second.splits = None
     write_prediction_shard(work, second)
     lines = _mpirun(work, tmp_path / "mpi")
-    for line in lines:   # every rank reports the same error
+    for line in lines:   # every rank reports the same error and exit code
         assert f"video {first.video_ids[0]} of run lstm was counted twice" in line["error"]
+        assert line["code"] == 2
     assert not (tmp_path / "mpi" / "summary.json").exists()
