@@ -19,7 +19,7 @@ pytestmark = pytest.mark.mpi
 
 MPIRUN = shutil.which("mpirun")
 # Each rank runs the user's command, `hpcvid collect WORK --out OUT`; it sees OMPI_COMM_WORLD_SIZE = 2 and
-# reduces with MPI by itself (no --mpi flag), and reports what it did on one JSON line.
+# reduces with MPI by itself (no --mpi flag), and writes what it did into a JSON file per rank.
 RANK_SCRIPT = """
 import contextlib, io, json, sys
 from mpi4py import MPI
