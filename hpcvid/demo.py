@@ -95,7 +95,7 @@ device = "cpu"
 
 # ------------------------------------------------------------------------------------------- steps
 class Step:
-    """One line of the demo's plan: a name, what it does, and how (a list of hpcvid arguments or a function)."""
+    """One line of the demo's plan: its name, what must be built for it (``needs``) and the call that runs it."""
 
     def __init__(self, name: str, needs: str, action: Callable[[], int]) -> None:
         self.name, self.needs, self.action = name, needs, action
@@ -176,10 +176,11 @@ def _collect(work: Path, out: Path) -> int:
     """The reducer (the `collect` verb's function), with the synthetic classes' motion/appearance factors."""
     from hpcvid.manifest import load_manifest
     from hpcvid.reduce import collect
+    from hpcvid.report import read_summary
 
     factors = synthetic_factors(list(load_manifest(work).classes))
     collect(work, out, allow_partial=True, factors=factors)
-    return 0
+    return 3 if read_summary(out).get("partial") else 0   # 3: written, but some predictions are missing
 
 
 def available(needs: str) -> bool:

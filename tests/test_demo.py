@@ -12,7 +12,6 @@ import pytest
 
 from hpcvid import cli
 
-pytestmark = pytest.mark.slow
 MARGIN = 0.40
 MOTION_RUNS = ("flow", "twostream", "lstm")
 
@@ -26,6 +25,7 @@ def demo(tmp_path_factory):
     return root, code
 
 
+@pytest.mark.slow
 def test_demo_runs_every_stage_and_writes_the_report(demo, capsys):
     root, code = demo
     assert code == 0
@@ -40,6 +40,7 @@ def test_demo_runs_every_stage_and_writes_the_report(demo, capsys):
     assert (root / "work" / "demo.toml").is_file()
 
 
+@pytest.mark.slow
 def test_motion_models_beat_the_middle_frame_by_40_points(demo):
     """Two-stream and LSTM on the class; the flow CNN on the class's motion.
 
@@ -57,3 +58,26 @@ def test_motion_models_beat_the_middle_frame_by_40_points(demo):
     assert default["lstm"]["top1"] >= middle["top1"] + MARGIN, context
     assert default["flow"]["factors"]["motion"] >= middle["factors"]["motion"] + MARGIN, context
     assert middle["factors"]["appearance"] >= 0.9, context       # the frame model does see appearance
+
+
+def test_a_stage_not_built_is_skipped_and_said(tmp_path, monkeypatch, capsys):
+    """Without a stage (here: every step's requirement removed) the demo runs nothing and says so."""
+    from hpcvid import demo as demo_module
+
+    monkeypatch.setattr(demo_module, "available", lambda needs: False)
+    result = demo_module.run_demo(tmp_path / "out", tmp_path / "work", tmp_path / "data", size="small")
+    printed = capsys.readouterr().out
+    assert result["ran"] == [] and len(result["skipped"]) == 13
+    assert "[9/13] eval frame: SKIPPED - stage eval is not built in this checkout" in printed
+    assert not (tmp_path / "out" / "summary.json").exists()
+    assert (tmp_path / "work" / "demo.toml").is_file()
+
+
+def test_demo_availability_follows_the_registries(monkeypatch):
+    from hpcvid import demo as demo_module
+    from hpcvid import stages
+
+    assert demo_module.available("stage eval") and demo_module.available("verb collect")
+    monkeypatch.setattr(stages, "STAGES", {k: v for k, v in stages.STAGES.items() if k != "eval"})
+    assert not demo_module.available("stage eval")
+    assert not demo_module.available("module hpcvid.no_such_module")
