@@ -425,15 +425,6 @@ class _Source:
 _SOURCES = {"pyav": _pyav_source, "imageio": _imageio_source}
 
 
-def probe(path: Path | str) -> VideoInfo:
-    """Container facts without decoding (frame rate, declared frame count, size); VideoError if unreadable."""
-    path = Path(path)
-    _check_file(path)
-    container, _stream, info = _open_pyav(path, 1)
-    container.close()
-    return info
-
-
 def _total_for_selection(path: Path, cfg: ExtractConfig, info: VideoInfo) -> int:
     if cfg.decoder == "pyav":
         return count_packets(path)

@@ -45,7 +45,7 @@ from hpcvid.errors import PartialFailure, StoreError, VideoError
 from hpcvid.fileio import read_json, sha256_file
 from hpcvid.manifest import VideoEntry, load_manifest
 from hpcvid.predictions import EVAL_DIR, PredictionShard, code_version, shard_paths, write_prediction_shard
-from hpcvid.sharding import ShardSpec, all_shards, select
+from hpcvid.sharding import ShardSpec, all_shards, pending_shards, select
 
 log = logging.getLogger(__name__)
 
@@ -84,18 +84,8 @@ def shard_done(config: Config, spec: ShardSpec) -> bool:
 
 def plan(config: Config, args: argparse.Namespace) -> list[ShardSpec]:
     """All shards (or --shard I), minus those whose record exists unless --force."""
-    count = config.eval.shards
-    force = bool(getattr(args, "force", False))
-    shard = getattr(args, "shard", None)
-    specs = [ShardSpec(shard, count, force)] if shard is not None else all_shards(count, force)
-    todo = []
-    for spec in specs:
-        if not force and shard_done(config, spec):
-            log.info("eval shard %s is done (record %s exists); skipped - --force redoes it",
-                     spec.name, record_path(config, spec))
-        else:
-            todo.append(spec)
-    return todo
+    return pending_shards(config.eval.shards, getattr(args, "shard", None), bool(getattr(args, "force", False)),
+                          lambda spec: record_path(config, spec), "eval")
 
 
 def report(config: Config, records: Sequence[dict[str, Any]]) -> int:

@@ -34,7 +34,7 @@ from hpcvid.config import Config
 from hpcvid.errors import PartialFailure, StoreError, VideoError
 from hpcvid.fileio import atomic_write_json, read_json, sha256_file
 from hpcvid.manifest import Manifest, VideoEntry, load_manifest, manifest_path
-from hpcvid.sharding import ShardSpec, all_shards, select
+from hpcvid.sharding import ShardSpec, all_shards, pending_shards, select
 
 log = logging.getLogger(__name__)
 
@@ -70,18 +70,8 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 def plan(config: Config, args: argparse.Namespace) -> list[ShardSpec]:
     """The shards to run now: all (or --shard I), minus those whose record exists unless --force."""
     ensure_manifest(config)
-    count = config.extract.shards
-    force = bool(getattr(args, "force", False))
-    shard = getattr(args, "shard", None)
-    specs = [ShardSpec(shard, count, force)] if shard is not None else all_shards(count, force)
-    todo = []
-    for spec in specs:
-        if not force and shard_done(config, spec):
-            log.info("shard %s is done (record %s exists); skipped - --force redoes it",
-                     spec.name, record_path(config, spec))
-        else:
-            todo.append(spec)
-    return todo
+    return pending_shards(config.extract.shards, getattr(args, "shard", None), bool(getattr(args, "force", False)),
+                          lambda spec: record_path(config, spec), "extract")
 
 
 def report(config: Config, records: Sequence[dict[str, Any]]) -> int:
