@@ -69,7 +69,7 @@ class DecodedVideo:
 
 
 @dataclass(frozen=True)
-class VideoInfo:
+class StreamInfo:
     """What the container says before decoding (``frames`` may be 0 when unknown)."""
 
     fps: float
@@ -155,7 +155,7 @@ def make_selector(cfg: ExtractConfig, fps: float, total: int | None) -> Selector
 def output_size(width: int, height: int, cfg: ExtractConfig) -> tuple[int, int]:
     """(width, height) of the kept frames.
 
-    Sizes are in stored pixels: a non-square sample aspect ratio is recorded (:class:`VideoInfo`) but
+    Sizes are in stored pixels: a non-square sample aspect ratio is recorded (:class:`StreamInfo`) but
     not undone, so both decoders give the same frames (imageio-ffmpeg does not report it).
     """
     if cfg.resize == "square":
@@ -250,7 +250,7 @@ def _one_line(error: BaseException) -> str:
 
 
 def _open_pyav(path: Path, threads: int):
-    """Open ``path`` with PyAV; return (container, video stream, VideoInfo) or raise VideoError."""
+    """Open ``path`` with PyAV; return (container, video stream, StreamInfo) or raise VideoError."""
     import av
 
     try:
@@ -270,7 +270,7 @@ def _open_pyav(path: Path, threads: int):
         ctx = stream.codec_context
         rate = stream.guessed_rate or stream.average_rate or stream.base_rate
         sar = ctx.sample_aspect_ratio
-        info = VideoInfo(
+        info = StreamInfo(
             fps=float(rate) if rate else 0.0,
             frames=int(stream.frames or 0),
             width=int(ctx.width), height=int(ctx.height),
@@ -296,7 +296,7 @@ def count_packets(path: Path | str) -> int:
         return sum(1 for packet in container.demux(stream) if packet.size > 0)
 
 
-def _pyav_source(path: Path, cfg: ExtractConfig) -> tuple[VideoInfo, Iterator[tuple[int, Callable[[], np.ndarray]]]]:
+def _pyav_source(path: Path, cfg: ExtractConfig) -> tuple[StreamInfo, Iterator[tuple[int, Callable[[], np.ndarray]]]]:
     """(info, iterator of (index, convert)) where ``convert()`` makes the RGB array only when kept."""
     import av
 
@@ -335,7 +335,7 @@ def _start_imageio(path: Path, pix_fmt: str, threads: list[str]):
         raise VideoError(f"{path} is not a readable video (ffmpeg: {text})") from exc
 
 
-def _imageio_source(path: Path, cfg: ExtractConfig) -> tuple[VideoInfo, Iterator[tuple[int, Callable[[], np.ndarray]]]]:
+def _imageio_source(path: Path, cfg: ExtractConfig) -> tuple[StreamInfo, Iterator[tuple[int, Callable[[], np.ndarray]]]]:
     """The portable decoder: imageio-ffmpeg's ffmpeg binary, raw 4:2:0 (or RGB) frames over a pipe."""
     threads = ["-threads", str(cfg.decoder_threads)]
     declared = _declared_info(path)  # PyAV's clear reasons (no video stream, image, too small) first
@@ -357,7 +357,7 @@ def _imageio_source(path: Path, cfg: ExtractConfig) -> tuple[VideoInfo, Iterator
         reader.close()
         raise
     fps = declared.fps if declared and declared.fps else float(meta.get("fps") or 0.0)  # exact 30000/1001
-    info = VideoInfo(fps=fps, frames=declared.frames if declared else 0,
+    info = StreamInfo(fps=fps, frames=declared.frames if declared else 0,
                      width=width, height=height, sample_aspect=declared.sample_aspect if declared else 1.0)
     luma = width * height
     frame_bytes = luma * 3 // 2 if planar else luma * 3
@@ -394,7 +394,7 @@ def _imageio_source(path: Path, cfg: ExtractConfig) -> tuple[VideoInfo, Iterator
     return info, _Source(frames(), reader.close)
 
 
-def _declared_info(path: Path) -> VideoInfo | None:
+def _declared_info(path: Path) -> StreamInfo | None:
     """The container's facts via PyAV when it is installed (it is a dependency; imageio works without)."""
     try:
         import av  # noqa: F401
@@ -425,7 +425,7 @@ class _Source:
 _SOURCES = {"pyav": _pyav_source, "imageio": _imageio_source}
 
 
-def _total_for_selection(path: Path, cfg: ExtractConfig, info: VideoInfo) -> int:
+def _total_for_selection(path: Path, cfg: ExtractConfig, info: StreamInfo) -> int:
     if cfg.decoder == "pyav":
         return count_packets(path)
     import imageio_ffmpeg
@@ -555,7 +555,7 @@ def _check_not_truncated(path: Path, found: int, declared: int) -> None:
                          "re-copy it")
 
 
-def _check_raw_budget(path: Path, frame: np.ndarray, info: VideoInfo) -> None:
+def _check_raw_budget(path: Path, frame: np.ndarray, info: StreamInfo) -> None:
     expected = max(info.frames, 1) * frame.nbytes
     if expected > MAX_RAW_BYTES:
         raise VideoError(f"{path}: {info.width}x{info.height} x {info.frames} frames is too large to hold "
