@@ -85,17 +85,30 @@ def _torchvision_model(name: str, transform_input: bool):
     raise ConfigError(f"backbone {name!r} is unknown; choose one of {', '.join(BACKBONES)}")
 
 
+def _weights_fix(name: str) -> str:
+    return (f"give a local .pt/.pth state dict of torchvision's {name} (torch.save(model.state_dict(), F)), "
+            "or leave weights empty for random initialisation")
+
+
+def require_weights_file(path: Path | str, name: str) -> Path:
+    """The weights file as a Path; CheckpointError naming it and the fix when it does not exist.
+
+    Cheap (no torch import), so launchers call it on the login node before anything is queued.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist: {_weights_fix(name)}")
+    return path
+
+
 def load_weights_file(path: Path | str, name: str) -> tuple[dict[str, Any], bool | None]:
     """(state dict with torchvision key names, transform_input or None) from a local weights file."""
     import pickle
 
     import torch
 
-    path = Path(path)
-    fix = (f"give a local .pt/.pth state dict of torchvision's {name} (torch.save(model.state_dict(), F)), "
-           "or leave weights empty for random initialisation")
-    if not path.is_file():
-        raise CheckpointError(f"weights file {path} does not exist: {fix}")
+    path = require_weights_file(path, name)
+    fix = _weights_fix(name)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError,

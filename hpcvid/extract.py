@@ -70,6 +70,10 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 def plan(config: Config, args: argparse.Namespace) -> list[ShardSpec]:
     """The shards to run now: all (or --shard I), minus those whose record exists unless --force."""
     ensure_manifest(config)
+    if config.extract.backbone != "none" and config.extract.weights:
+        from hpcvid.backbones import require_weights_file
+
+        require_weights_file(config.extract.weights, config.extract.backbone)
     return pending_shards(config.extract.shards, getattr(args, "shard", None), bool(getattr(args, "force", False)),
                           lambda spec: record_path(config, spec), "extract")
 
@@ -244,6 +248,7 @@ class _VideoRunner:
 
         from hpcvid.progress import write_progress
 
+        _ = self.extractor  # a missing or bad weights file stops the shard here, not once per video
         outcomes: list[dict[str, Any]] = []
         started, wall = time.perf_counter(), time.time()
         write_progress(self.config.work, "extract", spec, done=0, total=len(videos), started=wall)

@@ -314,3 +314,26 @@ def test_a_kill_between_the_shard_and_its_record_is_finished_by_the_rerun(synthe
     record = extract.run_shard(config, spec)
     assert record["timings"]["videos_resumed"] == record["n_videos"] == 6
     assert not extract.parts_dir(config, spec).exists()
+
+
+def test_a_missing_weights_file_stops_before_any_work(synthetic_work):
+    import argparse
+
+    from hpcvid.errors import CheckpointError
+
+    config, _ = synthetic_work("w", backbone="resnet18", weights="/nonexistent/resnet18.pth")
+    with pytest.raises(CheckpointError, match="/nonexistent/resnet18.pth does not exist"):
+        extract.plan(config, argparse.Namespace(shard=None, force=False))
+    assert not extract.extract_dir(config).exists() or not any(extract.extract_dir(config).iterdir())
+
+
+def test_a_garbage_weights_file_fails_the_shard_not_each_video(synthetic_work, tmp_path):
+    from hpcvid.errors import CheckpointError
+
+    garbage = tmp_path / "resnet18.pth"
+    garbage.write_bytes(b"not a state dict")
+    config, _ = synthetic_work("w", backbone="resnet18", weights=str(garbage))
+    with pytest.raises(CheckpointError, match="resnet18.pth"):
+        extract.run_shard(config, ShardSpec(0, 1))
+    parts = extract.parts_dir(config, ShardSpec(0, 1))
+    assert not parts.exists() or not list(parts.glob("*.failed.json"))
