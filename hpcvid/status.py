@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcvid.errors import ConfigError, HpcvidError
-from hpcvid.progress import progress_path, read_progress
+from hpcvid.progress import PROGRESS_DIR, progress_path, read_progress
 from hpcvid.sharding import ShardSpec
 
 REASONS = {
@@ -93,14 +93,34 @@ def shard_rows(work: Path, stage_filter: str | None = None) -> list[ShardRow]:
             states = scheduler.query_jobs(slurm_ids)
         except HpcvidError as error:
             query_error = str(error)
-    rows = []
     now = time.time()
+    latest.update(_unsubmitted_shards(work, set(latest), stage_filter))
+    rows = []
     for (stage, index, count), (submission, task) in sorted(latest.items(), key=lambda kv: (
             launch_order(kv[0][0]), kv[0][1])):
         rows.append(_row(work, stage, index, count, submission, task, states, now))
     if query_error:
         print(f"status: SLURM could not be asked ({query_error}); states come from the files only")
     return rows
+
+
+def _unsubmitted_shards(work: Path, submitted: set[tuple[str, int, int]],
+                        stage_filter: str | None) -> dict[tuple[str, int, int], tuple[Any, dict]]:
+    """Shards run with `hpcvid run` (no submission record): their progress files say where they are.
+
+    They get job id '-' and the local executor's liveness check on the PID that wrote the progress.
+    """
+    from types import SimpleNamespace
+
+    found: dict[tuple[str, int, int], tuple[Any, dict]] = {}
+    for path in sorted((work / PROGRESS_DIR).glob("*/shard-*.json")):
+        progress = read_progress(path)
+        if not progress or (stage_filter and progress.get("stage") != stage_filter):
+            continue
+        key = (str(progress["stage"]), int(progress["index"]), int(progress["count"]))
+        if key not in submitted:
+            found[key] = (SimpleNamespace(executor="run"), {"job_id": "-", "pid": progress.get("pid")})
+    return found
 
 
 def launch_order(stage: str) -> int:
@@ -143,7 +163,7 @@ def _row(work: Path, stage: str, index: int, count: int, submission: Any, task: 
             if record is None and row.total is not None and row.state in ("RUNNING", "UNKNOWN"):
                 row.eta_s = (row.total - done) / (done / elapsed)
     if known is None and record is None:
-        row.state = "UNKNOWN" if submission.executor == "slurm" else _local_state(task["job_id"])
+        row.state = "UNKNOWN" if submission.executor == "slurm" else _local_state(task.get("pid") or task["job_id"])
     if row.requeues and row.state == "PENDING":
         row.state = "REQUEUED"
     return row
@@ -199,9 +219,9 @@ def summary(rows: list[ShardRow]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     work = Path(args.work)
-    if not (work / "jobs").is_dir():
-        raise ConfigError(f"{work}/jobs does not exist: nothing was submitted from this work folder "
-                          "(run `hpcvid submit STAGE --work WORK` first)")
+    if not (work / "jobs").is_dir() and not (work / PROGRESS_DIR).is_dir():
+        raise ConfigError(f"{work} has neither jobs/ nor {PROGRESS_DIR}/: nothing was submitted or run in this "
+                          "work folder (run `hpcvid submit STAGE --work WORK` or `hpcvid run STAGE` first)")
     rows = shard_rows(work, args.stage)
     if args.json:
         print(json.dumps([r.__dict__ for r in rows], indent=2))

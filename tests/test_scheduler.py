@@ -163,3 +163,33 @@ def test_resubmission_skips_shards_still_queued(work_with_jobs, monkeypatch):
     kept = _without_active(config, "extract", all_shards(5))
     # 41_0 done, 41_1 cancelled: may be queued again; 41_2 running, 41_3/41_4 pending: not twice
     assert [s.index for s in kept] == [0, 1]
+
+
+def test_status_shows_shards_run_locally_without_a_submission(tmp_path, monkeypatch, capsys):
+    """`hpcvid run` writes progress files but no submission record; status must still show those shards."""
+    from hpcvid import scheduler
+    from hpcvid.progress import write_progress
+    from hpcvid.sharding import ShardSpec
+
+    fake = FakeSlurm()
+    monkeypatch.setattr(scheduler, "run_command", fake)
+    work = tmp_path / "w"
+    write_progress(work, "extract", ShardSpec(0, 2), done=3, total=3, started=1000.0)
+    (work / "extract").mkdir(parents=True)
+    (work / "extract" / "shard-0000-of-0002.json").write_text(json.dumps({"videos": [{"id": "a"}] * 3, "failed": []}))
+    write_progress(work, "extract", ShardSpec(1, 2), done=1, total=4, started=1000.0)
+    progress_file = work / ".progress" / "extract" / "shard-0001-of-0002.json"
+    stale = json.loads(progress_file.read_text())
+    stale["pid"] = 2 ** 22 + 7  # above the kernel's pid limit here: a process that no longer exists
+    progress_file.write_text(json.dumps(stale))
+    assert hpcvid("status", work) == 0
+    out = capsys.readouterr().out
+    assert fake.calls == [], "no SLURM job to ask about"
+    rows = {line.split()[1]: line for line in out.splitlines() if line.startswith("extract")}
+    assert "COMPLETED" in rows["0000-of-0002"] and "3/3" in rows["0000-of-0002"]
+    assert "STOPPED" in rows["0001-of-0002"] and "1/4" in rows["0001-of-0002"]
+
+
+def test_status_of_an_untouched_folder_is_a_clear_error(tmp_path, capsys):
+    assert hpcvid("status", tmp_path) == 2
+    assert "nothing was submitted or run" in capsys.readouterr().err
