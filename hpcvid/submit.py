@@ -166,6 +166,10 @@ def submit_stage(stage: str, module: ModuleType, config: Config, args: argparse.
 
     dry_run = bool(getattr(args, "dry_run", False))
     launch.validate_launch(config.launch, check_cluster=not dry_run)
+    if stage == "train" and config.train.weights:  # a missing file must not wait in the queue to fail
+        from hpcvid.backbones import require_weights_file
+
+        require_weights_file(config.train.weights, config.train.backbone)
     resources = (_train_resources(args, dependency) if stage == "train"
                  else launch.Resources(name=f"hpcvid-{stage}", dependency=dependency))
     specs, job = None, None

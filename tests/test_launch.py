@@ -231,3 +231,16 @@ def test_submit_means_slurm_unless_a_file_or_flag_says_otherwise(tmp_path, toy_s
         .get("launch.executor") is None, "the profile's executor must not be overridden"
     assert hpcvid("submit", "toy", "--work", work, "--shards", "2", "--dry-run") == 0
     assert "#SBATCH --array=0-1%2" in capsys.readouterr().out
+
+
+def test_training_with_a_missing_weights_file_is_refused_before_sbatch(tmp_path, capsys):
+    from hpcvid.submit import stage_module
+
+    if stage_module("train") is None:
+        pytest.skip("the trainer is not built in this checkout")
+    missing = tmp_path / "resnet18-imagenet.pth"
+    assert hpcvid("submit", "train", "--work", tmp_path, "--executor", "slurm", "--dry-run", "--model", "frame",
+                  "--backbone", "resnet18", "--weights", missing) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "does not exist" in err
+    assert not (tmp_path / "jobs").exists()
