@@ -67,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, metavar="E", help="epochs in total (a resumed run continues to E)")
     parser.add_argument("--batch-size", type=int, metavar="B", help="GLOBAL batch size (split over processes)")
     parser.add_argument("--lr", type=float, help="learning rate (the upper bound of the cyclic schedule)")
+    parser.add_argument("--weight-decay", type=float, metavar="WD", help="AdamW/SGD weight decay")
+    parser.add_argument("--dropout", type=float, metavar="P", help="dropout before the classifier (and between LSTM layers)")
     parser.add_argument("--backbone", choices=("resnet18", "googlenet", "small"), help="CNN trunk")
     parser.add_argument("--weights", metavar="FILE", help="local backbone weights; empty = random init")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to train")
@@ -75,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"train.model": args.model, "train.procs": args.procs, "train.epochs": args.epochs,
-            "train.batch_size": args.batch_size, "train.lr": args.lr, "train.backbone": args.backbone,
+            "train.batch_size": args.batch_size, "train.lr": args.lr, "train.weight_decay": args.weight_decay,
+            "train.dropout": args.dropout, "train.backbone": args.backbone,
             "train.weights": args.weights, "train.device": args.device, "train.workers": args.workers}
 
 
