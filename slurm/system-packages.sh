@@ -4,7 +4,10 @@
 set -euo pipefail
 packages=(openmpi-bin libopenmpi-dev)
 missing=()
-for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+for p in "${packages[@]}"; do
+  # "install ok installed" only: a removed package keeps its config files and `dpkg -s` still succeeds
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
   echo "system-packages: missing ${missing[*]}, and this is not root with apt-get: MPI tests will be skipped" >&2
