@@ -15,6 +15,10 @@ gives the median of the repeats. Targets:
 * storage — random L=120 windows/s from the merged features file (``hpcvid.merge.MergedFeatures``)
   vs one ``.npy`` file per frame (the seeds' layout): >= 20x. Warm page cache on both sides (dropping
   caches needs root and disturbs the other users of a shared machine).
+* scaling — the real extract stage (Farneback + ResNet-18 at 64 px) on a synthetic set, one worker doing
+  every video (one shard) vs S shards on S workers, both through ``run_shards_locally`` (submitit's local
+  executor) with 1 CPU thread per worker, each in a fresh work folder: S-worker time <= 1.15 x (single /
+  S) plus the scheduler start-up, measured as the wall time of a no-op local job.
 
 Writes ``OUT/bench.json`` (every number) and ``OUT/bench.md`` (the table), atomically.
 """
@@ -35,10 +39,11 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-TARGETS = {"decode": 0.9, "flow": 0.95, "features": 0.85, "storage": 20.0, "stall": 0.05}
+TARGETS = {"decode": 0.9, "flow": 0.95, "features": 0.85, "storage": 20.0, "scaling": 1.15, "stall": 0.05}
 SIZES = {  # quick / full
     "decode_frames": (125, 500), "flow_clips": (2, 6), "flow_frames": (16, 32), "tvl1_pairs": (8, 24),
     "feature_frames": (64, 192), "storage_videos": (40, 200), "storage_frames": 150, "storage_windows": (100, 400),
+    "scaling_per_class": (2, 8), "scaling_frames": (16, 32), "scaling_workers": 2,
 }
 
 
@@ -48,8 +53,8 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller inputs and 2 repeats (a minute or two)")
     parser.add_argument("--repeats", type=int, default=None, metavar="N",
                         help="repeats per measurement; the median is reported (default 3, --quick 2)")
-    parser.add_argument("--only", default="decode,flow,features,storage", metavar="LIST",
-                        help="comma-separated parts to run (decode, flow, features, storage)")
+    parser.add_argument("--only", default="decode,flow,features,storage,scaling", metavar="LIST",
+                        help="comma-separated parts to run (decode, flow, features, storage, scaling)")
     parser.add_argument("--scratch", default=None, metavar="DIR",
                         help="folder for temporary clips and files (default: the system temp folder)")
     parser.add_argument("--train-runs", nargs="*", default=(), metavar="RUN",
@@ -400,6 +405,107 @@ def bench_storage(scratch: Path, quick: bool, repeats: int) -> dict[str, Any]:
                       "verdict": verdict(ratio, TARGETS["storage"])}]}
 
 
+# ------------------------------------------------------------------------------------------ scaling
+def noop() -> int:
+    """The job of the start-up measurement: it does nothing, so its wall time is the scheduler's alone."""
+    return 0
+
+
+def local_startup_seconds(folder: Path) -> float:
+    """Wall time of one no-op job through submitit's local executor (submit -> result), polled the way
+    ``run_shards_locally`` polls: the scheduler start-up that DESIGN 7 allows on top of the work."""
+    import submitit
+
+    executor = submitit.LocalExecutor(folder=folder / "%j")
+    executor.update_parameters(timeout_min=5)
+    started = time.perf_counter()
+    job = executor.submit(noop)
+    while not job.done():
+        time.sleep(0.2)
+    job.result()
+    return time.perf_counter() - started
+
+
+def timed_extract(dataset: Path, work: Path, shards: int) -> dict[str, Any]:
+    """Index ``dataset`` into a fresh ``work`` folder (not timed), then run the extract stage's ``shards``
+    shards on as many workers with 1 CPU thread each; wall seconds, per-video checksums, start latency."""
+    from hpcvid.config import resolve_config
+    from hpcvid.index import index_dataset
+    from hpcvid.launch import run_shards_locally
+    from hpcvid.progress import progress_path, read_progress
+    from hpcvid.sharding import all_shards
+
+    config = resolve_config(overrides={"work": str(work), "dataset.root": str(dataset), "dataset.format": "ucf101",
+                                       "extract.size": 64, "extract.flow": "farneback",
+                                       "extract.backbone": "resnet18", "extract.device": "cpu",
+                                       "extract.shards": shards})
+    index_dataset(config)
+    specs = all_shards(shards)
+    wall, started = time.time(), time.perf_counter()
+    records = run_shards_locally(config, "hpcvid.extract", specs, jobs=shards, threads=1)
+    seconds = time.perf_counter() - started
+    first_video = [read_progress(progress_path(config.work, "extract", s))["started"] - wall for s in specs]
+    busy = sum(sum(r["timings"]["stage_seconds"].values()) for r in records)  # per-video work, all workers
+    return {"seconds": seconds, "start_latency": max(first_video), "busy": busy,
+            "failed": sum(r["n_failed"] for r in records),
+            "checksums": {v["id"]: v["checksum"] for r in records for v in r["videos"]}}
+
+
+def bench_scaling(scratch: Path, quick: bool, repeats: int) -> dict[str, Any]:
+    """One worker doing every video vs S shards on S workers, alternately, each run in a fresh work folder.
+
+    Both go through ``run_shards_locally`` (a fresh process per shard, 1 CPU thread each), so both walls
+    contain one scheduler start-up; the verdict takes it out of both: (S-worker - start-up) / ((single -
+    start-up) / S) <= 1.15, which is DESIGN 7's "<= 1.15 x (single / S) plus scheduler start-up".
+    """
+    from hpcvid.config import SynthConfig
+    from hpcvid.launch import usable_cores
+    from hpcvid.synth import generate
+
+    workers = size("scaling_workers", quick)
+    dataset = generate(scratch / "scaling-synth", SynthConfig(
+        classes=6, per_class=size("scaling_per_class", quick), test_per_class=1,
+        frames=size("scaling_frames", quick), size="64x64", seed=5))
+    samples: dict[str, list[float]] = {key: [] for key in ("startup", "single", "parallel", "single_latency",
+                                                           "parallel_latency", "single_busy", "parallel_busy")}
+    identical, failed, videos = True, 0, 0
+    for r in range(repeats):
+        samples["startup"].append(local_startup_seconds(scratch / f"scaling-noop-{r}"))
+        order = [("single", 1), ("parallel", workers)][:: 1 if r % 2 == 0 else -1]  # neither always goes first
+        runs = {name: timed_extract(dataset, scratch / f"scaling-{name}-{r}", shards) for name, shards in order}
+        for name, run in runs.items():
+            samples[name].append(run["seconds"])
+            samples[f"{name}_latency"].append(run["start_latency"])
+            samples[f"{name}_busy"].append(run["busy"])
+            failed += run["failed"]
+        identical &= runs["single"]["checksums"] == runs["parallel"]["checksums"]
+        videos = len(runs["single"]["checksums"])
+    if not identical or failed:
+        raise RuntimeError(f"the 1-worker and {workers}-worker runs stored different contents (or {failed} "
+                           "video(s) failed): the scaling benchmark is invalid")
+    med = {name: statistics.median(values) for name, values in samples.items()}
+    ideal = med["single"] / workers
+    net = (med["parallel"] - med["startup"]) / ((med["single"] - med["startup"]) / workers)
+    work_only = (med["parallel"] - med["parallel_latency"]) / ((med["single"] - med["single_latency"]) / workers)
+    return {"target": TARGETS["scaling"], "what": f"the extract stage (decode, Farneback flow, ResNet-18 features "
+            f"at 64 px, 1 CPU thread per worker) on {videos} synthetic clips of {size('scaling_frames', quick)} "
+            f"frames: 1 shard on 1 worker vs {workers} shards on {workers} workers, both through "
+            "run_shards_locally (submitit local executor), each in a fresh work folder; start-up = wall time of "
+            "a no-op local job; target: (S-worker - start-up) / ((1-worker - start-up) / S) <= 1.15; 'after 1st video' "
+            "also takes out each run's time to its first video (process start, imports, model build: from the "
+            "progress files), i.e. the scaling of the per-video work alone; 'busy' = the stage's own decode + flow + "
+            "features + write seconds summed over workers (its records): S-worker / 1-worker busy > 1 means each "
+            "video is slower while S run at once (shared cache, memory, clock), not waiting",
+            "rows": [{"workers": workers, "videos": videos, "cores": usable_cores(),
+                      "seconds": {name: {"median": round(value, 2), "samples": [round(v, 2) for v in samples[name]]}
+                                  for name, value in med.items()},
+                      "ratio_raw": round(med["parallel"] / ideal, 3), "ratio": round(net, 3),
+                      "ratio_after_first_video": round(work_only, 3),
+                      "busy_ratio": round(med["parallel_busy"] / med["single_busy"], 3),
+                      "identical_contents": identical,
+                      "verdict": "pass" if net <= TARGETS["scaling"] else "FAIL"}]}
+
+
 # ------------------------------------------------------------------------------------------ stall
 def bench_stall(runs: list[Path]) -> dict[str, Any]:
     """Training data stall from the trainer's own per-epoch ``data_wait_share`` (time waiting for the
@@ -446,6 +552,7 @@ def run_bench(out: Path, *, parts: list[str], quick: bool, repeats: int, scratch
                    "flow": lambda: bench_flow(folder, quick, repeats),
                    "features": lambda: bench_features(quick, repeats),
                    "storage": lambda: bench_storage(folder, quick, repeats),
+                   "scaling": lambda: bench_scaling(folder, quick, repeats),
                    "stall": lambda: bench_stall(list(train_runs))}
         for part in parts:
             log.info("bench: %s", part)
@@ -454,7 +561,7 @@ def run_bench(out: Path, *, parts: list[str], quick: bool, repeats: int, scratch
             result["parts"][part].update(seconds=round(time.perf_counter() - started, 1), date=result["date"],
                                          commit=result["commit"], repeats=repeats, quick=quick)
     result["machine"]["load_average_at_end"] = list(__import__("os").getloadavg())
-    result["not_measured"] = {"scaling": "S shards on S workers: the launching issue's benchmark"}
+    result["not_measured"] = {}
     if "stall" not in result["parts"]:
         result["not_measured"]["training data stall"] = "give --train-runs WORK/runs/<model> of real training runs"
     del torch
@@ -542,6 +649,19 @@ def render_markdown(result: dict[str, Any]) -> str:
             s = r["rates"]
             lines.append(f"| {s['npy_per_frame']['median']:.1f} | {s['merged_hdf5']['median']:.1f} | "
                          f"{r['ratio']:.1f}x | {r['verdict']} |")
+        lines.append("")
+    if "scaling" in parts:
+        lines += [f"## Scaling (target <= {parts['scaling']['target']})", "", parts["scaling"]["what"], "",
+                  "| workers | videos | start-up s | 1-worker s | S-worker s | 1st video starts 1 / S workers s "
+                  "| ratio raw | ratio without start-up | verdict | ratio after 1st video | busy s 1 / S workers (ratio) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in parts["scaling"]["rows"]:
+            s = {k: v["median"] for k, v in r["seconds"].items()}
+            lines.append(f"| {r['workers']} | {r['videos']} | {s['startup']:.2f} | {s['single']:.1f} | "
+                         f"{s['parallel']:.1f} | {s['single_latency']:.1f} / {s['parallel_latency']:.1f} | "
+                         f"{r['ratio_raw']:.2f} | {r['ratio']:.2f} | {r['verdict']} | "
+                         f"{r['ratio_after_first_video']:.2f} | {s['single_busy']:.1f} / {s['parallel_busy']:.1f} "
+                         f"({r['busy_ratio']:.2f}) |")
         lines.append("")
     if "stall" in parts:
         lines += [f"## Training data stall (target <= {parts['stall']['target']:.0%})", "", parts["stall"]["what"], "",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import re
 import shlex
 import sys
@@ -49,15 +50,46 @@ def _plain_args(args: argparse.Namespace | None) -> argparse.Namespace:
     return argparse.Namespace(**values)
 
 
-class ShardJob:
-    """One shard of a shard stage, as a submitit Checkpointable (duck-typed: it has ``checkpoint``)."""
+def limit_threads(threads: int) -> None:
+    """Cap this process's numeric libraries at ``threads`` CPU threads.
 
-    def __init__(self, module_name: str, config: dict[str, Any], index: int, count: int, force: bool = False):
+    Why: torch and OpenCV each start one thread per core by default, so N local shard processes on N cores
+    would run N x cores threads and slow each other down (parallelism comes from processes, DESIGN 8).
+    The variables cover OpenMP/MKL/BLAS libraries imported later (torch reads OMP_NUM_THREADS at import);
+    the setters cover OpenCV and an already imported torch.
+    """
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[name] = str(threads)
+    import cv2
+
+    cv2.setNumThreads(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, which taskset and cgroup cpusets narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class ShardJob:
+    """One shard of a shard stage, as a submitit Checkpointable (duck-typed: it has ``checkpoint``).
+
+    ``threads`` > 0 caps the job's CPU threads (:func:`limit_threads`); 0 leaves the libraries' defaults
+    (on SLURM the allocation's ``cpus_per_task`` already bounds the job).
+    """
+
+    def __init__(self, module_name: str, config: dict[str, Any], index: int, count: int, force: bool = False,
+                 threads: int = 0):
         self.module_name = module_name
         self.config = config
         self.index = index
         self.count = count
         self.force = force
+        self.threads = threads
 
     @property
     def spec(self) -> ShardSpec:
@@ -65,6 +97,8 @@ class ShardJob:
 
     def __call__(self) -> dict[str, Any]:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if getattr(self, "threads", 0):  # getattr: a job pickled by an older version has no threads
+            limit_threads(self.threads)
         module = _load_module(self.module_name)
         log.info("running %s shard %s", self.module_name, self.spec.name)
         return module.run_shard(config_from_dict(self.config), self.spec)
@@ -324,16 +358,25 @@ def submit_single(config: Config, job: Any, stage: str, resources: Resources, ar
     return submission
 
 
-def run_shards_locally(config: Config, module_name: str, specs: Sequence[ShardSpec], jobs: int) -> list[dict]:
-    """``hpcvid run --jobs N``: the shards through submitit's local executor, N processes at a time."""
+def run_shards_locally(config: Config, module_name: str, specs: Sequence[ShardSpec], jobs: int,
+                       threads: int | None = None) -> list[dict]:
+    """``hpcvid run --jobs N``: the shards through submitit's local executor, N processes at a time.
+
+    Each process gets ``threads`` CPU threads, by default the usable cores / the processes running at
+    once (at least 1): without that cap, torch and OpenCV in every process each use all cores and N
+    processes oversubscribe the machine N-fold.
+    """
     import submitit
+
+    if threads is None:
+        threads = max(1, usable_cores() // max(1, min(jobs, len(specs))))
 
     config = absolute_work(config)
     folder = jobs_dir(config.work) / "logs" / "local-%j"
     executor = submitit.LocalExecutor(folder=folder)
     executor.update_parameters(timeout_min=walltime_minutes(config.launch.walltime))
     payload = config.to_dict()
-    pending = [ShardJob(module_name, payload, s.index, s.count, s.force) for s in specs]
+    pending = [ShardJob(module_name, payload, s.index, s.count, s.force, threads) for s in specs]
     records: dict[int, dict] = {}
     running: list[tuple[int, Any]] = []
     while pending or running:

@@ -27,3 +27,29 @@ def test_quick_bench_writes_json_and_markdown(tmp_path) -> None:
     text = (out / "bench.md").read_text()
     assert "## Optical flow" in text and "## Feature storage" in text
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("hpcvid-bench-")]  # scratch removed
+
+
+@pytest.mark.slow
+def test_scaling_part_runs_both_ways_and_keeps_the_other_parts(tmp_path, monkeypatch) -> None:
+    from hpcvid import bench
+
+    monkeypatch.setitem(bench.SIZES, "scaling_per_class", (2, 8))  # 12 clips of 8 frames: structure, not speed
+    monkeypatch.setitem(bench.SIZES, "scaling_frames", (8, 32))
+    out = tmp_path / "bench"
+    out.mkdir()
+    (out / "bench.json").write_text(json.dumps({"date": "earlier", "commit": "abc", "repeats": 5,
+                                                "parts": {"storage": {"rows": [], "target": 20.0, "what": "kept"}}}))
+    code = main(["bench", "--quick", "--repeats", "1", "--only", "scaling", "--out", str(out),
+                 "--scratch", str(tmp_path)])
+    assert code == 0
+    result = json.loads((out / "bench.json").read_text())
+    assert set(result["parts"]) == {"scaling", "storage"} and result["kept_from_previous_runs"] == ["storage"]
+    row = result["parts"]["scaling"]["rows"][0]
+    assert row["workers"] == 2 and row["videos"] == 12
+    assert row["identical_contents"] is True  # 1 shard on 1 worker stored what 2 shards on 2 workers stored
+    assert set(row["seconds"]) == {"startup", "single", "parallel", "single_latency", "parallel_latency",
+                                   "single_busy", "parallel_busy"}
+    assert all(len(v["samples"]) == 1 and v["median"] > 0 for v in row["seconds"].values())
+    assert row["verdict"] in ("pass", "FAIL") and row["ratio"] > 0 and row["ratio_raw"] > 0
+    assert "## Scaling" in (out / "bench.md").read_text()
+    assert "scaling" not in result["not_measured"]

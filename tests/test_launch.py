@@ -152,6 +152,48 @@ def test_submit_local_returns_at_once_and_status_reads_the_record(tmp_path, toy_
     assert "nothing to submit" in capsys.readouterr().out
 
 
+def test_local_jobs_share_the_cores_instead_of_oversubscribing(tmp_path, monkeypatch):
+    """N local shard processes get cores // N CPU threads each (at least 1), not all cores each."""
+    from types import SimpleNamespace
+
+    import submitit
+
+    from hpcvid import launch
+    from hpcvid.config import resolve_config
+    from hpcvid.sharding import all_shards
+
+    caps: list[int] = []
+
+    class Recording:  # stands in for the local executor: records each job's cap, runs nothing
+        def __init__(self, folder) -> None:
+            pass
+
+        def update_parameters(self, **kwargs) -> None:
+            pass
+
+        def submit(self, job):
+            caps.append(job.threads)
+            return SimpleNamespace(done=lambda: True, result=lambda: {"index": job.index})
+
+    monkeypatch.setattr(submitit, "LocalExecutor", Recording)
+    monkeypatch.setattr(launch, "usable_cores", lambda: 4)
+    config = resolve_config(overrides={"work": str(tmp_path)})
+    assert launch.run_shards_locally(config, "toystage", all_shards(3), jobs=2) == [{"index": i} for i in range(3)]
+    launch.run_shards_locally(config, "toystage", all_shards(1), jobs=2)
+    launch.run_shards_locally(config, "toystage", all_shards(8), jobs=8)
+    assert caps == [2, 2, 2, 4] + [1] * 8
+
+
+def test_limit_threads_caps_torch_and_opencv_in_a_fresh_process():
+    import subprocess
+    import sys
+
+    code = ("from hpcvid.launch import limit_threads; limit_threads(1); import cv2, torch; "
+            "print(torch.get_num_threads(), cv2.getNumThreads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "1"]
+
+
 def test_debug_executor_runs_in_process(tmp_path, toy_stages):
     work = _toy_work(tmp_path)
     assert hpcvid("submit", "toy", "--work", work, "--shards", "2", "--executor", "debug") == 0
