@@ -324,7 +324,9 @@ def submit_shards(config: Config, module_name: str, stage: str, specs: Sequence[
     folder = jobs_dir(config.work) / "logs" / "%j"
     executor = make_executor(folder, config.launch, resources)
     payload = config.to_dict()
-    shard_jobs = [ShardJob(module_name, payload, s.index, s.count, s.force) for s in specs]
+    # Without a cap torch and OpenCV start a thread per core of the NODE, not of the allocation.
+    threads = config.launch.cpus_per_task if config.launch.executor != "debug" else 0
+    shard_jobs = [ShardJob(module_name, payload, s.index, s.count, s.force, threads) for s in specs]
     if config.launch.executor == "slurm" and len(shard_jobs) > 1:
         with executor.batch():
             jobs = [executor.submit(job) for job in shard_jobs]

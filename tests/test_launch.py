@@ -286,3 +286,30 @@ def test_training_with_a_missing_weights_file_is_refused_before_sbatch(tmp_path,
     err = capsys.readouterr().err
     assert str(missing) in err and "does not exist" in err
     assert not (tmp_path / "jobs").exists()
+
+
+def test_queued_shard_jobs_are_capped_at_the_allocation_s_cpus(tmp_path, monkeypatch):
+    """On a node with more cores than the job's cpus_per_task, torch would otherwise start a thread per core."""
+    import contextlib
+
+    from hpcvid import launch
+    from hpcvid.config import resolve_config
+    from hpcvid.sharding import all_shards
+
+    submitted = []
+
+    class CapturingExecutor:
+        def submit(self, job):
+            submitted.append(job)
+            return type("Job", (), {"job_id": str(len(submitted)), "result": lambda self: None})()
+
+        def batch(self):
+            return contextlib.nullcontext()
+
+    monkeypatch.setattr(launch, "make_executor", lambda folder, cfg, resources: CapturingExecutor())
+    for executor, expected in (("slurm", 3), ("debug", 0)):
+        submitted.clear()
+        config = resolve_config(overrides={"work": str(tmp_path / executor), "launch.executor": executor,
+                                           "launch.cpus_per_task": 3})
+        launch.submit_shards(config, "hpcvid.extract", "extract", all_shards(2), launch.Resources(name="x"), ["t"])
+        assert [job.threads for job in submitted] == [expected, expected]
