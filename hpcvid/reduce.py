@@ -98,15 +98,7 @@ def merge_counts(parts: Sequence[RunCounts]) -> RunCounts:
     """Add up the counts of several shards of one run; a video counted twice is an error naming both shards."""
     if not parts:
         raise ValueError("nothing to merge")
-    first = parts[0]
-    total = RunCounts(
-        run=first.run, model=first.model, classes=first.classes, strategies=list(first.strategies),
-        default_strategy=first.default_strategy,
-        confusion={s: np.zeros_like(c) for s, c in first.confusion.items()},
-        topk={s: {k: 0 for k in hits} for s, hits in first.topk.items()},
-        config=first.config, checkpoint=first.checkpoint, checkpoint_sha256=first.checkpoint_sha256,
-        code_version=first.code_version,
-    )
+    total = _empty_like(parts[0])
     for part in parts:
         _check_compatible(total, part)
         for video, shard_file in part.videos.items():
