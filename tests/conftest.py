@@ -37,3 +37,14 @@ def tiny_work(tiny_synthetic: Path, tmp_path_factory: pytest.TempPathFactory) ->
                  "dataset.split": 1, **{f"synth.{k}": v for k, v in TINY_SYNTH.items()}}
     index_dataset(resolve_config(overrides=overrides))
     return work
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the duration of a test (the CI machine's 2 cores are shared by the suite)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -93,3 +93,11 @@ def wait_finished(job_ids, timeout: float = 120) -> dict:
 
 def python() -> str:
     return sys.executable
+
+
+def extract_job_file(folder: Path, dataset: Path, work: Path) -> Path:
+    """A job file for a cheap 3-shard extraction (32 px, Farneback flow, no CNN) of ``dataset`` into ``work``."""
+    job = folder / f"{work.name}.toml"
+    job.write_text(f'work = "{work}"\n[dataset]\nroot = "{dataset}"\nformat = "ucf101"\n'
+                   '[extract]\nshards = 3\nsize = 32\nbackbone = "none"\nflow = "farneback"\n')
+    return job

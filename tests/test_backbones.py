@@ -11,12 +11,7 @@ from hpcvid.backbones import (IMAGENET_MEAN, IMAGENET_STD, build_backbone, pick_
 from hpcvid.errors import CheckpointError, ConfigError
 
 
-@pytest.fixture(autouse=True)
-def few_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def batch(n: int = 2, size: int = 64) -> torch.Tensor:

@@ -47,9 +47,10 @@ def test_scaling_part_runs_both_ways_and_keeps_the_other_parts(tmp_path, monkeyp
     row = result["parts"]["scaling"]["rows"][0]
     assert row["workers"] == 2 and row["videos"] == 12
     assert row["identical_contents"] is True  # 1 shard on 1 worker stored what 2 shards on 2 workers stored
-    assert set(row["seconds"]) == {"startup", "single", "parallel", "single_latency", "parallel_latency",
-                                   "single_busy", "parallel_busy"}
-    assert all(len(v["samples"]) == 1 and v["median"] > 0 for v in row["seconds"].values())
+    measured = row["seconds"]  # the structure of what was recorded; never how fast it was
+    assert set(measured) == {"startup", "single", "parallel", "single_latency", "parallel_latency",
+                             "single_busy", "parallel_busy"}
+    assert all(len(v["samples"]) == 1 and v["median"] == v["samples"][0] for v in measured.values())  # one repeat
     assert row["verdict"] in ("pass", "FAIL") and row["ratio"] > 0 and row["ratio_raw"] > 0
     assert "## Scaling" in (out / "bench.md").read_text()
     assert "scaling" not in result["not_measured"]

@@ -87,26 +87,29 @@ class _Interrupt(BaseException):
     """Stands for a kill: not an Exception, so the per-video error handling does not catch it."""
 
 
+def interrupt_shard(monkeypatch, config, spec: ShardSpec, after: int) -> None:
+    """Run the shard until ``after`` videos are finished, then stop it mid-video as a kill would."""
+    original = extract._VideoRunner.compute
+
+    def compute_or_die(self, entry, path):
+        if self.processed == after:
+            raise _Interrupt()
+        return original(self, entry, path)
+
+    monkeypatch.setattr(extract._VideoRunner, "compute", compute_or_die)
+    with pytest.raises(_Interrupt):
+        extract.run_shard(config, spec)
+    monkeypatch.setattr(extract._VideoRunner, "compute", original)
+
+
 def test_an_interrupted_shard_resumes_and_ends_like_a_clean_run(synthetic_work, monkeypatch):
     clean, _ = synthetic_work("clean")
     resumed, _ = synthetic_work("resumed")
     spec = ShardSpec(0, 2)
     expected = extract.run_shard(clean, spec)
-    original = extract._VideoRunner.compute
-    calls = {"n": 0}
-
-    def compute_then_die(self, entry, path):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise _Interrupt()
-        return original(self, entry, path)
-
-    monkeypatch.setattr(extract._VideoRunner, "compute", compute_then_die)
-    with pytest.raises(_Interrupt):
-        extract.run_shard(resumed, spec)
+    interrupt_shard(monkeypatch, resumed, spec, after=3)
     assert not extract.record_path(resumed, spec).exists() and not extract.shard_path(resumed, spec).exists()
     assert len(list(extract.parts_dir(resumed, spec).glob("*.h5"))) == 3
-    monkeypatch.setattr(extract._VideoRunner, "compute", original)
     record = extract.run_shard(resumed, spec)
     assert record["timings"]["videos_resumed"] == 3
     assert record["timings"]["videos_processed"] == expected["n_videos"] - 3
@@ -134,17 +137,7 @@ def test_done_shards_are_skipped_and_force_redoes_them(synthetic_work):
 def test_parts_made_with_other_settings_are_discarded(synthetic_work, monkeypatch):
     config, _ = synthetic_work("w")
     spec = ShardSpec(0, 4)
-    original = extract._VideoRunner.compute
-
-    def die_on_second(self, entry, path):
-        if self.processed == 1:
-            raise _Interrupt()
-        return original(self, entry, path)
-
-    monkeypatch.setattr(extract._VideoRunner, "compute", die_on_second)
-    with pytest.raises(_Interrupt):
-        extract.run_shard(config, spec)
-    monkeypatch.setattr(extract._VideoRunner, "compute", original)
+    interrupt_shard(monkeypatch, config, spec, after=1)
     changed = extract_config(config.work_dir, size=24)
     record = extract.run_shard(changed, spec)
     assert record["timings"]["videos_resumed"] == 0
@@ -254,17 +247,7 @@ def test_a_video_replaced_before_the_resume_is_extracted_again(synthetic_work, m
 
     config, _ = synthetic_work("w", flow="none")
     spec = ShardSpec(0, 4)
-    original = extract._VideoRunner.compute
-
-    def die_on_third(self, entry, path):
-        if self.processed == 2:
-            raise _Interrupt()
-        return original(self, entry, path)
-
-    monkeypatch.setattr(extract._VideoRunner, "compute", die_on_third)
-    with pytest.raises(_Interrupt):
-        extract.run_shard(config, spec)
-    monkeypatch.setattr(extract._VideoRunner, "compute", original)
+    interrupt_shard(monkeypatch, config, spec, after=2)
     manifest = load_manifest(config.work_dir)
     first = sorted(v.id for v in manifest.videos)[0]
     videos = tuple(dataclasses.replace(v, mtime=v.mtime + 60) if v.id == first else v for v in manifest.videos)
@@ -276,17 +259,7 @@ def test_a_video_replaced_before_the_resume_is_extracted_again(synthetic_work, m
 def test_force_in_a_requeued_slurm_job_resumes_instead_of_starting_over(synthetic_work, monkeypatch):
     config, _ = synthetic_work("w", flow="none")
     spec = ShardSpec(0, 4, force=True)
-    original = extract._VideoRunner.compute
-
-    def die_on_third(self, entry, path):
-        if self.processed == 2:
-            raise _Interrupt()
-        return original(self, entry, path)
-
-    monkeypatch.setattr(extract._VideoRunner, "compute", die_on_third)
-    with pytest.raises(_Interrupt):
-        extract.run_shard(config, spec)  # the first start of `submit extract --force`, then a walltime
-    monkeypatch.setattr(extract._VideoRunner, "compute", original)
+    interrupt_shard(monkeypatch, config, spec, after=2)  # the first start of `submit extract --force`, then a walltime
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     assert extract.run_shard(config, spec)["timings"]["videos_resumed"] == 2
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # a new --force run starts over

@@ -11,12 +11,7 @@ from hpcvid.backbones import build_backbone, save_backbone
 from hpcvid.features import FeatureExtractor
 
 
-@pytest.fixture(autouse=True)
-def few_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_helpers import slurm_cluster  # noqa: F401 (fixture)
+from slurm_helpers import extract_job_file, slurm_cluster  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,13 +24,6 @@ def test_round_robin_assignment_covers_every_shard_once():
     parts = [shards_for_rank(specs, rank, 2) for rank in range(2)]
     assert [s.index for s in parts[0]] == [0, 2, 4] and [s.index for s in parts[1]] == [1, 3]
     assert shards_for_rank(specs, 3, 8) == [specs[3]] and shards_for_rank(specs, 6, 8) == []
-
-
-def _job_file(tmp_path: Path, dataset: Path, work: Path) -> Path:
-    job = tmp_path / f"{work.name}.toml"
-    job.write_text(f'work = "{work}"\n[dataset]\nroot = "{dataset}"\nformat = "ucf101"\n'
-                   '[extract]\nshards = 3\nsize = 32\nbackbone = "none"\nflow = "farneback"\n')
-    return job
 
 
 def _outputs(work: Path) -> dict[str, object]:
@@ -46,7 +39,7 @@ def array_path_output(tiny_synthetic, tmp_path_factory) -> dict:
 
     tmp = tmp_path_factory.mktemp("array")
     work = tmp / "array"
-    assert main(["run", "extract", "--config", str(_job_file(tmp, tiny_synthetic, work)), "--jobs", "2"]) == 0
+    assert main(["run", "extract", "--config", str(extract_job_file(tmp, tiny_synthetic, work)), "--jobs", "2"]) == 0
     return _outputs(work)
 
 
@@ -72,7 +65,7 @@ def _ranks_env() -> dict[str, str]:
 def test_mpirun_two_ranks_write_the_same_shards_as_the_array_path(array_path_output, tiny_synthetic, tmp_path):
     work = tmp_path / "mpi"
     command = _mpirun() + [sys.executable, "-m", "hpcvid.cli", "mpi", "extract",
-                           "--config", str(_job_file(tmp_path, tiny_synthetic, work))]
+                           "--config", str(extract_job_file(tmp_path, tiny_synthetic, work))]
     out = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=_ranks_env())
     assert out.returncode == 0, out.stderr[-3000:]
     assert "mpi: 3 shard(s) on 2 rank(s); 0 failed" in out.stdout
@@ -91,7 +84,7 @@ def test_srun_pmix_two_ranks_write_the_same_shards(slurm_cluster, array_path_out
     pytest.importorskip("mpi4py", reason="mpi4py is missing: pip install 'hpcvid[mpi]'")
     work = tmp_path / "srun"
     command = ["srun", "--mpi=pmix", "-N", "2", "-n", "2", "--time=5", sys.executable, "-m", "hpcvid.cli", "mpi",
-               "extract", "--config", str(_job_file(tmp_path, tiny_synthetic, work))]
+               "extract", "--config", str(extract_job_file(tmp_path, tiny_synthetic, work))]
     out = subprocess.run(command, capture_output=True, text=True, timeout=360, cwd=ROOT, env=_ranks_env())
     assert out.returncode == 0, out.stderr[-3000:]
     assert "mpi: 3 shard(s) on 2 rank(s); 0 failed" in out.stdout

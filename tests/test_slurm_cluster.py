@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_helpers import (SCRIPT, hpcvid, job_states, slurm_cluster, toy_stages, wait_finished,  # noqa: F401
+from slurm_helpers import (SCRIPT, extract_job_file, hpcvid, job_states, slurm_cluster, toy_stages, wait_finished,  # noqa: F401
                            wait_until)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -65,13 +65,6 @@ def test_cluster_up_is_idempotent_and_status_answers(slurm_cluster, walltime_job
     assert status.returncode == 0 and "n1=idle" in status.stdout.replace("n1=mix", "n1=idle")
 
 
-def _extract_job_file(tmp_path: Path, dataset: Path, work: Path) -> Path:
-    job = tmp_path / f"{work.name}.toml"
-    job.write_text(f'work = "{work}"\n[dataset]\nroot = "{dataset}"\nformat = "ucf101"\n'
-                   '[extract]\nshards = 3\nsize = 32\nbackbone = "none"\nflow = "farneback"\n')
-    return job
-
-
 def _checksums(work: Path) -> dict[str, str]:
     return {v["id"]: v["checksum"] for record in sorted((work / "extract").glob("shard-*.json"))
             for v in json.loads(record.read_text())["videos"]}
@@ -79,7 +72,7 @@ def _checksums(work: Path) -> dict[str, str]:
 
 def test_extract_array_completes_and_equals_the_local_run(slurm_cluster, tiny_synthetic, tmp_path, capsys):
     on_slurm, local = tmp_path / "slurm", tmp_path / "local"
-    assert hpcvid("submit", "extract", "--config", _extract_job_file(tmp_path, tiny_synthetic, on_slurm),
+    assert hpcvid("submit", "extract", "--config", extract_job_file(tmp_path, tiny_synthetic, on_slurm),
                   "--profile", ROOT / "slurm" / "local.toml", "--walltime", "00:10:00") == 0
     out = capsys.readouterr().out
     assert "submitted 3 job(s) on slurm" in out
@@ -89,12 +82,12 @@ def test_extract_array_completes_and_equals_the_local_run(slurm_cluster, tiny_sy
     from hpcvid.config import resolve_config
     from hpcvid.launch import Resources, sbatch_text
 
-    launch = resolve_config(_extract_job_file(tmp_path, tiny_synthetic, on_slurm), ROOT / "slurm" / "local.toml",
+    launch = resolve_config(extract_job_file(tmp_path, tiny_synthetic, on_slurm), ROOT / "slurm" / "local.toml",
                             {"launch.walltime": "00:10:00"}).launch
     base = submission["job_ids"][0].split("_")[0]
     sent = (on_slurm / "jobs" / "logs" / base / f"{base}_submission.sh").read_text()
     assert sent == sbatch_text(launch, Resources(name="hpcvid-extract"), Path(submission["folder"]), array=3)
-    assert hpcvid("run", "extract", "--config", _extract_job_file(tmp_path, tiny_synthetic, local)) == 0
+    assert hpcvid("run", "extract", "--config", extract_job_file(tmp_path, tiny_synthetic, local)) == 0
     states = wait_finished(submission["job_ids"], timeout=240)
     assert {s.state for s in states.values()} == {"COMPLETED"}, states
     assert all(s.nodes.startswith("n") for s in states.values()), "the tasks ran on the fake nodes"
@@ -105,7 +98,7 @@ def test_extract_array_completes_and_equals_the_local_run(slurm_cluster, tiny_sy
     done = sum(len(json.loads(p.read_text())["videos"]) for p in (on_slurm / "extract").glob("shard-*.json"))
     assert f"videos {done}/{done}" in table
     # a second submission finds every shard done and queues nothing
-    assert hpcvid("submit", "extract", "--config", _extract_job_file(tmp_path, tiny_synthetic, on_slurm),
+    assert hpcvid("submit", "extract", "--config", extract_job_file(tmp_path, tiny_synthetic, on_slurm),
                   "--profile", ROOT / "slurm" / "local.toml") == 0
     assert "nothing to submit" in capsys.readouterr().out
 
