@@ -1,6 +1,7 @@
 """The synthetic dataset: determinism, layout, frame counts, no single-frame cue, and measured true motion."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from hpcvid.cli import main as cli_main
 from hpcvid.config import SynthConfig
 from hpcvid.errors import ConfigError
 from hpcvid.manifest import load_manifest
-from hpcvid.synth import MOTIONS, class_names, generate, load_motion, make_trajectory
+from hpcvid.synth import MOTIONS, SYNTH_SCHEMA_VERSION, class_names, generate, load_motion, make_trajectory
 
 from conftest import TINY_SYNTH
 
@@ -140,8 +141,8 @@ def test_middle_frame_state_is_drawn_identically_for_every_motion():
 
 def test_motion_changes_the_object_over_the_clip():
     traj = {m: make_trajectory(np.random.default_rng(1), m, 12, 64, 64) for m in MOTIONS}
-    assert traj["Expand"].scale[-1] / traj["Expand"].scale[0] > 1.5
-    assert traj["Contract"].scale[-1] / traj["Contract"].scale[0] < 1 / 1.5
+    assert traj["Expand"].scale[-1] / traj["Expand"].scale[0] > 2.0
+    assert traj["Contract"].scale[-1] / traj["Contract"].scale[0] < 1 / 2.0
     assert traj["RotateLeft"].angle[-1] - traj["RotateLeft"].angle[0] > 2.5
     assert traj["RotateRight"].angle[-1] - traj["RotateRight"].angle[0] < -2.5
     moved = (traj["MoveRight"].centre[-1] - traj["MoveRight"].jitter[-1]) - (
