@@ -1,6 +1,7 @@
 """``hpcvid demo``: the whole pipeline on a small synthetic dataset, on this machine, in a few minutes.
 
-synth -> index -> extract (several shards) -> merge -> train frame, flow, twostream, lstm -> eval (sharded)
+synth -> index -> extract (several shards) -> merge -> train frame, flow, twostream -> features -> train lstm
+-> eval (sharded)
 -> collect, every stage through the same command line a user types (``hpcvid.cli.main``), with a job file
 written into the work folder so that each step can be re-run by hand. It ends with the results table and
 the path of the report.
@@ -9,8 +10,18 @@ A stage that is not built in this checkout is skipped with a line that says so, 
 ran; the demo never pretends. Every stage is resumable, so a second ``hpcvid demo`` redoes nothing
 (``--force`` starts again from an empty work folder).
 
-Sizes (``--size``): ``default`` follows DESIGN 8 (6 classes, 40 train + 15 test clips per class, 16 frames
-of 64x64 px); ``small`` is the CI size (fewer clips and epochs).
+The LSTM reads features of the fine-tuned frame CNN (``run features``, the seeds' part 2), not the
+extraction backbone's: with no ImageNet weights here that backbone is randomly initialised, and its pooled
+features barely encode the object's size (a linear read-out of log size from them: R^2 0.1-0.3), so the
+LSTM stopped at 66-86 % (with synth's earlier 1.8x expansion); over the fine-tuned CNN's features it reached
+94-99 % on the same clips. The frame
+CNN is trained only briefly (3 epochs): it has learnt the appearances by then, and further training on a
+task where one frame cannot tell the motion teaches it to ignore size (default size, two
+seeds: the LSTM over its features reached 98.3 % after 3 epochs, 95-96 % after 4).
+
+Sizes (``--size``): ``ci`` is the issue's CI scale, DESIGN 8's (6 classes, 40 train + 15 test clips per
+class, 16 frames of 64x64 px); ``default`` is larger (60 + 20 clips per class), so its accuracies are
+measured on more test videos.
 """
 from __future__ import annotations
 
@@ -24,15 +35,15 @@ from typing import Any, Callable
 
 DEMO_SIZES: dict[str, dict[str, Any]] = {
     "default": {
-        "synth": {"classes": 6, "per_class": 55, "test_per_class": 15, "frames": 16, "size": "64x64", "seed": 0},
+        "synth": {"classes": 6, "per_class": 80, "test_per_class": 20, "frames": 16, "size": "64x64", "seed": 0},
         "extract": {"shards": 3, "size": 64},
-        "epochs": {"frame": 6, "flow": 15, "twostream": 5, "lstm": 25},
+        "epochs": {"frame": 3, "flow": 25, "twostream": 5, "lstm": 40},
         "eval_shards": 2,
     },
-    "small": {
-        "synth": {"classes": 6, "per_class": 40, "test_per_class": 10, "frames": 16, "size": "64x64", "seed": 0},
-        "extract": {"shards": 2, "size": 64},
-        "epochs": {"frame": 5, "flow": 15, "twostream": 6, "lstm": 20},
+    "ci": {
+        "synth": {"classes": 6, "per_class": 55, "test_per_class": 15, "frames": 16, "size": "64x64", "seed": 0},
+        "extract": {"shards": 3, "size": 64},
+        "epochs": {"frame": 3, "flow": 25, "twostream": 5, "lstm": 40},
         "eval_shards": 2,
     },
 }
@@ -85,6 +96,9 @@ fusion_weights = [1.0, 1.5]
 device = "cpu"
 val_fraction = 0.15
 early_stopping = 4
+# A horizontal flip turns a left rotation into a right one: on this set it changes the label (flow CNN,
+# CI size: motion 90.0 % with flips, 98.9 % without). Keep it on for UCF-101-like data.
+flip = false
 
 [eval]
 shards = {spec['eval_shards']}
@@ -125,9 +139,10 @@ def _cli(*argv: str) -> int:
     return main(list(argv))
 
 
-# Per-model training flags on top of the job file. The LSTM over 16 pooled features of 330 clips overfits
-# at once (train accuracy 100 % by epoch 7); stronger regularisation took it from 79 % to 86 % on the demo.
-TRAIN_FLAGS: dict[str, tuple[str, ...]] = {"lstm": ("--dropout", "0.5", "--weight-decay", "0.1")}
+# Per-model training flags on top of the job file. On the fine-tuned CNN's features, the LSTM with dropout
+# 0.3 and weight decay 0.01 reached 98.9 % where 0.5 / 0.1 (right for the random backbone's features, which
+# it memorised at once) reached 95.6 % (CI size, 40 epochs).
+TRAIN_FLAGS: dict[str, tuple[str, ...]] = {"lstm": ("--dropout", "0.3", "--weight-decay", "0.01")}
 
 
 def _train(job: Path, model: str, epochs: int) -> int:
@@ -144,6 +159,8 @@ def build_steps(job: Path, work: Path, data: Path, out: Path, size: str) -> list
         Step("merge", "stage merge", lambda: _cli("run", "merge", "--config", str(job))),
     ]
     for model in MODELS:
+        if model == "lstm":   # the LSTM trains on the fine-tuned frame CNN's features (module docstring)
+            steps.append(Step("features", "stage features", lambda: _cli("run", "features", "--config", str(job))))
         steps.append(Step(f"train {model}", "stage train",
                           lambda model=model: _train(job, model, spec["epochs"][model])))
     for model in MODELS:
@@ -201,7 +218,7 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work", metavar="WORK", default="work/demo", help="work folder (default: work/demo)")
     parser.add_argument("--data", metavar="DIR", default="data/demo", help="dataset folder (default: data/demo)")
     parser.add_argument("--size", choices=tuple(DEMO_SIZES), default="default",
-                        help="default: DESIGN 8's demo scale; small: the CI size")
+                        help="ci: the CI scale (40 + 15 clips per class); default: larger (60 + 20)")
     parser.add_argument("--force", action="store_true", help="delete the work folder and start again")
     parser.add_argument("--threads", type=int, default=0, metavar="N",
                         help="torch threads (default: all cores of this machine)")
