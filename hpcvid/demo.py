@@ -95,7 +95,9 @@ flow_stack = {min(10, synth['frames'] - 1)}
 fusion_weights = [1.0, 1.5]
 device = "cpu"
 val_fraction = 0.15
-early_stopping = 4
+# Patience 10: validation is 15 % of the train split (36 clips at CI size), and with 4 the LSTM stopped
+# at epoch 10 on one seed, at 85.6 % (94.4 % with 10).
+early_stopping = 10
 # A horizontal flip turns a left rotation into a right one: on this set it changes the label (flow CNN,
 # CI size: motion 90.0 % with flips, 98.9 % without). Keep it on for UCF-101-like data.
 flip = false
