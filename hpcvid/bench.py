@@ -612,68 +612,81 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"{name} ({result['parts'][name].get('date')}, {result['parts'][name].get('commit')}, "
             f"{result['parts'][name].get('repeats')} repeats)" for name in result["kept_from_previous_runs"]) + ".", ""]
     parts = result["parts"]
-    if "decode" in parts:
-        lines += [f"## Decode (target >= {parts['decode']['target']})", "", parts["decode"]["what"], "",
-                  "| clip | frames | ffmpeg -f null f/s | PyAV decoder f/s | ratio | verdict | ffmpeg same work f/s "
-                  "| read_video pyav f/s | ratio | verdict | read_video imageio f/s (ratio) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in parts["decode"]["rows"]:
-            s = {k: v["median"] for k, v in r["rates"].items()}
-            lines.append(f"| {r['clip']} | {r['frames']} | {s['ffmpeg_null']:.0f} | {s['pyav_decoder']:.0f} | "
-                         f"{r['ratio']:.2f} | {r['verdict']} | {s['ffmpeg_rgb112']:.0f} | {s['pyav']:.0f} | "
-                         f"{r['end_to_end_vs_same_work']:.2f} | {r['end_to_end_verdict']} | {s['imageio']:.0f} "
-                         f"({r['imageio_vs_same_work']:.2f}) |")
-        lines.append("")
-    if "flow" in parts:
-        lines += [f"## Optical flow (target >= {parts['flow']['target']})", "", parts["flow"]["what"], "",
-                  "| algorithm | pairs | bare OpenCV pairs/s | pipeline pairs/s | ratio | EPE object px | EPE of zero flow | verdict |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in parts["flow"]["rows"]:
-            s = r["rates"]
-            lines.append(f"| {r['algorithm']} | {r['pairs']} | {s['bare_opencv']['median']:.1f} | "
-                         f"{s['pipeline']['median']:.1f} | {r['ratio']:.2f} | {r['epe_object']:.3f} | "
-                         f"{r['epe_zero_flow']:.3f} | {r['verdict']} |")
-        lines.append("")
-    if "features" in parts:
-        lines += [f"## CNN features (target >= {parts['features']['target']})", "", parts["features"]["what"], "",
-                  "| backbone | precision | bare forward f/s | pipeline f/s | ratio | verdict |", "|---|---|---|---|---|---|"]
-        for r in parts["features"]["rows"]:
-            s = r["rates"]
-            lines.append(f"| {r['backbone']} | {r['describe']['precision']} | {s['bare_forward']['median']:.1f} | "
-                         f"{s['pipeline']['median']:.1f} | {r['ratio']:.2f} | {r['verdict']} |")
-        lines.append("")
-    if "storage" in parts:
-        lines += [f"## Feature storage (target >= {parts['storage']['target']}x)", "", parts["storage"]["what"], "",
-                  "| .npy per frame windows/s | merged HDF5 windows/s | ratio | verdict |", "|---|---|---|---|"]
-        for r in parts["storage"]["rows"]:
-            s = r["rates"]
-            lines.append(f"| {s['npy_per_frame']['median']:.1f} | {s['merged_hdf5']['median']:.1f} | "
-                         f"{r['ratio']:.1f}x | {r['verdict']} |")
-        lines.append("")
-    if "scaling" in parts:
-        lines += [f"## Scaling (target <= {parts['scaling']['target']})", "", parts["scaling"]["what"], "",
-                  "| workers | videos | start-up s | 1-worker s | S-worker s | 1st video starts 1 / S workers s "
-                  "| ratio raw | ratio without start-up | verdict | ratio after 1st video | busy s 1 / S workers (ratio) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in parts["scaling"]["rows"]:
-            s = {k: v["median"] for k, v in r["seconds"].items()}
-            lines.append(f"| {r['workers']} | {r['videos']} | {s['startup']:.2f} | {s['single']:.1f} | "
-                         f"{s['parallel']:.1f} | {s['single_latency']:.1f} / {s['parallel_latency']:.1f} | "
-                         f"{r['ratio_raw']:.2f} | {r['ratio']:.2f} | {r['verdict']} | "
-                         f"{r['ratio_after_first_video']:.2f} | {s['single_busy']:.1f} / {s['parallel_busy']:.1f} "
-                         f"({r['busy_ratio']:.2f}) |")
-        lines.append("")
-    if "stall" in parts:
-        lines += [f"## Training data stall (target <= {parts['stall']['target']:.0%})", "", parts["stall"]["what"], "",
-                  "| model | backbone | batch | workers | epochs | median stall | max | verdict |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in parts["stall"]["rows"]:
-            lines.append(f"| {r['model']} | {r['backbone']} | {r['batch_size']} | {r['workers']} | {r['epochs']} | "
-                         f"{r['median_share']:.1%} | {r['max_share']:.1%} | {r['verdict']} |")
-        lines.append("")
+    for name, (title, columns, row_cells) in TABLES.items():
+        if name in parts:
+            lines += _table_section(title.format(target=parts[name]["target"]), parts[name]["what"], columns,
+                                    [row_cells(r) for r in parts[name]["rows"]])
     if result.get("not_measured"):
         lines += ["## Not measured here", ""] + [f"- {k}: {v}" for k, v in result["not_measured"].items()] + [""]
     return "\n".join(lines)
+
+
+def _medians(rates: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {k: v["median"] for k, v in rates.items()}
+
+
+def _decode_cells(r: dict[str, Any]) -> list[str]:
+    s = _medians(r["rates"])
+    return [r["clip"], f"{r['frames']}", f"{s['ffmpeg_null']:.0f}", f"{s['pyav_decoder']:.0f}", f"{r['ratio']:.2f}",
+            r["verdict"], f"{s['ffmpeg_rgb112']:.0f}", f"{s['pyav']:.0f}", f"{r['end_to_end_vs_same_work']:.2f}",
+            r["end_to_end_verdict"], f"{s['imageio']:.0f} ({r['imageio_vs_same_work']:.2f})"]
+
+
+def _flow_cells(r: dict[str, Any]) -> list[str]:
+    s = _medians(r["rates"])
+    return [r["algorithm"], f"{r['pairs']}", f"{s['bare_opencv']:.1f}", f"{s['pipeline']:.1f}", f"{r['ratio']:.2f}",
+            f"{r['epe_object']:.3f}", f"{r['epe_zero_flow']:.3f}", r["verdict"]]
+
+
+def _features_cells(r: dict[str, Any]) -> list[str]:
+    s = _medians(r["rates"])
+    return [r["backbone"], r["describe"]["precision"], f"{s['bare_forward']:.1f}", f"{s['pipeline']:.1f}",
+            f"{r['ratio']:.2f}", r["verdict"]]
+
+
+def _storage_cells(r: dict[str, Any]) -> list[str]:
+    s = _medians(r["rates"])
+    return [f"{s['npy_per_frame']:.1f}", f"{s['merged_hdf5']:.1f}", f"{r['ratio']:.1f}x", r["verdict"]]
+
+
+def _scaling_cells(r: dict[str, Any]) -> list[str]:
+    s = _medians(r["seconds"])
+    return [f"{r['workers']}", f"{r['videos']}", f"{s['startup']:.2f}", f"{s['single']:.1f}", f"{s['parallel']:.1f}",
+            f"{s['single_latency']:.1f} / {s['parallel_latency']:.1f}", f"{r['ratio_raw']:.2f}", f"{r['ratio']:.2f}",
+            r["verdict"], f"{r['ratio_after_first_video']:.2f}",
+            f"{s['single_busy']:.1f} / {s['parallel_busy']:.1f} ({r['busy_ratio']:.2f})"]
+
+
+def _stall_cells(r: dict[str, Any]) -> list[str]:
+    return [r["model"], r["backbone"], f"{r['batch_size']}", f"{r['workers']}", f"{r['epochs']}",
+            f"{r['median_share']:.1%}", f"{r['max_share']:.1%}", r["verdict"]]
+
+
+# Part -> (section title, table columns, one row's cells), in the order the report shows them.
+TABLES: dict[str, tuple[str, tuple[str, ...], Any]] = {
+    "decode": ("Decode (target >= {target})",
+               ("clip", "frames", "ffmpeg -f null f/s", "PyAV decoder f/s", "ratio", "verdict", "ffmpeg same work f/s",
+                "read_video pyav f/s", "ratio", "verdict", "read_video imageio f/s (ratio)"), _decode_cells),
+    "flow": ("Optical flow (target >= {target})",
+             ("algorithm", "pairs", "bare OpenCV pairs/s", "pipeline pairs/s", "ratio", "EPE object px",
+              "EPE of zero flow", "verdict"), _flow_cells),
+    "features": ("CNN features (target >= {target})",
+                 ("backbone", "precision", "bare forward f/s", "pipeline f/s", "ratio", "verdict"), _features_cells),
+    "storage": ("Feature storage (target >= {target}x)",
+                (".npy per frame windows/s", "merged HDF5 windows/s", "ratio", "verdict"), _storage_cells),
+    "scaling": ("Scaling (target <= {target})",
+                ("workers", "videos", "start-up s", "1-worker s", "S-worker s", "1st video starts 1 / S workers s",
+                 "ratio raw", "ratio without start-up", "verdict", "ratio after 1st video",
+                 "busy s 1 / S workers (ratio)"), _scaling_cells),
+    "stall": ("Training data stall (target <= {target:.0%})",
+              ("model", "backbone", "batch", "workers", "epochs", "median stall", "max", "verdict"), _stall_cells),
+}
+
+
+def _table_section(title: str, what: str, columns: tuple[str, ...], rows: list[list[str]]) -> list[str]:
+    """A '## title' section: the part's description, then a markdown table of its rows."""
+    return [f"## {title}", "", what, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+            *("| " + " | ".join(cells) + " |" for cells in rows), ""]
 
 
 def load(out: Path | str) -> dict[str, Any]:
