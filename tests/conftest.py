@@ -15,9 +15,9 @@ TINY_SYNTH = {"classes": 6, "per_class": 4, "test_per_class": 1, "frames": 12, "
 
 @pytest.fixture(scope="session")
 def tiny_synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Root of a tiny synthetic dataset in UCF-101's layout (see hpcvid.synth); do not modify it."""
+    """Root of a tiny synthetic dataset in UCF-101's layout (see hpcvid.stages.synth); do not modify it."""
     from hpcvid.config import SynthConfig
-    from hpcvid.synth import generate
+    from hpcvid.stages.synth import generate
 
     return generate(tmp_path_factory.mktemp("tiny_synthetic"), SynthConfig(**TINY_SYNTH))
 
@@ -30,7 +30,7 @@ def tiny_work(tiny_synthetic: Path, tmp_path_factory: pytest.TempPathFactory) ->
     folder (or use ``hpcvid.config.replace`` + your own work folder) before writing into it.
     """
     from hpcvid.config import resolve_config
-    from hpcvid.index import index_dataset
+    from hpcvid.stages.index import index_dataset
 
     work = tmp_path_factory.mktemp("tiny_work")
     overrides = {"work": str(work), "dataset.root": str(tiny_synthetic), "dataset.format": "ucf101",

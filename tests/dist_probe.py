@@ -11,7 +11,7 @@ def probe() -> dict:
     import torch
     import torch.distributed as dist
 
-    from hpcvid.distributed import detect
+    from hpcvid.launch.distributed import detect
 
     torch.set_num_threads(1)
     env = detect()

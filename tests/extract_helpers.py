@@ -1,6 +1,6 @@
 """Helpers for the extract/merge/store tests: tiny datasets, manifests written directly, configs.
 
-The manifests are written with hpcvid.manifest (the foundation's contract), so these tests exercise the
+The manifests are written with hpcvid.storage.manifest (the foundation's contract), so these tests exercise the
 extract stage alone, whatever the indexer does.
 """
 from __future__ import annotations
@@ -10,15 +10,15 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from hpcvid.config import Config, SynthConfig, resolve_config
-from hpcvid.manifest import Manifest, VideoEntry, write_manifest
+from hpcvid.storage.manifest import Manifest, VideoEntry, write_manifest
 
 VIDEO_SUFFIXES = (".avi", ".mp4", ".mkv", ".mov", ".webm")
 
 
 def make_synthetic(root: Path, *, classes: int = 2, per_class: int = 3, test_per_class: int = 1,
                    frames: int = 8, size: str = "32x32") -> Path:
-    """A tiny synthetic dataset (hpcvid.synth) in UCF-101's layout."""
-    from hpcvid.synth import generate
+    """A tiny synthetic dataset (hpcvid.stages.synth) in UCF-101's layout."""
+    from hpcvid.stages.synth import generate
 
     return Path(generate(root, SynthConfig(classes=classes, per_class=per_class, test_per_class=test_per_class,
                                            frames=frames, size=size)))

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcvid.manifest import Manifest, VideoEntry, write_manifest
-from hpcvid.predictions import PredictionShard, write_prediction_shard
-from hpcvid.sharding import all_shards, select
+from hpcvid.storage.manifest import Manifest, VideoEntry, write_manifest
+from hpcvid.storage.predictions import PredictionShard, write_prediction_shard
+from hpcvid.launch.sharding import all_shards, select
 
 
 def make_manifest(work: Path, n_classes: int = 6, test_per_class: int = 5, train_per_class: int = 2,

@@ -48,7 +48,7 @@ def slurm_cluster() -> Iterator[str]:
 @pytest.fixture
 def toy_stages(monkeypatch: pytest.MonkeyPatch) -> None:
     """Register toystage/toymerge in-process and make them importable by jobs on the nodes."""
-    from hpcvid import stages
+    from hpcvid.cli import run as stages
 
     monkeypatch.setitem(stages.STAGES, "toy", "toystage")
     monkeypatch.setitem(stages.STAGES, "toymerge", "toymerge")
@@ -73,7 +73,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, every: 
 
 
 def job_states(job_ids) -> dict:
-    from hpcvid.scheduler import query_jobs
+    from hpcvid.launch.scheduler import query_jobs
 
     return query_jobs(job_ids)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpcvid.backbones import (IMAGENET_MEAN, IMAGENET_STD, build_backbone, pick_device, preprocess,
+from hpcvid.learn.backbones import (IMAGENET_MEAN, IMAGENET_STD, build_backbone, pick_device, preprocess,
                               save_backbone)
 from hpcvid.errors import CheckpointError, ConfigError
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from extract_helpers import write_folder_manifest
-from hpcvid.commands import run_command
+from hpcvid.launch.external import run_command
 from hpcvid.errors import CommandError
 from hpcvid.fileio import read_json
-from hpcvid.store import ShardReader
+from hpcvid.storage.shards import ShardReader
 
 MUST_FAIL = {"empty", "text", "audio_only", "truncated_mp4"}
 MUST_WORK = {"one_frame", "huge", "odd_sar", "good", "with spaces ünïcödé 動画", "bikes", "bigbuckbunny",

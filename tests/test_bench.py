@@ -31,7 +31,7 @@ def test_quick_bench_writes_json_and_markdown(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_scaling_part_runs_both_ways_and_keeps_the_other_parts(tmp_path, monkeypatch) -> None:
-    from hpcvid import bench
+    from hpcvid.cli import bench
 
     monkeypatch.setitem(bench.SIZES, "scaling_per_class", (2, 8))  # 12 clips of 8 frames: structure, not speed
     monkeypatch.setitem(bench.SIZES, "scaling_frames", (8, 32))

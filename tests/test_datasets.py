@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpcvid.datasets import (Augment, FeatureDataset, FeatureItem, FlowDataset, FrameDataset, MemoryFeatureSource,
+from hpcvid.learn.datasets import (Augment, FeatureDataset, FeatureItem, FlowDataset, FrameDataset, MemoryFeatureSource,
                              MemoryVideoSource, TwoStreamDataset, VideoItem, centre_in_time, compensate_camera,
                              crop_resize, hold_out, normalise_features, ping_pong_indices, prepare_flow,
                              sequence_indices, window_start, window_starts)

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpcvid.commands import run_command
+from hpcvid.launch.external import run_command
 from hpcvid.config import ExtractConfig
-from hpcvid.decode import (count_indices, fps_keep, named_frame_indices, output_size, read_video,
+from hpcvid.media.decode import (count_indices, fps_keep, named_frame_indices, output_size, read_video,
                            sample_indices)
 from hpcvid.errors import VideoError
 
@@ -131,7 +131,7 @@ def test_other_pixel_formats_and_odd_sizes_match_ffmpeg(clips, tmp_path, kind) -
 
 
 def test_streaming_gives_the_same_frames(clips) -> None:
-    from hpcvid.decode import iter_frames
+    from hpcvid.media.decode import iter_frames
 
     cfg = ExtractConfig(sampling="every", every=3, size=32)
     streamed = list(iter_frames(clips["avi"], cfg))

@@ -66,7 +66,7 @@ def test_demo_runs_every_stage_and_writes_the_report(demo, capsys):
 
 @pytest.mark.slow
 def test_the_demo_lstm_trains_on_the_fine_tuned_frame_cnn_features(demo):
-    from hpcvid.train import load_checkpoint
+    from hpcvid.stages.train import load_checkpoint
 
     root, _ = demo
     assert list((root / "work" / "features" / "frame").glob("shard-*.h5"))
@@ -115,7 +115,7 @@ def test_at_ci_size_the_motion_path_works_end_to_end(ci_demo):
 
 def test_a_stage_not_built_is_skipped_and_said(tmp_path, monkeypatch, capsys):
     """Without a stage (here: every step's requirement removed) the demo runs nothing and says so."""
-    from hpcvid import demo as demo_module
+    from hpcvid.cli import demo as demo_module
 
     monkeypatch.setattr(demo_module, "available", lambda needs: False)
     result = demo_module.run_demo(tmp_path / "out", tmp_path / "work", tmp_path / "data", size="ci")
@@ -127,8 +127,8 @@ def test_a_stage_not_built_is_skipped_and_said(tmp_path, monkeypatch, capsys):
 
 
 def test_demo_availability_follows_the_registries(monkeypatch):
-    from hpcvid import demo as demo_module
-    from hpcvid import stages
+    from hpcvid.cli import demo as demo_module
+    from hpcvid.cli import run as stages
 
     assert demo_module.available("stage eval") and demo_module.available("verb collect")
     monkeypatch.setattr(stages, "STAGES", {k: v for k, v in stages.STAGES.items() if k != "eval"})

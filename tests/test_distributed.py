@@ -1,4 +1,4 @@
-"""hpcvid.distributed.detect on literal environments, and for real: srun -n 2 and submitit, gloo all_reduce."""
+"""hpcvid.launch.distributed.detect on literal environments, and for real: srun -n 2 and submitit, gloo all_reduce."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcvid.distributed import DistEnv, detect, port_for_job
+from hpcvid.launch.distributed import DistEnv, detect, port_for_job
 from slurm_helpers import slurm_cluster, toy_stages  # noqa: F401 (fixtures)
 
 TESTS = Path(__file__).resolve().parent

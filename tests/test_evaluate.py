@@ -3,7 +3,7 @@
 It checks what the reducer relies on (every test video scored exactly once across shards, the documented
 strategies, records written last) and that evaluation feeds each model exactly what validation fed it
 (the same input preparation): the default strategy's score equals a direct forward pass of the validation
-input built by hpcvid.datasets.
+input built by hpcvid.learn.datasets.
 """
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from hpcvid import evaluate, extract
+from hpcvid.stages import evaluate
+from hpcvid.stages import extract
 from hpcvid.config import resolve_config
 from hpcvid.errors import PartialFailure
-from hpcvid.predictions import read_prediction_shard, read_record, shard_paths
-from hpcvid.sharding import all_shards
-from hpcvid.train import load_run, train
+from hpcvid.storage.predictions import read_prediction_shard, read_record, shard_paths
+from hpcvid.launch.sharding import all_shards
+from hpcvid.stages.train import load_run, train
 
 pytestmark = pytest.mark.slow
 torch.set_num_threads(1)
@@ -77,14 +78,14 @@ def test_every_test_video_scored_once_with_every_strategy(trained_work, model):
             assert scores.shape == (len(shard.video_ids), 6)
             np.testing.assert_allclose(scores.sum(axis=1), 1.0, atol=1e-4)    # probabilities
         seen += shard.video_ids
-    from hpcvid.manifest import load_manifest
+    from hpcvid.storage.manifest import load_manifest
 
     assert sorted(seen) == sorted(v.id for v in load_manifest(work).by_split("test"))
 
 
 def test_default_strategies_see_what_validation_saw(trained_work):
     """middle frame / centre stack / centre window: eval equals a forward pass of the validation dataset."""
-    from hpcvid.datasets import (FeatureDataset, FlowDataset, FrameDataset, ShardFeatureSource, VideoItem)
+    from hpcvid.learn.datasets import (FeatureDataset, FlowDataset, FrameDataset, ShardFeatureSource, VideoItem)
 
     work, base = trained_work
     source, info = evaluate.video_source(_config(base, "frame"))
@@ -119,7 +120,7 @@ def test_default_strategies_see_what_validation_saw(trained_work):
 def test_a_test_video_missing_from_extraction_is_listed_as_failed(trained_work, tmp_path):
     from dataclasses import replace as dc_replace
 
-    from hpcvid.manifest import load_manifest, write_manifest
+    from hpcvid.storage.manifest import load_manifest, write_manifest
 
     work, base = trained_work
     other = tmp_path / "work"
@@ -135,7 +136,7 @@ def test_a_test_video_missing_from_extraction_is_listed_as_failed(trained_work, 
     with pytest.raises(PartialFailure, match="v_ghost_g99_c01"):
         evaluate.report(config, [record])
     from hpcvid.errors import StoreError
-    from hpcvid.reduce import reduce_files
+    from hpcvid.stages.reduce import reduce_files
 
     with pytest.raises(StoreError, match=r"counted by no shard, e.g. TriangleExpand/v_ghost_g99_c01 \(failed: not in"):
         reduce_files(other)

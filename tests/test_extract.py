@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from extract_helpers import extract_config, write_folder_manifest
-from hpcvid import extract
-from hpcvid.sharding import ShardSpec, all_shards
-from hpcvid.store import ShardReader
+from hpcvid.stages import extract
+from hpcvid.launch.sharding import ShardSpec, all_shards
+from hpcvid.storage.shards import ShardReader
 
 
 def _run_all(config, count: int) -> list[dict]:
@@ -145,7 +145,7 @@ def test_parts_made_with_other_settings_are_discarded(synthetic_work, monkeypatc
 
 
 def test_cli_indexes_when_the_manifest_is_missing_and_reports(tiny_synthetic, tmp_path, capsys):
-    pytest.importorskip("hpcvid.index")
+    pytest.importorskip("hpcvid.stages.index")
     from hpcvid.cli import main
 
     work = tmp_path / "work"
@@ -181,7 +181,7 @@ def test_a_random_backbone_is_the_same_network_in_every_process(monkeypatch):
 def test_features_are_finite_and_not_zero_even_untrained(tiny_synthetic, tmp_path, backbone, dim):
     """Untrained GoogLeNet's features are ~1e-12 (DESIGN 8): stored as float32 they must survive, and the
     merged statistics must not erase them."""
-    from hpcvid.merge import MergedFeatures, merge
+    from hpcvid.stages.merge import MergedFeatures, merge
 
     clips = sorted(tiny_synthetic.rglob("*.avi"))
     picked = [clips[0], clips[5], clips[-1]]
@@ -243,7 +243,7 @@ def test_a_video_that_kills_its_process_is_listed_after_max_attempts(synthetic_w
 def test_a_video_replaced_before_the_resume_is_extracted_again(synthetic_work, monkeypatch, tiny_synthetic):
     import dataclasses
 
-    from hpcvid.manifest import load_manifest, write_manifest
+    from hpcvid.storage.manifest import load_manifest, write_manifest
 
     config, _ = synthetic_work("w", flow="none")
     spec = ShardSpec(0, 4)

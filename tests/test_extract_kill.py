@@ -20,7 +20,7 @@ import pytest
 
 from extract_helpers import write_folder_manifest
 from hpcvid.fileio import read_json, sha256_file
-from hpcvid.store import ShardReader
+from hpcvid.storage.shards import ShardReader
 
 KILLS = 10
 SHARD = "0000-of-0001"

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from hpcvid.backbones import build_backbone, save_backbone
-from hpcvid.features import FeatureExtractor
+from hpcvid.learn.backbones import build_backbone, save_backbone
+from hpcvid.learn.extractor import FeatureExtractor
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from hpcvid.config import ExtractConfig
-from hpcvid.decode import read_video
-from hpcvid.flow import (ALGORITHMS, compute_flow, decode_flow, dequantise, encode_flow, endpoint_error,
+from hpcvid.media.decode import read_video
+from hpcvid.media.flow import (ALGORITHMS, compute_flow, decode_flow, dequantise, encode_flow, endpoint_error,
                          flow_parameters, max_quantisation_error, quantise)
 from hpcvid.errors import ConfigError
 
@@ -62,7 +62,7 @@ def test_parameters_default_to_the_seeds_and_reject_unknown_names() -> None:
 @pytest.fixture(scope="module")
 def synthetic_clips(tiny_synthetic):
     """One decoded clip per class (at its own size: the motion field is in those pixels) + its truth."""
-    from hpcvid.synth import load_motion
+    from hpcvid.stages.synth import load_motion
 
     clips = []
     for folder in sorted(p for p in tiny_synthetic.iterdir() if p.is_dir()):
@@ -128,7 +128,7 @@ def test_encoded_flow_decodes_from_its_attributes(storage) -> None:
 def test_reused_estimator_gives_exactly_the_bare_opencv_result(algorithm) -> None:
     """compute_flow caches one estimator per thread: reuse must not change results (no state carried
     between videos, no uninitialised destination buffer handed to OpenCV)."""
-    from hpcvid.flow import make_flow, to_gray
+    from hpcvid.media.flow import make_flow, to_gray
 
     frames = shifted_pair(dx=2, dy=1, size=48)
     fresh = make_flow(algorithm)

@@ -9,7 +9,7 @@ import pytest
 from hpcvid.cli import main as cli_main
 from hpcvid.config import load_resolved, resolve_config
 from hpcvid.errors import DatasetError
-from hpcvid.index import (
+from hpcvid.stages.index import (
     build_manifest,
     index_dataset,
     parse_class_index,
@@ -18,8 +18,8 @@ from hpcvid.index import (
     read_folders,
     stable_fraction,
 )
-from hpcvid.manifest import load_manifest
-from hpcvid.probe import probe_video
+from hpcvid.storage.manifest import load_manifest
+from hpcvid.media.probe import probe_video
 
 CLASS_IND = "1 ApplyEyeMakeup\r\n2 ApplyLipstick\r\n3 Archery\r\n"
 TRAINLIST = (
@@ -213,7 +213,7 @@ def test_probe_counts_frames_by_decoding_when_asked(tiny_synthetic):
 
 
 def test_probe_counts_by_decoding_when_the_container_has_no_count(tiny_synthetic, tmp_path):
-    from hpcvid.commands import run_command
+    from hpcvid.launch.external import run_command
     import imageio_ffmpeg
 
     source = next((tiny_synthetic / "BarContract").glob("*.avi"))
@@ -243,7 +243,7 @@ def test_cli_index_bad_input_is_one_line_exit_2(tmp_path, capsys):
 
 
 def test_probe_errors_are_one_line_naming_the_file(tmp_path):
-    from hpcvid.commands import run_command
+    from hpcvid.launch.external import run_command
     from hpcvid.errors import VideoError
     import imageio_ffmpeg
 

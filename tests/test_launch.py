@@ -24,7 +24,7 @@ def _toy_work(tmp_path: Path, items: int = 2, sleep: float = 0.0, fail=()) -> Pa
 # ------------------------------------------------------------------------------------------ sbatch text
 def test_sbatch_text_of_an_array_matches_the_golden_file():
     from hpcvid.config import LaunchConfig
-    from hpcvid.launch import Resources, sbatch_text
+    from hpcvid.launch.executors import Resources, sbatch_text
 
     launch = LaunchConfig(executor="slurm", partition="debug", account="proj1", qos="normal", gres="gpu:2",
                           cpus_per_task=4, mem="16G", walltime="02:30:00", array_parallelism=4, signal_delay_s=120)
@@ -35,7 +35,7 @@ def test_sbatch_text_of_an_array_matches_the_golden_file():
 
 def test_sbatch_text_of_a_multi_node_training_job_matches_the_golden_file():
     from hpcvid.config import LaunchConfig
-    from hpcvid.launch import Resources, sbatch_text
+    from hpcvid.launch.executors import Resources, sbatch_text
 
     text = sbatch_text(LaunchConfig(executor="slurm", walltime="08:00:00"),
                        Resources(name="hpcvid-train", nodes=2, tasks_per_node=4, gpus_per_node=4),
@@ -64,7 +64,7 @@ def test_dry_run_prints_the_script_and_queues_nothing(tmp_path, toy_stages, caps
     (["--walltime", "00:01:00", "--signal-delay", "90"], "signal_delay_s"),
 ])
 def test_bad_launch_settings_fail_before_sbatch(tmp_path, toy_stages, capsys, monkeypatch, flags, message):
-    from hpcvid import commands
+    from hpcvid.launch import external as commands
 
     def no_commands(*args, **kwargs):  # nothing may reach sbatch/sinfo
         raise AssertionError(f"ran {args}")
@@ -86,7 +86,7 @@ def test_unknown_key_in_a_cluster_profile_names_the_key_and_the_file(tmp_path, t
 
 
 def test_unknown_partition_is_refused_with_the_cluster_s_partitions(tmp_path, toy_stages, capsys, monkeypatch):
-    from hpcvid import commands
+    from hpcvid.launch import external as commands
 
     def fake_sinfo(argv, **kwargs):
         assert argv[0] == "sinfo"
@@ -99,7 +99,7 @@ def test_unknown_partition_is_refused_with_the_cluster_s_partitions(tmp_path, to
 
 
 def test_stages_not_built_are_refused_not_faked(tmp_path, capsys, monkeypatch):
-    from hpcvid import stages
+    from hpcvid.cli import run as stages
 
     monkeypatch.delitem(stages.STAGES, "merge", raising=False)  # as in a checkout without the merge stage
     assert hpcvid("submit", "merge", "--work", tmp_path, "--executor", "local") == 2
@@ -158,9 +158,9 @@ def test_local_jobs_share_the_cores_instead_of_oversubscribing(tmp_path, monkeyp
 
     import submitit
 
-    from hpcvid import launch
+    from hpcvid.launch import executors as launch
     from hpcvid.config import resolve_config
-    from hpcvid.sharding import all_shards
+    from hpcvid.launch.sharding import all_shards
 
     caps: list[int] = []
 
@@ -188,7 +188,7 @@ def test_limit_threads_caps_torch_and_opencv_in_a_fresh_process():
     import subprocess
     import sys
 
-    code = ("from hpcvid.launch import limit_threads; limit_threads(1); import cv2, torch; "
+    code = ("from hpcvid.launch.executors import limit_threads; limit_threads(1); import cv2, torch; "
             "print(torch.get_num_threads(), cv2.getNumThreads())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["1", "1"]
@@ -201,7 +201,7 @@ def test_debug_executor_runs_in_process(tmp_path, toy_stages):
 
 
 def test_shard_job_checkpoint_requeues_the_same_shard():
-    from hpcvid.launch import ShardJob
+    from hpcvid.launch.executors import ShardJob
 
     job = ShardJob("toystage", {"work": "/w"}, 2, 5)
     delayed = job.checkpoint()
@@ -221,7 +221,7 @@ def test_help_does_not_import_submitit():
 
 @pytest.mark.parametrize("flags", [["--nodes", "0"], ["--gpus-per-node", "-1"], ["--tasks-per-node", "0"]])
 def test_bad_training_allocation_is_refused(tmp_path, capsys, flags):
-    from hpcvid.submit import stage_module
+    from hpcvid.cli.submit import stage_module
 
     if stage_module("train") is None:
         pytest.skip("the trainer is not built in this checkout")
@@ -230,7 +230,7 @@ def test_bad_training_allocation_is_refused(tmp_path, capsys, flags):
 
 
 def test_training_dry_run_shows_nodes_tasks_and_gpus(tmp_path, capsys):
-    from hpcvid.submit import stage_module
+    from hpcvid.cli.submit import stage_module
 
     if stage_module("train") is None:
         pytest.skip("the trainer is not built in this checkout")
@@ -262,7 +262,7 @@ def test_status_of_a_failed_local_shard_says_stopped(tmp_path, toy_stages, capsy
 
 
 def test_submit_means_slurm_unless_a_file_or_flag_says_otherwise(tmp_path, toy_stages, capsys):
-    from hpcvid.submit import launch_overrides
+    from hpcvid.cli.submit import launch_overrides
     import argparse
 
     work = _toy_work(tmp_path)
@@ -276,7 +276,7 @@ def test_submit_means_slurm_unless_a_file_or_flag_says_otherwise(tmp_path, toy_s
 
 
 def test_training_with_a_missing_weights_file_is_refused_before_sbatch(tmp_path, capsys):
-    from hpcvid.submit import stage_module
+    from hpcvid.cli.submit import stage_module
 
     if stage_module("train") is None:
         pytest.skip("the trainer is not built in this checkout")
@@ -292,9 +292,9 @@ def test_queued_shard_jobs_are_capped_at_the_allocation_s_cpus(tmp_path, monkeyp
     """On a node with more cores than the job's cpus_per_task, torch would otherwise start a thread per core."""
     import contextlib
 
-    from hpcvid import launch
+    from hpcvid.launch import executors as launch
     from hpcvid.config import resolve_config
-    from hpcvid.sharding import all_shards
+    from hpcvid.launch.sharding import all_shards
 
     submitted = []
 
@@ -311,5 +311,5 @@ def test_queued_shard_jobs_are_capped_at_the_allocation_s_cpus(tmp_path, monkeyp
         submitted.clear()
         config = resolve_config(overrides={"work": str(tmp_path / executor), "launch.executor": executor,
                                            "launch.cpus_per_task": 3})
-        launch.submit_shards(config, "hpcvid.extract", "extract", all_shards(2), launch.Resources(name="x"), ["t"])
+        launch.submit_shards(config, "hpcvid.stages.extract", "extract", all_shards(2), launch.Resources(name="x"), ["t"])
         assert [job.threads for job in submitted] == [expected, expected]

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from extract_helpers import extract_config, write_folder_manifest
-from hpcvid import extract, merge
+from hpcvid.stages import extract
+from hpcvid.stages import merge
 from hpcvid.errors import StoreError
-from hpcvid.sharding import ShardSpec, all_shards
-from hpcvid.store import ShardReader, VideoData, write_features_shard
+from hpcvid.launch.sharding import ShardSpec, all_shards
+from hpcvid.storage.shards import ShardReader, VideoData, write_features_shard
 
 
 @pytest.fixture(scope="module")

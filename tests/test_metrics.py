@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hpcvid import metrics
+from hpcvid.learn import metrics
 from hpcvid.errors import StoreError
 
 SCORES = np.array([

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from hpcvid.models import (MODELS, FlowModel, FrameModel, LSTMModel, TwoStreamModel, build_from_args, late_fusion,
+from hpcvid.learn.models import (MODELS, FlowModel, FrameModel, LSTMModel, TwoStreamModel, build_from_args, late_fusion,
                            relative_standardise, widen_first_conv)
 
 torch.set_num_threads(1)

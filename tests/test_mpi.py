@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_round_robin_assignment_covers_every_shard_once():
-    from hpcvid.mpi import shards_for_rank
-    from hpcvid.sharding import all_shards
+    from hpcvid.cli.mpi import shards_for_rank
+    from hpcvid.launch.sharding import all_shards
 
     specs = all_shards(5)
     parts = [shards_for_rank(specs, rank, 2) for rank in range(2)]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpcvid.reduce import collect, reduce_files
+from hpcvid.stages.reduce import collect, reduce_files
 
 from predictions_factory import make_manifest, write_run
 
@@ -83,7 +83,7 @@ def test_mpi_reduce_names_a_video_counted_on_two_ranks(tmp_path):
     manifest = make_manifest(work)
     write_run(work, manifest, "lstm", "lstm", {"windows": 0.9}, shards=2)
     # shard 1 (counted by rank 1) also holds a video of shard 0 (counted by rank 0)
-    from hpcvid.predictions import read_prediction_shard, write_prediction_shard
+    from hpcvid.storage.predictions import read_prediction_shard, write_prediction_shard
 
     folder = work / "eval" / "lstm"
     first, second = (read_prediction_shard(folder / f"pred-000{i}-of-0002.h5") for i in range(2))

@@ -6,10 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from hpcvid import cli, metrics
+from hpcvid import cli
+from hpcvid.learn import metrics
 from hpcvid.errors import StoreError
-from hpcvid.predictions import read_prediction_shard, read_record
-from hpcvid.reduce import reduce_files
+from hpcvid.storage.predictions import read_prediction_shard, read_record
+from hpcvid.stages.reduce import reduce_files
 
 from predictions_factory import make_manifest, write_run
 
@@ -70,7 +71,7 @@ def test_a_duplicated_video_is_named(tmp_path):
     manifest = make_manifest(tmp_path)
     write_run(tmp_path, manifest, "lstm", "lstm", STRATEGIES, shards=3)
     # rewrite shard 2 so that it also holds the first video of shard 0
-    from hpcvid.predictions import write_prediction_shard
+    from hpcvid.storage.predictions import write_prediction_shard
 
     folder = tmp_path / "eval" / "lstm"
     first = read_prediction_shard(folder / "pred-0000-of-0003.h5")
@@ -103,7 +104,7 @@ def test_a_test_video_counted_by_no_shard_is_named(tmp_path):
     # the manifest gains a test video the evaluation never saw
     from dataclasses import replace as dc_replace
 
-    from hpcvid.manifest import write_manifest
+    from hpcvid.storage.manifest import write_manifest
 
     extra = dc_replace(manifest.videos[0], id="Class000/v_new_video")
     write_manifest(dc_replace(manifest, videos=manifest.videos + (extra,)), tmp_path)

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from hpcvid import report
-from hpcvid.reduce import reduce_files
+from hpcvid.stages import report
+from hpcvid.stages.reduce import reduce_files
 
 from predictions_factory import make_manifest, write_run
 

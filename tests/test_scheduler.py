@@ -29,14 +29,14 @@ SQUEUE = """\
 
 
 def test_expand_array_ids():
-    from hpcvid.scheduler import expand_job_id
+    from hpcvid.launch.scheduler import expand_job_id
 
     assert expand_job_id("12_[0-2,5%2]") == ["12_0", "12_1", "12_2", "12_5"]
     assert expand_job_id("12_7") == ["12_7"] and expand_job_id("13") == ["13"]
 
 
 def test_parse_sacct_states_requeues_and_pending_ranges():
-    from hpcvid.scheduler import parse_sacct
+    from hpcvid.launch.scheduler import parse_sacct
 
     jobs = parse_sacct(SACCT)
     assert jobs["41_0"].state == "COMPLETED" and jobs["41_0"].finished
@@ -48,7 +48,7 @@ def test_parse_sacct_states_requeues_and_pending_ranges():
 
 
 def test_parse_squeue_reasons_and_merge():
-    from hpcvid.scheduler import merge_views, parse_sacct, parse_squeue
+    from hpcvid.launch.scheduler import merge_views, parse_sacct, parse_squeue
 
     queued = parse_squeue(SQUEUE)
     assert queued["43"] == ("PENDING", "DependencyNeverSatisfied")
@@ -60,7 +60,7 @@ def test_parse_squeue_reasons_and_merge():
 
 def test_malformed_scheduler_output_is_a_clear_error():
     from hpcvid.errors import SchedulerError
-    from hpcvid.scheduler import parse_sacct, parse_squeue
+    from hpcvid.launch.scheduler import parse_sacct, parse_squeue
 
     with pytest.raises(SchedulerError, match="unexpected sacct line"):
         parse_sacct("41_0 COMPLETED\n")
@@ -87,7 +87,7 @@ class FakeSlurm:
 
 
 def _submission(work: Path, stage: str, tasks: list[tuple[str, int, int]], name: str) -> None:
-    from hpcvid.launch import Submission, write_submission
+    from hpcvid.launch.executors import Submission, write_submission
 
     write_submission(work, Submission(
         stage, "slurm", [t[0] for t in tasks],
@@ -97,8 +97,8 @@ def _submission(work: Path, stage: str, tasks: list[tuple[str, int, int]], name:
 
 @pytest.fixture
 def work_with_jobs(tmp_path):
-    from hpcvid.progress import write_progress
-    from hpcvid.sharding import ShardSpec
+    from hpcvid.launch.progress import write_progress
+    from hpcvid.launch.sharding import ShardSpec
 
     work = tmp_path / "work"
     _submission(work, "extract", [("41_0", 0, 5), ("41_1", 1, 5), ("41_2", 2, 5), ("41_3", 3, 5),
@@ -112,7 +112,7 @@ def work_with_jobs(tmp_path):
 
 
 def test_status_makes_one_batched_query_and_shows_every_state(work_with_jobs, monkeypatch, capsys):
-    from hpcvid import scheduler
+    from hpcvid.launch import scheduler
 
     fake = FakeSlurm()
     monkeypatch.setattr(scheduler, "run_command", fake)
@@ -131,7 +131,7 @@ def test_status_makes_one_batched_query_and_shows_every_state(work_with_jobs, mo
 
 
 def test_status_after_slurm_forgot_the_jobs_uses_the_files(work_with_jobs, monkeypatch, capsys):
-    from hpcvid import scheduler
+    from hpcvid.launch import scheduler
 
     monkeypatch.setattr(scheduler, "run_command", FakeSlurm(sacct="", squeue_rc=1))
     assert hpcvid("status", work_with_jobs) == 0
@@ -142,7 +142,7 @@ def test_status_after_slurm_forgot_the_jobs_uses_the_files(work_with_jobs, monke
 
 
 def test_cancel_cancels_only_live_jobs_in_one_call(work_with_jobs, monkeypatch, capsys):
-    from hpcvid import scheduler
+    from hpcvid.launch import scheduler
 
     fake = FakeSlurm()
     monkeypatch.setattr(scheduler, "run_command", fake)
@@ -153,10 +153,10 @@ def test_cancel_cancels_only_live_jobs_in_one_call(work_with_jobs, monkeypatch, 
 
 
 def test_resubmission_skips_shards_still_queued(work_with_jobs, monkeypatch):
-    from hpcvid import scheduler
+    from hpcvid.launch import scheduler
     from hpcvid.config import resolve_config
-    from hpcvid.sharding import all_shards
-    from hpcvid.submit import _without_active
+    from hpcvid.launch.sharding import all_shards
+    from hpcvid.cli.submit import _without_active
 
     monkeypatch.setattr(scheduler, "run_command", FakeSlurm())
     config = resolve_config(overrides={"work": str(work_with_jobs), "launch.executor": "slurm"})
@@ -167,9 +167,9 @@ def test_resubmission_skips_shards_still_queued(work_with_jobs, monkeypatch):
 
 def test_status_shows_shards_run_locally_without_a_submission(tmp_path, monkeypatch, capsys):
     """`hpcvid run` writes progress files but no submission record; status must still show those shards."""
-    from hpcvid import scheduler
-    from hpcvid.progress import write_progress
-    from hpcvid.sharding import ShardSpec
+    from hpcvid.launch import scheduler
+    from hpcvid.launch.progress import write_progress
+    from hpcvid.launch.sharding import ShardSpec
 
     fake = FakeSlurm()
     monkeypatch.setattr(scheduler, "run_command", fake)

@@ -46,7 +46,7 @@ def _status(work: Path, *extra: str) -> str:
 def walltime_job(slurm_cluster, tmp_path_factory):
     """A shard whose work (10 items x 12 s) outlasts its 3-minute walltime, queued when the module starts so
     that it runs beside the other tests; SLURM signals it 60 s (DESIGN 8: up to 120 s) before the end."""
-    from hpcvid import stages
+    from hpcvid.cli import run as stages
 
     work = _toy_work(tmp_path_factory.mktemp("walltime"), items=10, sleep=12.0)
     with pytest.MonkeyPatch.context() as patch:
@@ -80,7 +80,7 @@ def test_extract_array_completes_and_equals_the_local_run(slurm_cluster, tiny_sy
     assert [t["shard"] for t in submission["tasks"]] == [0, 1, 2]
     # the script sbatch received is the one --dry-run shows (and the golden files pin)
     from hpcvid.config import resolve_config
-    from hpcvid.launch import Resources, sbatch_text
+    from hpcvid.launch.executors import Resources, sbatch_text
 
     launch = resolve_config(extract_job_file(tmp_path, tiny_synthetic, on_slurm), ROOT / "slurm" / "local.toml",
                             {"launch.walltime": "00:10:00"}).launch
@@ -197,7 +197,7 @@ def test_dependency_chain_runs_in_order_and_a_failure_leaves_dependants_pending(
 
 def test_pipeline_of_the_real_stages_runs_in_order_with_two_node_training(slurm_cluster, tiny_synthetic, tmp_path):
     """extract -> merge -> train (2 fake nodes, gloo DDP) -> eval -> reduce, each afterok on the previous."""
-    from hpcvid.submit import STAGE_ORDER, stage_module
+    from hpcvid.cli.submit import STAGE_ORDER, stage_module
 
     built = [s for s in STAGE_ORDER if stage_module(s) is not None]
     if "extract" not in built or "merge" not in built:

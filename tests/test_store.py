@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hpcvid.errors import StoreError
-from hpcvid.store import (SCHEMA_VERSION, ShardReader, StorageOptions, VideoData, assemble_shard, group_name,
+from hpcvid.storage.shards import (SCHEMA_VERSION, ShardReader, StorageOptions, VideoData, assemble_shard, group_name,
                           read_video_file_summary, video_id_of, write_shard, write_video_file)
 
 

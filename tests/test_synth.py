@@ -12,8 +12,8 @@ import pytest
 from hpcvid.cli import main as cli_main
 from hpcvid.config import SynthConfig
 from hpcvid.errors import ConfigError
-from hpcvid.manifest import load_manifest
-from hpcvid.synth import MOTIONS, SYNTH_SCHEMA_VERSION, class_names, generate, load_motion, make_trajectory
+from hpcvid.storage.manifest import load_manifest
+from hpcvid.stages.synth import MOTIONS, SYNTH_SCHEMA_VERSION, class_names, generate, load_motion, make_trajectory
 
 from conftest import TINY_SYNTH
 
@@ -301,7 +301,7 @@ def test_size_must_be_even_and_motion_count_bounded():
 
 
 def test_an_interrupted_run_is_not_complete_and_a_rerun_finishes_it(tmp_path, monkeypatch):
-    import hpcvid.synth as synth
+    import hpcvid.stages.synth as synth
 
     settings = SynthConfig(classes=2, per_class=3, test_per_class=1, frames=4, size="32x32")
     real_encode, calls = synth.encode_avi, []

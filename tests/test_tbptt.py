@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from hpcvid.models import LSTMModel
-from hpcvid.tbptt import chunk_bounds, loss_weights, train_sequence, weighted_sequence_loss
+from hpcvid.learn.models import LSTMModel
+from hpcvid.learn.tbptt import chunk_bounds, loss_weights, train_sequence, weighted_sequence_loss
 
 torch.set_num_threads(1)
 

@@ -8,7 +8,7 @@ import torch
 import trainkit
 from hpcvid.config import resolve_config
 from hpcvid.errors import CheckpointError
-from hpcvid.train import (BEST_NAME, check_compatible, list_checkpoints, load_checkpoint, load_run,
+from hpcvid.stages.train import (BEST_NAME, check_compatible, list_checkpoints, load_checkpoint, load_run,
                           newest_valid_checkpoint, read_metrics, train)
 
 torch.set_num_threads(1)
@@ -171,9 +171,9 @@ def test_cli_trains_every_model_from_real_shards(tmp_path, tiny_work):
 
     from hpcvid.cli import main
     from hpcvid.config import load_resolved, replace
-    from hpcvid.extract import run_shard
-    from hpcvid.sharding import all_shards
-    from hpcvid.store import ShardReader
+    from hpcvid.stages.extract import run_shard
+    from hpcvid.launch.sharding import all_shards
+    from hpcvid.storage.shards import ShardReader
 
     work = tmp_path / "work"
     shutil.copytree(tiny_work, work)
@@ -201,7 +201,7 @@ def test_cli_trains_every_model_from_real_shards(tmp_path, tiny_work):
         scores = reader.scores(vid, "finetuned")
     with ShardReader(work / "extract" / "shard-0000-of-0002.h5") as extract_reader:
         frames = extract_reader.frames(vid)
-    from hpcvid.datasets import prepare_frames
+    from hpcvid.learn.datasets import prepare_frames
     with torch.no_grad():
         x = prepare_frames(frames)
         assert np.allclose(stored, frame_model.features(x).numpy(), atol=1e-4)

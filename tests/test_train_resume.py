@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import trainkit
-from hpcvid.train import list_checkpoints, load_checkpoint, read_metrics, train
+from hpcvid.stages.train import list_checkpoints, load_checkpoint, read_metrics, train
 
 torch.set_num_threads(1)
 TESTS = Path(__file__).resolve().parent

@@ -1,7 +1,7 @@
 """A test-only shard stage for the launcher's tests (never registered outside tests).
 
 It does what a real stage does, in miniature: items per shard, one output file per item written
-atomically, resume by skipping finished items, per-item progress (hpcvid.progress), the record last.
+atomically, resume by skipping finished items, per-item progress (hpcvid.launch.progress), the record last.
 Its knobs live in WORK/toy.json (so that jobs on SLURM nodes read the same): {"items": per shard,
 "sleep": seconds per item, "sleep_by_shard": {"1": seconds per item of shard 1}, "fail": [shard indices
 that raise]}. Every item it starts is appended to
@@ -19,8 +19,8 @@ from typing import Any
 
 from hpcvid.errors import StoreError
 from hpcvid.fileio import atomic_write_json, atomic_write_text
-from hpcvid.progress import write_progress
-from hpcvid.sharding import ShardSpec, all_shards
+from hpcvid.launch.progress import write_progress
+from hpcvid.launch.sharding import ShardSpec, all_shards
 
 HELP = "test-only stage: files per item, with a sleep"
 

@@ -11,9 +11,9 @@ import time
 import numpy as np
 
 from hpcvid.config import Config
-from hpcvid.datasets import (FeatureDataset, FeatureItem, FrameDataset, MemoryFeatureSource, MemoryVideoSource,
+from hpcvid.learn.datasets import (FeatureDataset, FeatureItem, FrameDataset, MemoryFeatureSource, MemoryVideoSource,
                              VideoItem, feature_input_dim, hold_out)
-from hpcvid.train import DataBundle
+from hpcvid.stages.train import DataBundle
 
 CLASSES = ["rise", "fall", "wave"]
 
@@ -83,7 +83,7 @@ def video_clips(n_per_class: int = 6, frames: int = 6, size: int = 32, seed: int
 
 
 def video_data(config: Config) -> DataBundle:
-    from hpcvid.datasets import Augment, FlowDataset, TwoStreamDataset
+    from hpcvid.learn.datasets import Augment, FlowDataset, TwoStreamDataset
 
     source, items = video_clips()
     train_items, val_items = hold_out(items, config.train.val_fraction, config.train.seed)
@@ -119,7 +119,7 @@ def main(argv: list[str]) -> None:
 
     import torch
 
-    from hpcvid.train import TrainJob
+    from hpcvid.stages.train import TrainJob
 
     torch.set_num_threads(1)
     job = TrainJob(resume_config(argv[0]), data_factory=slow_lstm_data)

@@ -114,7 +114,7 @@ class Step:
 
 
 def stage_available(stage: str) -> bool:
-    from hpcvid.stages import STAGES
+    from hpcvid.cli.run import STAGES
 
     return stage in STAGES
 
@@ -174,7 +174,7 @@ def synthetic_factors(classes: list[str]) -> dict[str, list[str]] | None:
     The demo's point is that only models that see motion get the motion right; a flow CNN sees no colour,
     so its class accuracy is capped by appearance while its motion accuracy is not. The report shows both.
     """
-    from hpcvid.synth import APPEARANCES
+    from hpcvid.stages.synth import APPEARANCES
 
     factors: dict[str, list[str]] = {"appearance": [], "motion": []}
     for name in classes:
@@ -188,9 +188,9 @@ def synthetic_factors(classes: list[str]) -> dict[str, list[str]] | None:
 
 def _collect(work: Path, out: Path) -> int:
     """The reducer (the `collect` verb's function), with the synthetic classes' motion/appearance factors."""
-    from hpcvid.manifest import load_manifest
-    from hpcvid.reduce import collect
-    from hpcvid.report import read_summary
+    from hpcvid.storage.manifest import load_manifest
+    from hpcvid.stages.reduce import collect
+    from hpcvid.stages.report import read_summary
 
     factors = synthetic_factors(list(load_manifest(work).classes))
     collect(work, out, allow_partial=True, factors=factors)
@@ -277,7 +277,7 @@ def main(args: argparse.Namespace) -> int:
     result = run_demo(args.out, args.work, args.data, args.size, args.force, args.threads)
     summary_path = Path(result["out"]) / "summary.json"
     if "collect" in result["ran"] and summary_path.is_file():
-        from hpcvid.report import format_table, read_summary
+        from hpcvid.stages.report import format_table, read_summary
 
         print()
         summary = read_summary(result["out"])

@@ -126,9 +126,9 @@ def prepare_flow(flow: np.ndarray, compensation: str = "median") -> np.ndarray:
 def prepare_frames(frames: np.ndarray) -> torch.Tensor:
     """uint8 ``(n, H, W, 3)`` (or one ``(H, W, 3)``) -> float ``(n, 3, H, W)``, ImageNet-normalised.
 
-    The same preprocessing as extraction (:func:`hpcvid.backbones.preprocess`), in the contiguous layout.
+    The same preprocessing as extraction (:func:`hpcvid.learn.backbones.preprocess`), in the contiguous layout.
     """
-    from hpcvid.backbones import preprocess
+    from hpcvid.learn.backbones import preprocess
 
     array = np.asarray(frames)
     if array.ndim == 3:
@@ -222,7 +222,7 @@ class ShardVideoSource:
             self._readers, self._pid = {}, os.getpid()
         path = self.shard_of[video_id]
         if path not in self._readers:
-            from hpcvid.store import ShardReader
+            from hpcvid.storage.shards import ShardReader
             self._readers[path] = ShardReader(path)
         return self._readers[path]
 
@@ -269,13 +269,13 @@ class MemoryFeatureSource:
 
 
 class MergedFeatureSource:
-    """The merged features file (:class:`hpcvid.merge.MergedFeatures`): items, windows, train mean/std.
+    """The merged features file (:class:`hpcvid.stages.merge.MergedFeatures`): items, windows, train mean/std.
 
     The merged reader opens its HDF5 file lazily in the process that reads (never before a fork).
     """
 
     def __init__(self, path: str | os.PathLike, name: str | None = None) -> None:
-        from hpcvid.merge import MergedFeatures
+        from hpcvid.stages.merge import MergedFeatures
 
         self.merged = MergedFeatures(path, name)
         self.mean, self.std = np.asarray(self.merged.mean), np.asarray(self.merged.std)
@@ -293,7 +293,7 @@ class ShardFeatureSource:
     """
 
     def __init__(self, shards: Sequence[str | os.PathLike], name: str) -> None:
-        from hpcvid.store import ShardReader
+        from hpcvid.storage.shards import ShardReader
 
         self.name = name
         self.paths: list[str] = []
@@ -317,7 +317,7 @@ class ShardFeatureSource:
             self._readers, self._pid = {}, os.getpid()
         path = self.paths[index]
         if path not in self._readers:
-            from hpcvid.store import ShardReader
+            from hpcvid.storage.shards import ShardReader
             self._readers[path] = ShardReader(path)
         return self._readers[path]
 

@@ -3,7 +3,7 @@
 Per shard: the SLURM state (PENDING, RUNNING, COMPLETED, FAILED, TIMEOUT, CANCELLED, REQUEUED; the pending
 reason, e.g. DependencyNeverSatisfied, in plain words), videos done/total, failures, throughput and ETA.
 Sources, in order of trust: the shard's record (written last: the shard is done), the progress file the
-stage updates while it runs (hpcvid.progress), and SLURM (sacct + squeue, asked once for every job).
+stage updates while it runs (hpcvid.launch.progress), and SLURM (sacct + squeue, asked once for every job).
 It works from a new shell and after SLURM forgot the jobs: the files are enough to say what is done.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from hpcvid.errors import ConfigError, HpcvidError
-from hpcvid.progress import PROGRESS_DIR, progress_path, read_progress
-from hpcvid.sharding import ShardSpec
+from hpcvid.launch.progress import PROGRESS_DIR, progress_path, read_progress
+from hpcvid.launch.sharding import ShardSpec
 
 REASONS = {
     "DependencyNeverSatisfied": "waits for a job that failed: it will never start (hpcvid cancel WORK, then resubmit)",
@@ -52,7 +52,7 @@ class ShardRow:
 
 def record_path(work: Path, stage: str, spec: ShardSpec) -> Path:
     """Where a stage writes a shard's record: the stage's ``record_path`` if it has one, else the default."""
-    from hpcvid.stages import STAGES
+    from hpcvid.cli.run import STAGES
 
     if stage in STAGES:
         import importlib
@@ -78,7 +78,8 @@ def _count(value: Any) -> int | None:
 
 def shard_rows(work: Path, stage_filter: str | None = None) -> list[ShardRow]:
     """One row per (stage, shard): the latest submission of each shard wins."""
-    from hpcvid import launch, scheduler
+    from hpcvid.launch import executors as launch
+    from hpcvid.launch import scheduler
 
     submissions = [s for s in launch.read_submissions(work) if not stage_filter or s.stage == stage_filter]
     latest: dict[tuple[str, int, int], tuple[Any, dict]] = {}
@@ -124,7 +125,7 @@ def _unsubmitted_shards(work: Path, submitted: set[tuple[str, int, int]],
 
 
 def launch_order(stage: str) -> int:
-    from hpcvid.submit import STAGE_ORDER
+    from hpcvid.cli.submit import STAGE_ORDER
 
     return STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
 

@@ -18,7 +18,7 @@ from hpcvid.errors import ConfigError, HpcvidError, PartialFailure
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
-    from hpcvid.stages import STAGES, load_stage
+    from hpcvid.cli.run import STAGES, load_stage
 
     stages = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
     for name in STAGES:
@@ -44,7 +44,7 @@ def shards_for_rank(specs: list, rank: int, size: int) -> list:
 
 
 def main(args: argparse.Namespace) -> int:
-    from hpcvid.stages import load_stage
+    from hpcvid.cli.run import load_stage
 
     comm = _world()
     rank, size = comm.Get_rank(), comm.Get_size()

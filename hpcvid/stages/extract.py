@@ -33,8 +33,8 @@ from typing import Any, Sequence
 from hpcvid.config import Config
 from hpcvid.errors import PartialFailure, StoreError, VideoError
 from hpcvid.fileio import atomic_write_json, read_json, sha256_file
-from hpcvid.manifest import Manifest, VideoEntry, load_manifest, manifest_path
-from hpcvid.sharding import ShardSpec, all_shards, pending_shards, select
+from hpcvid.storage.manifest import Manifest, VideoEntry, load_manifest, manifest_path
+from hpcvid.launch.sharding import ShardSpec, all_shards, pending_shards, select
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def plan(config: Config, args: argparse.Namespace) -> list[ShardSpec]:
     """The shards to run now: all (or --shard I), minus those whose record exists unless --force."""
     ensure_manifest(config)
     if config.extract.backbone != "none" and config.extract.weights:
-        from hpcvid.backbones import require_weights_file
+        from hpcvid.learn.backbones import require_weights_file
 
         require_weights_file(config.extract.weights, config.extract.backbone)
     return pending_shards(config.extract.shards, getattr(args, "shard", None), bool(getattr(args, "force", False)),
@@ -131,7 +131,7 @@ def part_key(entry: VideoEntry) -> str:
 def ensure_manifest(config: Config) -> Manifest:
     """Load WORK/manifest.json; when it is missing and a dataset is configured, index it first."""
     if not manifest_path(config.work_dir).is_file() and config.dataset.root:
-        from hpcvid.index import index_dataset
+        from hpcvid.stages.index import index_dataset
 
         log.info("%s is missing: indexing %s first", manifest_path(config.work_dir), config.dataset.root)
         index_dataset(config)
@@ -154,7 +154,7 @@ def run_shard(config: Config, spec: ShardSpec) -> dict[str, Any]:
     runner = _VideoRunner(config, manifest)
     outcomes = runner.run_all(videos, parts, spec)
     ok_parts = [parts / f"{part_key(v)}.h5" for v, outcome in zip(videos, outcomes) if outcome["ok"]]
-    from hpcvid.store import KIND_EXTRACT, assemble_shard
+    from hpcvid.storage.shards import KIND_EXTRACT, assemble_shard
 
     meta = {"shard": spec.name, "config": config.extract.__dict__, "dataset": manifest.dataset}
     assemble_shard(shard_file, ok_parts, kind=KIND_EXTRACT, meta=meta)
@@ -211,7 +211,7 @@ def _settings_fingerprint(config: Config) -> dict[str, Any]:
 
 
 def _store_schema() -> int:
-    from hpcvid.store import SCHEMA_VERSION
+    from hpcvid.storage.shards import SCHEMA_VERSION
 
     return SCHEMA_VERSION
 
@@ -246,7 +246,7 @@ class _VideoRunner:
         """Every video of the shard, with a progress bar (videos, frames/s, ETA) and a progress file."""
         from tqdm import tqdm
 
-        from hpcvid.progress import write_progress
+        from hpcvid.launch.progress import write_progress
 
         _ = self.extractor  # a missing or bad weights file stops the shard here, not once per video
         outcomes: list[dict[str, Any]] = []
@@ -268,7 +268,7 @@ class _VideoRunner:
         part_file, failed_file = parts / f"{key}.h5", parts / f"{key}.failed.json"
         if part_file.is_file():
             self.reused += 1
-            from hpcvid.store import read_video_file_summary
+            from hpcvid.storage.shards import read_video_file_summary
 
             return {"ok": True, "summary": read_video_file_summary(part_file)}
         if failed_file.is_file():
@@ -282,7 +282,7 @@ class _VideoRunner:
                                  "in a decoder/flow library, or killed for memory?); skipped")
             video = self.compute(entry, path)
             began = time.perf_counter()
-            from hpcvid.store import StorageOptions, write_video_file
+            from hpcvid.storage.shards import StorageOptions, write_video_file
 
             summary = write_video_file(part_file, video, StorageOptions.from_config(self.cfg))
             self.seconds["write"] += time.perf_counter() - began
@@ -302,8 +302,8 @@ class _VideoRunner:
         """Decode, flow and features of one video -> VideoData (raises VideoError on bad input)."""
         import numpy as np
 
-        from hpcvid.decode import read_video
-        from hpcvid.store import VideoData
+        from hpcvid.media.decode import read_video
+        from hpcvid.storage.shards import VideoData
 
         if entry.probe_error:
             raise VideoError(f"indexing could not read it: {entry.probe_error}")
@@ -321,7 +321,7 @@ class _VideoRunner:
             if len(frames) < 2:
                 flow = np.zeros((0,) + frames.shape[1:3] + (2,), dtype=np.float32)
             else:
-                from hpcvid.flow import compute_flow
+                from hpcvid.media.flow import compute_flow
 
                 flow = compute_flow(frames, self.cfg.flow, **flow_params(self.cfg))
             self.seconds["flow"] += time.perf_counter() - began
@@ -350,7 +350,7 @@ def feature_extractor(backbone: str, weights: str, device: str, batch_size: int)
     if key not in _EXTRACTORS:
         import torch
 
-        from hpcvid.features import FeatureExtractor
+        from hpcvid.learn.extractor import FeatureExtractor
 
         # A random network must be the SAME network in every process: a resumed shard, or shards run on
         # different nodes, would otherwise mix features of different random networks.
@@ -370,7 +370,7 @@ def _count_attempt(marker: Path) -> int:
 
 
 def flow_params(cfg: Any) -> dict[str, Any]:
-    """The flow settings of ExtractConfig as keyword arguments of :func:`hpcvid.flow.compute_flow`."""
+    """The flow settings of ExtractConfig as keyword arguments of :func:`hpcvid.media.flow.compute_flow`."""
     if cfg.flow == "dis":
         return {"preset": cfg.dis_preset}
     if cfg.flow == "tvl1":
@@ -402,7 +402,7 @@ def _make_record(config: Config, spec: ShardSpec, manifest: Manifest, videos: Se
     from hpcvid import __version__
 
     try:
-        from hpcvid.predictions import code_version
+        from hpcvid.storage.predictions import code_version
 
         version = code_version()
     except ImportError:  # pragma: no cover

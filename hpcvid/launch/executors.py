@@ -29,7 +29,7 @@ from typing import Any, Sequence
 from hpcvid.config import Config, LaunchConfig, config_from_dict, replace, walltime_minutes
 from hpcvid.errors import ConfigError, SchedulerError
 from hpcvid.fileio import atomic_write_json, read_json
-from hpcvid.sharding import ShardSpec
+from hpcvid.launch.sharding import ShardSpec
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def validate_launch(launch: LaunchConfig, *, check_cluster: bool = True) -> None
 
 def _check_partition(partition: str) -> None:
     """The partition must exist on this cluster (one sinfo call)."""
-    from hpcvid.commands import run_command
+    from hpcvid.launch.external import run_command
     from hpcvid.errors import CommandError
 
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcvid.fileio import atomic_write_json
-from hpcvid.sharding import ShardSpec
+from hpcvid.launch.sharding import ShardSpec
 
 PROGRESS_DIR = ".progress"
 

@@ -7,11 +7,11 @@ Run manual::
     hpcvid collect WORK                                                       # the reducer
 
 Shard ``I`` of ``N`` takes every N-th test video of the manifest (sorted by id) and writes
-``WORK/eval/<model>/pred-IIII-of-NNNN.h5`` and, last, its record (:mod:`hpcvid.predictions`). A shard whose
+``WORK/eval/<model>/pred-IIII-of-NNNN.h5`` and, last, its record (:mod:`hpcvid.storage.predictions`). A shard whose
 record exists is skipped (``--force`` redoes it); a shard killed mid-way leaves no record and is redone.
 
-The model comes from :func:`hpcvid.train.load_run` (``best.pt`` by default, ``eval.checkpoint = "last"``
-for the newest) and its inputs from the preparation functions of :mod:`hpcvid.datasets`, the ones training
+The model comes from :func:`hpcvid.stages.train.load_run` (``best.pt`` by default, ``eval.checkpoint = "last"``
+for the newest) and its inputs from the preparation functions of :mod:`hpcvid.learn.datasets`, the ones training
 used (ImageNet normalisation, camera-compensated flow stacks, standardised and temporally centred
 features). Strategies, reported side by side (``*`` = the default, which is also what validation used):
 
@@ -43,9 +43,9 @@ import numpy as np
 from hpcvid.config import Config
 from hpcvid.errors import PartialFailure, StoreError, VideoError
 from hpcvid.fileio import read_json, sha256_file
-from hpcvid.manifest import VideoEntry, load_manifest
-from hpcvid.predictions import EVAL_DIR, PredictionShard, code_version, shard_paths, write_prediction_shard
-from hpcvid.sharding import ShardSpec, all_shards, pending_shards, select
+from hpcvid.storage.manifest import VideoEntry, load_manifest
+from hpcvid.storage.predictions import EVAL_DIR, PredictionShard, code_version, shard_paths, write_prediction_shard
+from hpcvid.launch.sharding import ShardSpec, all_shards, pending_shards, select
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +111,9 @@ def run_shard(config: Config, spec: ShardSpec) -> dict[str, Any]:
     """Score the test videos of shard ``spec`` and write the prediction shard and its record (last)."""
     import torch
 
-    from hpcvid.backbones import pick_device
-    from hpcvid.progress import write_progress
-    from hpcvid.train import load_run
+    from hpcvid.learn.backbones import pick_device
+    from hpcvid.launch.progress import write_progress
+    from hpcvid.stages.train import load_run
 
     if shard_done(config, spec) and not spec.force:
         return read_json(record_path(config, spec))
@@ -183,9 +183,9 @@ def make_scorer(model: Any, meta: dict[str, Any], run_config: Config, config: Co
 
 
 def video_source(config: Config) -> tuple[Any, dict[str, dict[str, Any]]]:
-    """The extraction shards as a :class:`hpcvid.datasets.ShardVideoSource`, and each video's info."""
-    from hpcvid.datasets import ShardVideoSource
-    from hpcvid.store import ShardReader
+    """The extraction shards as a :class:`hpcvid.learn.datasets.ShardVideoSource`, and each video's info."""
+    from hpcvid.learn.datasets import ShardVideoSource
+    from hpcvid.storage.shards import ShardReader
 
     folder = config.work_dir / "extract"
     shards = sorted(p for p in folder.glob("shard-*-of-*.h5") if not p.name.startswith("."))
@@ -206,7 +206,7 @@ def _softmax(logits: Any) -> np.ndarray:
 
 
 def _item(info: dict[str, dict[str, Any]], video: VideoEntry, need_flow: bool = False) -> Any:
-    from hpcvid.datasets import VideoItem
+    from hpcvid.learn.datasets import VideoItem
 
     if video.id not in info:
         raise StoreError("not in the extraction shards (extraction failed or has not run for it)")
@@ -229,8 +229,8 @@ class FrameScorer:
         self.strategies = ["middle", "mean_frames", *(f"pos_{p}" for p in FRAME_POSITIONS)]
 
     def score(self, video: VideoEntry) -> dict[str, np.ndarray]:
-        from hpcvid.datasets import prepare_frames
-        from hpcvid.decode import count_indices, named_frame_indices
+        from hpcvid.learn.datasets import prepare_frames
+        from hpcvid.media.decode import count_indices, named_frame_indices
 
         item = _item(self.info, video)
         middle = item.frames // 2                      # what FrameDataset validates on
@@ -261,7 +261,7 @@ class FlowScorer:
     def score(self, video: VideoEntry) -> dict[str, np.ndarray]:
         import torch
 
-        from hpcvid.datasets import FlowDataset, prepare_flow, window_starts
+        from hpcvid.learn.datasets import FlowDataset, prepare_flow, window_starts
 
         item = _item(self.info, video, need_flow=True)
         centre, _ = FlowDataset(self.source, [item], stack=self.stack, train=False,
@@ -292,8 +292,8 @@ class TwoStreamScorer:
         self.strategies = ["midfusion", *self.fusions, "rgb_stream", "flow_stream"]
 
     def score(self, video: VideoEntry) -> dict[str, np.ndarray]:
-        from hpcvid.datasets import TwoStreamDataset
-        from hpcvid.models import late_fusion
+        from hpcvid.learn.datasets import TwoStreamDataset
+        from hpcvid.learn.models import late_fusion
 
         item = _item(self.info, video, need_flow=True)
         image, stack, _ = TwoStreamDataset(self.source, [item], stack=self.stack, train=False,
@@ -314,7 +314,7 @@ class LSTMScorer:
     strategies = ["windows", "last_step", "mean", "end_weighted", "full_length"]
 
     def __init__(self, model: Any, meta: dict, config: Config, device: Any) -> None:
-        from hpcvid.datasets import ShardFeatureSource
+        from hpcvid.learn.datasets import ShardFeatureSource
 
         folder = Path(meta.get("feature_folder") or config.work_dir / "extract")
         shards = sorted(p for p in folder.glob("shard-*-of-*.h5") if not p.name.startswith("."))
@@ -331,7 +331,7 @@ class LSTMScorer:
     def _prepared(self, window: np.ndarray) -> Any:
         import torch
 
-        from hpcvid.datasets import prepare_features
+        from hpcvid.learn.datasets import prepare_features
 
         return torch.from_numpy(prepare_features(window, self.source.mean, self.source.std, self.centring))
 
@@ -347,8 +347,8 @@ class LSTMScorer:
     def score(self, video: VideoEntry) -> dict[str, np.ndarray]:
         import torch
 
-        from hpcvid.datasets import ping_pong_indices, sequence_indices
-        from hpcvid.tbptt import loss_weights
+        from hpcvid.learn.datasets import ping_pong_indices, sequence_indices
+        from hpcvid.learn.tbptt import loss_weights
 
         if video.id not in self.items:
             raise StoreError("has no features in the feature shards (extraction failed or has not run for it)")

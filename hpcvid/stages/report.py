@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from hpcvid import metrics
+from hpcvid.learn import metrics
 from hpcvid.fileio import atomic_path, atomic_write_json, atomic_write_text, read_json
 
 SUMMARY_SCHEMA_VERSION = 1
@@ -53,7 +53,7 @@ def build_summary(reduction: Any, factors: Mapping[str, Sequence[str]] | None = 
     ``factors`` (optional) names factors of the class, e.g. {"motion": [motion of class 0, ...]}; each
     strategy then also gets ``factors.<name>`` = the accuracy on that factor alone.
     """
-    from hpcvid.predictions import code_version
+    from hpcvid.storage.predictions import code_version
 
     runs = {}
     for name in ordered_runs(reduction.runs):

@@ -1,6 +1,6 @@
 """The four models, as a plain dictionary of classes (:data:`MODELS`): no registry, grep finds what runs.
 
-Forward contracts (shared with evaluation; inputs are prepared by :mod:`hpcvid.datasets`):
+Forward contracts (shared with evaluation; inputs are prepared by :mod:`hpcvid.learn.datasets`):
 
 * ``frame``:     ``(B, 3, H, W)`` preprocessed RGB          -> ``(B, C)`` logits
 * ``flow``:      ``(B, 2L, H, W)`` stacked, camera-compensated flow (u0, v0, u1, v1, ...) -> ``(B, C)``
@@ -12,7 +12,7 @@ Forward contracts (shared with evaluation; inputs are prepared by :mod:`hpcvid.d
 Every model records its constructor arguments in ``init_args`` so a checkpoint rebuilds the exact
 architecture (:func:`build_from_args`). Backbones: ``"small"`` is a four-layer CNN with GroupNorm (fast on
 a CPU, and independent of the per-process batch so DDP equals one big batch); ``"resnet18"`` and
-``"googlenet"`` come from :func:`hpcvid.backbones.build_backbone` (local weights or random init).
+``"googlenet"`` come from :func:`hpcvid.learn.backbones.build_backbone` (local weights or random init).
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def build_trunk(backbone: str, weights: str = "", in_channels: int = 3) -> nn.Mo
     """A trunk with ``feature_map`` and pooled ``forward`` and an ``out_channels`` attribute."""
     if backbone == "small":
         return SmallCNN(in_channels)
-    from hpcvid.backbones import build_backbone  # only when a torchvision backbone is asked for
+    from hpcvid.learn.backbones import build_backbone  # only when a torchvision backbone is asked for
 
     trunk, _head, feature_dim = build_backbone(backbone, weights or "")
     if in_channels != 3:

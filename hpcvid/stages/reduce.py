@@ -1,9 +1,9 @@
 """The reducer: ``hpcvid collect WORK [--out results/NAME] [--allow-partial]``.
 
-Reads every prediction shard under ``WORK/eval/<run>/`` (see :mod:`hpcvid.predictions`), turns the scores
-into integer counts (confusion matrix and top-k hits per run and strategy, :mod:`hpcvid.metrics`), adds
+Reads every prediction shard under ``WORK/eval/<run>/`` (see :mod:`hpcvid.storage.predictions`), turns the scores
+into integer counts (confusion matrix and top-k hits per run and strategy, :mod:`hpcvid.learn.metrics`), adds
 the counts up, checks that every test video of the manifest was counted exactly once, and hands the
-totals to :mod:`hpcvid.report`, which writes ``results/NAME/``.
+totals to :mod:`hpcvid.stages.report`, which writes ``results/NAME/``.
 
 It runs on a login node without SLURM: reading a few MB of predictions is cheap. Inside an MPI job
 (``mpirun -n R hpcvid collect WORK --mpi`` or ``srun --mpi=pmix ...``) each rank counts a round-robin share
@@ -25,11 +25,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hpcvid import metrics
+from hpcvid.learn import metrics
 from hpcvid.errors import StoreError
-from hpcvid.manifest import Manifest, load_manifest
-from hpcvid.predictions import eval_dir, parse_shard_name, read_prediction_shard, read_record, runs_in
-from hpcvid.sharding import ShardSpec
+from hpcvid.storage.manifest import Manifest, load_manifest
+from hpcvid.storage.predictions import eval_dir, parse_shard_name, read_prediction_shard, read_record, runs_in
+from hpcvid.launch.sharding import ShardSpec
 
 log = logging.getLogger(__name__)
 
@@ -389,9 +389,9 @@ def collect(work: Path | str, out: Path | str | None = None, *, runs: Sequence[s
             factors: dict[str, list[str]] | None = None) -> Path | None:
     """Reduce and write the report; returns the report folder (None on MPI ranks other than 0).
 
-    ``factors`` (optional, see :func:`hpcvid.report.build_summary`) adds per-factor accuracies.
+    ``factors`` (optional, see :func:`hpcvid.stages.report.build_summary`) adds per-factor accuracies.
     """
-    from hpcvid.report import write_report
+    from hpcvid.stages.report import write_report
 
     out = Path(out) if out else default_out(work)
     if use_mpi:
@@ -409,7 +409,7 @@ def main(args: argparse.Namespace) -> int:
     out = collect(args.work, args.out, runs=args.runs, allow_partial=args.allow_partial, use_mpi=use_mpi)
     if out is None:
         return 0
-    from hpcvid.report import format_table, read_summary
+    from hpcvid.stages.report import format_table, read_summary
 
     summary = read_summary(out)
     print(format_table(summary))

@@ -42,7 +42,7 @@ import numpy as np
 from hpcvid.config import Config
 from hpcvid.errors import StoreError
 from hpcvid.fileio import atomic_path, atomic_write_json, read_json, sha256_file
-from hpcvid.sharding import ShardSpec
+from hpcvid.launch.sharding import ShardSpec
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def merge(work: Path | str, *, features_dir: Path | str | None = None, output: P
 
 def _collect_videos(source: Path, records: Sequence[Path]) -> list[_Video]:
     """Every video listed in the records, with its attributes read from the shard; sorted by id."""
-    from hpcvid.store import ShardReader
+    from hpcvid.storage.shards import ShardReader
 
     videos: dict[str, _Video] = {}
     for record_file in records:
@@ -232,7 +232,7 @@ def _attach_frame_references(videos: list[_Video], extract_dir: Path, source: Pa
 
 def _common_datasets(videos: Sequence[_Video], work: Path) -> tuple[list[str], list[str], list[str]]:
     """Backbones (and score sets) every video has; the class names by label."""
-    from hpcvid.store import ShardReader
+    from hpcvid.storage.shards import ShardReader
 
     backbones: set[str] | None = None
     scores: set[str] | None = None
@@ -255,7 +255,7 @@ def _common_datasets(videos: Sequence[_Video], work: Path) -> tuple[list[str], l
 
 def _class_names(work: Path, names: dict[int, str]) -> list[str]:
     """Class names by label, from the manifest when it is there (it knows classes with no video)."""
-    from hpcvid.manifest import load_manifest
+    from hpcvid.storage.manifest import load_manifest
 
     try:
         return list(load_manifest(work).classes)
@@ -284,7 +284,7 @@ def _write_index(out: Any, videos: Sequence[_Video]) -> np.ndarray:
 def _copy_features(out: Any, videos: Sequence[_Video], offsets: np.ndarray,
                    name: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Copy one (T, D) dataset of every video into a contiguous (N_total, D) one; train mean/std on the way."""
-    from hpcvid.store import ShardReader
+    from hpcvid.storage.shards import ShardReader
 
     total = int(sum(v.length for v in videos))
     dataset = None
@@ -476,7 +476,7 @@ class MergedFeatures:
         return self.path.parent / self._shards[i], self._groups[i]
 
     def _reader(self, i: int) -> Any:
-        from hpcvid.store import ShardReader
+        from hpcvid.storage.shards import ShardReader
 
         self._data()  # resets the reader cache after a fork
         shard, _ = self.shard_of(i)

@@ -1,6 +1,6 @@
 """Per-frame CNN features (and class scores) from uint8 RGB frames, batched.
 
-``FeatureExtractor(backbone, weights)`` takes a backbone name (built by :mod:`hpcvid.backbones`) or an
+``FeatureExtractor(backbone, weights)`` takes a backbone name (built by :mod:`hpcvid.learn.backbones`) or an
 already-built trunk module (the trainer recomputes features with its fine-tuned frame CNN straight
 from stored frames, without decoding videos again). It runs in ``torch.inference_mode``, with the model
 and input in ``channels_last`` (1.8x on this machine's CPU, DESIGN §8), in batches of ``batch_size``.
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from hpcvid.backbones import build_backbone, cpu_supports_bf16, pick_device, preprocess
+from hpcvid.learn.backbones import build_backbone, cpu_supports_bf16, pick_device, preprocess
 from hpcvid.errors import CheckpointError
 
 log = logging.getLogger(__name__)

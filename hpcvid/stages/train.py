@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hpcvid.config import Config, config_from_dict, write_resolved
-from hpcvid.distributed import DistEnv, detect
+from hpcvid.launch.distributed import DistEnv, detect
 from hpcvid.errors import CheckpointError, ConfigError, StoreError
 from hpcvid.fileio import atomic_path, atomic_write_text, remove_stale_partials
 
@@ -123,7 +123,7 @@ def _free_port() -> int:
 class TrainJob:
     """What ``hpcvid submit train`` hands to submitit: one instance per SLURM task (= one rank).
 
-    ``__call__`` trains in this process with the rank from :func:`hpcvid.distributed.detect`.
+    ``__call__`` trains in this process with the rank from :func:`hpcvid.launch.distributed.detect`.
     ``checkpoint`` is called by submitit on the pre-timeout signal (rank 0 only): the signal is deferred to
     the end of the current optimiser step, a checkpoint of that step is written, and the returned
     DelayedSubmission requeues the job, which then resumes from it.
@@ -255,13 +255,13 @@ def load_run(run: Path | str, which: str = "best", device: str = "cpu") -> tuple
 
     ``run`` is a run folder (``WORK/runs/<model>``) or a checkpoint file. ``which`` = "best" (lowest
     validation loss, falling back to the newest) or "last". ``meta`` holds what input preparation needs
-    (see :func:`hpcvid.datasets.prepare_features` / ``prepare_flow``): kind, classes, centring,
+    (see :func:`hpcvid.learn.datasets.prepare_features` / ``prepare_flow``): kind, classes, centring,
     feature_mean/feature_std (numpy), feature_set, seq_len, flow_stack, compensation, epoch, checkpoint,
     code_version.
     """
     import numpy as np
 
-    from hpcvid.models import build_from_args
+    from hpcvid.learn.models import build_from_args
 
     run = Path(run)
     if run.is_file():
@@ -289,7 +289,7 @@ def load_run(run: Path | str, which: str = "best", device: str = "cpu") -> tuple
 
 
 def _code_version() -> str:
-    from hpcvid.predictions import code_version
+    from hpcvid.storage.predictions import code_version
 
     return code_version()
 
@@ -316,15 +316,15 @@ def load_data(config: Config) -> DataBundle:
 def _shard_files(folder: Path) -> list[Path]:
     """The shard files of the newest complete set of shard records in ``folder`` (as merge chooses them)."""
     from hpcvid.fileio import read_json
-    from hpcvid.merge import find_shard_records
+    from hpcvid.stages.merge import find_shard_records
 
     return [folder / read_json(record)["file"] for record in find_shard_records(folder)]
 
 
 def _video_data(config: Config) -> DataBundle:
-    from hpcvid.datasets import Augment, FlowDataset, FrameDataset, ShardVideoSource, TwoStreamDataset, VideoItem, hold_out
-    from hpcvid.manifest import load_manifest
-    from hpcvid.store import ShardReader
+    from hpcvid.learn.datasets import Augment, FlowDataset, FrameDataset, ShardVideoSource, TwoStreamDataset, VideoItem, hold_out
+    from hpcvid.storage.manifest import load_manifest
+    from hpcvid.storage.shards import ShardReader
 
     t = config.train
     shards = _shard_files(config.work_dir / "extract")
@@ -371,7 +371,7 @@ def feature_source(config: Config) -> tuple[Any, str, Path]:
     A merged file brings the train-split mean/std; from shards they are computed over the training videos.
     Returns (source, feature name, the folder of the shards that hold the features).
     """
-    from hpcvid.datasets import MergedFeatureSource, ShardFeatureSource
+    from hpcvid.learn.datasets import MergedFeatureSource, ShardFeatureSource
 
     wanted = config.train.features
     fine = refeature_dir(config.work_dir)
@@ -393,8 +393,8 @@ def feature_source(config: Config) -> tuple[Any, str, Path]:
 def _feature_data(config: Config) -> DataBundle:
     import numpy as np
 
-    from hpcvid.datasets import FeatureDataset, feature_input_dim, hold_out
-    from hpcvid.manifest import load_manifest
+    from hpcvid.learn.datasets import FeatureDataset, feature_input_dim, hold_out
+    from hpcvid.storage.manifest import load_manifest
 
     t = config.train
     source, name, folder = feature_source(config)
@@ -475,7 +475,7 @@ class Trainer:
         import torch.distributed as dist
 
         t = self.config.train
-        from hpcvid.backbones import pick_device
+        from hpcvid.learn.backbones import pick_device
 
         self.device = pick_device(t.device)
         if self.device.type == "cuda":
@@ -493,8 +493,8 @@ class Trainer:
     def _build(self) -> None:
         import torch
 
-        from hpcvid.models import MODELS
-        from hpcvid.tbptt import loss_weights
+        from hpcvid.learn.models import MODELS
+        from hpcvid.learn.tbptt import loss_weights
 
         t = self.config.train
         self.bundle = self.data_factory(self.config)
@@ -561,7 +561,7 @@ class Trainer:
         import numpy as np
         import torch
 
-        from hpcvid.models import unwrap
+        from hpcvid.learn.models import unwrap
 
         meta = {}
         for key, value in self.bundle.meta.items():
@@ -790,7 +790,7 @@ class Trainer:
         import torch
         from torch.nn import functional as F
 
-        from hpcvid.tbptt import train_sequence
+        from hpcvid.learn.tbptt import train_sequence
 
         self.optimizer.zero_grad(set_to_none=True)
         if self.config.train.model == "lstm":
@@ -812,7 +812,7 @@ class Trainer:
         import torch
         from torch.nn import functional as F
 
-        from hpcvid.tbptt import weighted_sequence_loss
+        from hpcvid.learn.tbptt import weighted_sequence_loss
 
         dataset = self.bundle.val
         if dataset is None or len(dataset) == 0:

@@ -12,7 +12,7 @@ gives the median of the repeats. Targets:
   predicting no motion, for scale).
 * features — ``FeatureExtractor.extract`` on uint8 frames vs the bare model forward on a ready tensor
   (same batch size, precision and memory layout): >= 0.85.
-* storage — random L=120 windows/s from the merged features file (``hpcvid.merge.MergedFeatures``)
+* storage — random L=120 windows/s from the merged features file (``hpcvid.stages.merge.MergedFeatures``)
   vs one ``.npy`` file per frame (the seeds' layout): >= 20x. Warm page cache on both sides (dropping
   caches needs root and disturbs the other users of a shared machine).
 * scaling — the real extract stage (Farneback + ResNet-18 at 64 px) on a synthetic set, one worker doing
@@ -134,7 +134,7 @@ def _cpu_name() -> str:
 
 
 def _git_commit() -> str:
-    from hpcvid.commands import run_command
+    from hpcvid.launch.external import run_command
     from hpcvid.errors import CommandError
 
     try:
@@ -152,7 +152,7 @@ def ffmpeg_exe() -> str:
 
 def make_test_clip(path: Path, frames: int, size_wxh: str = "320x240", codec: str = "mpeg4") -> Path:
     """A UCF-101-like clip (320x240, 25 fps, mpeg4 in AVI) from ffmpeg's moving test pattern."""
-    from hpcvid.commands import run_command
+    from hpcvid.launch.external import run_command
 
     if not path.exists():
         extra = ["-q:v", "4"] if codec == "mpeg4" else ["-crf", "23"]
@@ -165,7 +165,7 @@ def make_test_clip(path: Path, frames: int, size_wxh: str = "320x240", codec: st
 def ffmpeg_null_rate(clip: Path, output_options: list[str] | None = None) -> float:
     """Frames/s of ``ffmpeg -threads 1 -i clip [options] -f null -`` by its own clock (``-benchmark``
     rtime, which leaves out process start-up: the stricter reference)."""
-    from hpcvid.commands import run_command
+    from hpcvid.launch.external import run_command
 
     completed = run_command([ffmpeg_exe(), "-hide_banner", "-benchmark", "-threads", "1", "-i", str(clip),
                              "-map", "0:v:0", *(output_options or []), "-threads", "1", "-f", "null", "-"])
@@ -194,7 +194,7 @@ def real_clips() -> list[Path]:
 
 def bench_decode(scratch: Path, quick: bool, repeats: int) -> dict[str, Any]:
     from hpcvid.config import ExtractConfig
-    from hpcvid.decode import read_video
+    from hpcvid.media.decode import read_video
 
     rows = []
     for clip in decode_clips(scratch, quick):
@@ -225,7 +225,7 @@ def bench_decode(scratch: Path, quick: bool, repeats: int) -> dict[str, Any]:
 
 def pyav_decode_only(clip: Path) -> int:
     """Decode every frame the way read_video's PyAV source does, converting nothing."""
-    from hpcvid.decode import _open_pyav
+    from hpcvid.media.decode import _open_pyav
 
     container, stream, _info = _open_pyav(clip, 1)
     try:
@@ -238,8 +238,8 @@ def pyav_decode_only(clip: Path) -> int:
 def synthetic_flow_set(scratch: Path, quick: bool) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Decoded synthetic clips (112x112) with their true flow and object mask."""
     from hpcvid.config import ExtractConfig, SynthConfig
-    from hpcvid.decode import read_video
-    from hpcvid.synth import generate, load_motion
+    from hpcvid.media.decode import read_video
+    from hpcvid.stages.synth import generate, load_motion
 
     root = scratch / ("synth-quick" if quick else "synth")
     config = SynthConfig(classes=6, per_class=2, test_per_class=1, frames=size("flow_frames", quick),
@@ -258,7 +258,7 @@ def synthetic_flow_set(scratch: Path, quick: bool) -> list[tuple[np.ndarray, np.
 def bench_flow(scratch: Path, quick: bool, repeats: int) -> dict[str, Any]:
     import cv2
 
-    from hpcvid.flow import compute_flow, endpoint_error, flow_parameters, make_flow, to_gray
+    from hpcvid.media.flow import compute_flow, endpoint_error, flow_parameters, make_flow, to_gray
 
     clips = synthetic_flow_set(scratch, quick)
     rows = []
@@ -326,8 +326,8 @@ def _bare_opencv(cv2: Any, algorithm: str, p: dict[str, Any]) -> Callable[[np.nd
 def bench_features(quick: bool, repeats: int) -> dict[str, Any]:
     import torch
 
-    from hpcvid.backbones import preprocess
-    from hpcvid.features import FeatureExtractor
+    from hpcvid.learn.backbones import preprocess
+    from hpcvid.learn.extractor import FeatureExtractor
 
     count = size("feature_frames", quick)
     frames = np.random.default_rng(0).integers(0, 256, (count, 112, 112, 3), dtype=np.uint8)
@@ -354,9 +354,9 @@ def bench_features(quick: bool, repeats: int) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ storage
 def bench_storage(scratch: Path, quick: bool, repeats: int) -> dict[str, Any]:
-    from hpcvid.merge import MergedFeatures, merge
-    from hpcvid.sharding import ShardSpec
-    from hpcvid.store import VideoData, write_features_shard
+    from hpcvid.stages.merge import MergedFeatures, merge
+    from hpcvid.launch.sharding import ShardSpec
+    from hpcvid.storage.shards import VideoData, write_features_shard
 
     videos, frames, dim, length = size("storage_videos", quick), size("storage_frames", quick), 1024, 120
     windows = size("storage_windows", quick)
@@ -430,10 +430,10 @@ def timed_extract(dataset: Path, work: Path, shards: int) -> dict[str, Any]:
     """Index ``dataset`` into a fresh ``work`` folder (not timed), then run the extract stage's ``shards``
     shards on as many workers with 1 CPU thread each; wall seconds, per-video checksums, start latency."""
     from hpcvid.config import resolve_config
-    from hpcvid.index import index_dataset
-    from hpcvid.launch import run_shards_locally
-    from hpcvid.progress import progress_path, read_progress
-    from hpcvid.sharding import all_shards
+    from hpcvid.stages.index import index_dataset
+    from hpcvid.launch.executors import run_shards_locally
+    from hpcvid.launch.progress import progress_path, read_progress
+    from hpcvid.launch.sharding import all_shards
 
     config = resolve_config(overrides={"work": str(work), "dataset.root": str(dataset), "dataset.format": "ucf101",
                                        "extract.size": 64, "extract.flow": "farneback",
@@ -442,7 +442,7 @@ def timed_extract(dataset: Path, work: Path, shards: int) -> dict[str, Any]:
     index_dataset(config)
     specs = all_shards(shards)
     wall, started = time.time(), time.perf_counter()
-    records = run_shards_locally(config, "hpcvid.extract", specs, jobs=shards, threads=1)
+    records = run_shards_locally(config, "hpcvid.stages.extract", specs, jobs=shards, threads=1)
     seconds = time.perf_counter() - started
     first_video = [read_progress(progress_path(config.work, "extract", s))["started"] - wall for s in specs]
     busy = sum(sum(r["timings"]["stage_seconds"].values()) for r in records)  # per-video work, all workers
@@ -459,8 +459,8 @@ def bench_scaling(scratch: Path, quick: bool, repeats: int) -> dict[str, Any]:
     start-up) / S) <= 1.15, which is DESIGN 7's "<= 1.15 x (single / S) plus scheduler start-up".
     """
     from hpcvid.config import SynthConfig
-    from hpcvid.launch import usable_cores
-    from hpcvid.synth import generate
+    from hpcvid.launch.executors import usable_cores
+    from hpcvid.stages.synth import generate
 
     workers = size("scaling_workers", quick)
     dataset = generate(scratch / "scaling-synth", SynthConfig(

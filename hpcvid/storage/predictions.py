@@ -30,7 +30,7 @@ import numpy as np
 
 from hpcvid.errors import StoreError
 from hpcvid.fileio import atomic_path, atomic_write_json, read_json, sha256_file
-from hpcvid.sharding import ShardSpec
+from hpcvid.launch.sharding import ShardSpec
 
 PREDICTION_SCHEMA_VERSION = 1
 PREDICTION_KIND = "hpcvid.predictions"

@@ -1,4 +1,4 @@
-"""Indexing a dataset and its split into ``WORK/manifest.json`` (the contract of hpcvid.manifest).
+"""Indexing a dataset and its split into ``WORK/manifest.json`` (the contract of hpcvid.storage.manifest).
 
 Three layouts (``dataset.format``):
 
@@ -30,7 +30,7 @@ from typing import Iterable, Sequence
 
 from hpcvid.config import Config, write_resolved
 from hpcvid.errors import DatasetError, VideoError
-from hpcvid.manifest import Manifest, VideoEntry, write_manifest
+from hpcvid.storage.manifest import Manifest, VideoEntry, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ def check_unique_ids(entries: Sequence[SplitEntry]) -> None:
 
 def build_manifest(config: Config, *, progress: bool = False) -> Manifest:
     """Parse the split, check it, probe every listed video that exists, and return the manifest."""
-    from hpcvid.probe import probe_video
+    from hpcvid.media.probe import probe_video
 
     parsed, warnings = parse_split(config)
     check_unique_ids(parsed.entries)

@@ -18,7 +18,7 @@ from typing import Any
 from hpcvid.cli import add_config_arguments, config_from_args
 from hpcvid.config import Config, resolve_config, write_resolved
 from hpcvid.errors import ConfigError, HpcvidError
-from hpcvid.sharding import ShardSpec
+from hpcvid.launch.sharding import ShardSpec
 
 STAGE_ORDER = ("extract", "merge", "train", "eval", "reduce")
 ACTIVE = frozenset({"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING"})
@@ -27,20 +27,20 @@ ACTIVE = frozenset({"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING
 # ------------------------------------------------------------------------------------------ stages
 def stage_module(stage: str) -> ModuleType | None:
     """The module that implements ``stage`` in this checkout, or None when it is not built yet."""
-    from hpcvid.stages import STAGES
+    from hpcvid.cli.run import STAGES
 
     if stage == "train":
         try:
-            module = importlib.import_module("hpcvid.train")
+            module = importlib.import_module("hpcvid.stages.train")
         except ImportError:
             return None
         return module if hasattr(module, "TrainJob") else None
     name = STAGES.get(stage)
     if name:
         return importlib.import_module(name)
-    if stage == "reduce":  # the reducer is the `collect` verb (hpcvid.reduce.collect)
+    if stage == "reduce":  # the reducer is the `collect` verb (hpcvid.stages.reduce.collect)
         try:
-            module = importlib.import_module("hpcvid.reduce")
+            module = importlib.import_module("hpcvid.stages.reduce")
         except ImportError:
             return None
         return module if hasattr(module, "collect") and hasattr(module, "add_cli") else None
@@ -49,16 +49,16 @@ def stage_module(stage: str) -> ModuleType | None:
 
 def submittable_stages() -> list[str]:
     """The pipeline's stages, then any other registered shard stage (e.g. one a test registers)."""
-    from hpcvid.stages import STAGES
+    from hpcvid.cli.run import STAGES
 
     return list(STAGE_ORDER) + [s for s in STAGES if s not in STAGE_ORDER]
 
 
 def refusal(stage: str) -> str:
-    from hpcvid.stages import STAGES
+    from hpcvid.cli.run import STAGES
 
-    what = {"train": "hpcvid.train.TrainJob", "reduce": "hpcvid.reduce.collect"}.get(
-        stage, f"a `{stage}` entry in hpcvid.stages.STAGES")
+    what = {"train": "hpcvid.stages.train.TrainJob", "reduce": "hpcvid.stages.reduce.collect"}.get(
+        stage, f"a `{stage}` entry in hpcvid.cli.run.STAGES")
     built = ", ".join(s for s in STAGE_ORDER if stage_module(s) is not None) or "none yet"
     return (f"stage {stage!r} is not built yet in this checkout (no {what}), so it cannot be submitted; "
             f"stages that can: {built}" + (f"; registered: {', '.join(STAGES)}" if STAGES else ""))
@@ -162,12 +162,12 @@ def main(args: argparse.Namespace) -> int:
 
 def submit_stage(stage: str, module: ModuleType, config: Config, args: argparse.Namespace, *, dependency: str):
     """Validate and queue one stage; print what was queued; return the Submission (None: nothing queued)."""
-    from hpcvid import launch
+    from hpcvid.launch import executors as launch
 
     dry_run = bool(getattr(args, "dry_run", False))
     launch.validate_launch(config.launch, check_cluster=not dry_run)
     if stage == "train" and config.train.weights:  # a missing file must not wait in the queue to fail
-        from hpcvid.backbones import require_weights_file
+        from hpcvid.learn.backbones import require_weights_file
 
         require_weights_file(config.train.weights, config.train.backbone)
     resources = (_train_resources(args, dependency) if stage == "train"
@@ -191,7 +191,7 @@ def submit_stage(stage: str, module: ModuleType, config: Config, args: argparse.
 
 
 def _is_reducer(stage: str, module: ModuleType) -> bool:
-    return stage == "reduce" and module.__name__ == "hpcvid.reduce"
+    return stage == "reduce" and module.__name__ == "hpcvid.stages.reduce"
 
 
 def _is_shard_stage(stage: str, module: ModuleType) -> bool:
@@ -202,7 +202,7 @@ def _is_shard_stage(stage: str, module: ModuleType) -> bool:
 
 def _single_job(stage: str, module: ModuleType, config: Config, args: argparse.Namespace) -> Any:
     """The callable one job runs: the trainer, the reducer (`collect`), or a run_local stage."""
-    from hpcvid import launch
+    from hpcvid.launch import executors as launch
 
     if stage == "train":
         return module.TrainJob(launch.absolute_work(config))
@@ -217,7 +217,7 @@ def _single_job(stage: str, module: ModuleType, config: Config, args: argparse.N
 
 
 def _train_resources(args: argparse.Namespace, dependency: str):
-    from hpcvid.launch import Resources
+    from hpcvid.launch.executors import Resources
 
     def given(name: str, default: int) -> int:
         value = getattr(args, name, None)
@@ -233,7 +233,8 @@ def _train_resources(args: argparse.Namespace, dependency: str):
 
 def _without_active(config: Config, stage: str, specs: list[ShardSpec]) -> list[ShardSpec]:
     """Drop shards whose latest job is still pending or running (never queue a shard twice)."""
-    from hpcvid import launch, scheduler
+    from hpcvid.launch import executors as launch
+    from hpcvid.launch import scheduler
 
     if config.launch.executor != "slurm" or not specs:
         return specs
@@ -271,7 +272,7 @@ def _report(submission) -> Any:
 
 def submit_pipeline(args: argparse.Namespace) -> int:
     """Queue the chosen stages in order, each ``afterok`` on the previous stage's jobs."""
-    from hpcvid.scheduler import base_ids
+    from hpcvid.launch.scheduler import base_ids
 
     chosen = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in submittable_stages()]

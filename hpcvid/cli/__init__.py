@@ -22,16 +22,16 @@ from hpcvid.errors import HpcvidError
 
 # verb -> (module, one-line help). Only verbs that work are listed here.
 VERBS: dict[str, tuple[str, str]] = {
-    "synth": ("hpcvid.synth", "generate the synthetic action dataset (UCF-101 layout)"),
-    "index": ("hpcvid.index", "index a dataset and its split into WORK/manifest.json"),
-    "run": ("hpcvid.stages", "run a stage on this machine and wait"),
-    "submit": ("hpcvid.submit", "queue a stage (or the whole pipeline) on SLURM and return at once"),
-    "status": ("hpcvid.status", "per-shard SLURM state, progress, failures and ETA of a work folder"),
-    "cancel": ("hpcvid.cancel", "cancel every queued or running job of a work folder"),
-    "mpi": ("hpcvid.mpi", "run a shard stage across the ranks of one MPI allocation"),
-    "collect": ("hpcvid.reduce", "reduce prediction shards into results/NAME (tables, confusion matrices, plots)"),
-    "demo": ("hpcvid.demo", "the whole pipeline on a small synthetic dataset, on this machine -> results/demo"),
-    "bench": ("hpcvid.bench", "speed ratios of decode, flow, features and storage (DESIGN 7) -> results/bench"),
+    "synth": ("hpcvid.stages.synth", "generate the synthetic action dataset (UCF-101 layout)"),
+    "index": ("hpcvid.stages.index", "index a dataset and its split into WORK/manifest.json"),
+    "run": ("hpcvid.cli.run", "run a stage on this machine and wait"),
+    "submit": ("hpcvid.cli.submit", "queue a stage (or the whole pipeline) on SLURM and return at once"),
+    "status": ("hpcvid.cli.status", "per-shard SLURM state, progress, failures and ETA of a work folder"),
+    "cancel": ("hpcvid.cli.cancel", "cancel every queued or running job of a work folder"),
+    "mpi": ("hpcvid.cli.mpi", "run a shard stage across the ranks of one MPI allocation"),
+    "collect": ("hpcvid.stages.reduce", "reduce prediction shards into results/NAME (tables, confusion matrices, plots)"),
+    "demo": ("hpcvid.cli.demo", "the whole pipeline on a small synthetic dataset, on this machine -> results/demo"),
+    "bench": ("hpcvid.cli.bench", "speed ratios of decode, flow, features and storage (DESIGN 7) -> results/bench"),
 }
 
 

@@ -1,7 +1,7 @@
 """``hpcvid cancel WORK``: cancel every queued or running job submitted from a work folder (the whole chain).
 
-Reads the submission records (hpcvid.launch), asks SLURM once which of their jobs are still alive
-(hpcvid.scheduler) and cancels those with one ``scancel``. Finished shards and their records stay.
+Reads the submission records (hpcvid.launch.executors), asks SLURM once which of their jobs are still alive
+(hpcvid.launch.scheduler) and cancels those with one ``scancel``. Finished shards and their records stay.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from hpcvid import launch, scheduler
+    from hpcvid.launch import executors as launch
+    from hpcvid.launch import scheduler
 
     work = Path(args.work)
     if not (work / "jobs").is_dir():

@@ -11,7 +11,7 @@ A stage module provides:
 * ``report(config, records) -> int`` - print a summary; exit code 0, or 3 when some items failed.
 
 A stage may instead provide ``run_local(config, args) -> int`` when it is not a list of independent
-shards (the distributed trainer). The executors in :mod:`hpcvid.launch` only decide *where* shards run.
+shards (the distributed trainer). The executors in :mod:`hpcvid.launch.executors` only decide *where* shards run.
 """
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ from hpcvid.config import write_resolved
 
 # stage -> module. Only stages that are built are listed.
 STAGES: dict[str, str] = {
-    "extract": "hpcvid.extract",
-    "merge": "hpcvid.merge",
-    "eval": "hpcvid.evaluate",
-    "train": "hpcvid.train",
-    "features": "hpcvid.refeature",
+    "extract": "hpcvid.stages.extract",
+    "merge": "hpcvid.stages.merge",
+    "eval": "hpcvid.stages.evaluate",
+    "train": "hpcvid.stages.train",
+    "features": "hpcvid.stages.features",
 }
 
 
@@ -57,7 +57,7 @@ def main(args: argparse.Namespace) -> int:
         return int(module.run_local(config, args))
     specs = module.plan(config, args)
     if getattr(args, "jobs", 1) > 1 and len(specs) > 1:
-        from hpcvid.launch import run_shards_locally
+        from hpcvid.launch.executors import run_shards_locally
 
         records = run_shards_locally(config, module.__name__, specs, args.jobs)
     else:

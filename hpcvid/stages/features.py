@@ -9,7 +9,7 @@ per-frame class scores ``scores/finetuned (T, C)`` (logits), so that
 * the single-frame baseline can be scored from the per-frame scores.
 
 Output: ``WORK/features/frame/shard-IIII-of-NNNN.h5`` + its record ``.json`` (written last), one shard per
-extract shard, in the shard layout of :mod:`hpcvid.store` (features-only; ``hpcvid run merge
+extract shard, in the shard layout of :mod:`hpcvid.storage.shards` (features-only; ``hpcvid run merge
 --features-dir WORK/features/frame`` builds ``WORK/features/frame/features.h5`` from them). A shard whose
 record exists is skipped (``--force`` redoes it), so a rerun redoes only the shards in flight.
 
@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 from hpcvid.config import Config
 from hpcvid.errors import CheckpointError, PartialFailure, StoreError
-from hpcvid.sharding import ShardSpec
+from hpcvid.launch.sharding import ShardSpec
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def output_dir(config: Config) -> Path:
-    from hpcvid.train import refeature_dir
+    from hpcvid.stages.train import refeature_dir
 
     return refeature_dir(config.work_dir)
 
@@ -56,7 +56,7 @@ def checkpoint_of(config: Config) -> Path:
 
 
 def _extract_records(config: Config) -> list[Path]:
-    from hpcvid.merge import find_shard_records
+    from hpcvid.stages.merge import find_shard_records
 
     return find_shard_records(config.work_dir / "extract")
 
@@ -75,7 +75,7 @@ def plan(config: Config, args: argparse.Namespace | None = None) -> list[ShardSp
 
 def load_frame_cnn(config: Config) -> tuple[Any, dict[str, Any]]:
     """The fine-tuned frame model (eval mode) and its meta; anything but a frame run is refused."""
-    from hpcvid.train import load_run
+    from hpcvid.stages.train import load_run
 
     model, _, meta = load_run(checkpoint_of(config), which="best")
     if meta["kind"] != "frame":
@@ -86,10 +86,10 @@ def load_frame_cnn(config: Config) -> tuple[Any, dict[str, Any]]:
 
 def run_shard(config: Config, spec: ShardSpec) -> dict[str, Any]:
     """Recompute features and scores for every video of extract shard ``spec``; return the record."""
-    from hpcvid.backbones import pick_device
-    from hpcvid.features import FeatureExtractor
+    from hpcvid.learn.backbones import pick_device
+    from hpcvid.learn.extractor import FeatureExtractor
     from hpcvid.fileio import read_json, sha256_file
-    from hpcvid.store import VIDEO_ATTRIBUTES, ShardReader, VideoData, write_features_shard
+    from hpcvid.storage.shards import VIDEO_ATTRIBUTES, ShardReader, VideoData, write_features_shard
 
     out = output_dir(config)
     record_file = record_path(config, spec)

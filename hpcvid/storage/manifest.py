@@ -1,6 +1,6 @@
 """The manifest (``WORK/manifest.json``): the contract between indexing and every later stage.
 
-Written by :mod:`hpcvid.index`; read by extraction, training, evaluation and the reducer. Labels index
+Written by :mod:`hpcvid.stages.index`; read by extraction, training, evaluation and the reducer. Labels index
 ``classes``; ``split`` is 'train', 'test' or 'unused'. A video that could not be probed stays in the
 manifest with ``frames = None`` and its ``probe_error``, so extraction lists it as failed and the final
 report still counts it.

@@ -177,7 +177,7 @@ def _write_flow(group: Any, flow: np.ndarray, options: StorageOptions, put: Any,
         filters = {"compression": options.flow_compression,
                    "compression_opts": 1 if options.flow_compression == "gzip" else None}
     if options.flow_storage == "uint8":
-        from hpcvid.flow import quantise
+        from hpcvid.media.flow import quantise
 
         dataset = put("flow", quantise(flow, options.flow_bound), chunks=chunks, **filters)
         dataset.attrs["bound"] = float(options.flow_bound)
@@ -252,7 +252,7 @@ def write_features_shard(folder: Path | str, spec: Any, videos: Iterable[VideoDa
                          failed: Sequence[Mapping[str, Any]] = (), meta: Mapping[str, Any] | None = None,
                          options: StorageOptions = StorageOptions()) -> dict[str, Any]:
     """A features-only shard ``folder/shard-<spec.name>.h5`` plus its record (written last), in the layout
-    ``hpcvid run merge --features-dir folder`` reads. ``spec`` is a :class:`hpcvid.sharding.ShardSpec`.
+    ``hpcvid run merge --features-dir folder`` reads. ``spec`` is a :class:`hpcvid.launch.sharding.ShardSpec`.
 
     For the trainer's recomputed features: give each VideoData its attrs (copy them from the extract
     shard's ``ShardReader.info``), ``frame_indices`` and ``features={name: (T, D)}``; frames and flow may be
@@ -365,7 +365,7 @@ class ShardReader:
         dataset = self._dataset(video_id, "flow")
         values = dataset[start:stop]
         if dataset.attrs["storage"] == "uint8":
-            from hpcvid.flow import dequantise
+            from hpcvid.media.flow import dequantise
 
             return np.asarray(dequantise(values, float(dataset.attrs["bound"])), dtype=np.float32)
         return values.astype(np.float32)

@@ -3,7 +3,7 @@
 ``hpcvid status`` asks once for every job of every submission record (never once per shard: a login node
 and its scheduler are shared). ``sacct`` remembers finished jobs long after ``squeue`` forgets them;
 ``squeue`` gives the pending reason (``DependencyNeverSatisfied``) that ``sacct`` lacks. All commands go
-through :func:`hpcvid.commands.run_command`, the one place a unit test may replace. The parsers take the
+through :func:`hpcvid.launch.external.run_command`, the one place a unit test may replace. The parsers take the
 literal text of ``--parsable2`` / ``-o`` output, so they are tested on text, not on a cluster.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Iterable
 
-from hpcvid.commands import run_command
+from hpcvid.launch.external import run_command
 from hpcvid.errors import CommandError, SchedulerError
 
 SACCT_FIELDS = ("JobID", "State", "ExitCode", "Start", "End", "Elapsed", "NodeList")
