@@ -26,9 +26,6 @@ from typing import Any, Callable, Mapping
 from hpcvid.errors import ConfigError
 from hpcvid.fileio import atomic_write_json
 
-RESOLVED_CONFIG_NAME = "config.resolved.json"
-
-
 # --------------------------------------------------------------------------------------------- checks
 @dataclass(frozen=True)
 class Check:
@@ -188,6 +185,23 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class MergeConfig:
+    """Which features the merge stage gathers into one file, and where the file goes."""
+
+    features_dir: str = option("", help="folder of feature shards; empty = WORK/extract (e.g. WORK/features/frame)")
+    output: str = option("", help="merged file; empty = features.h5 beside the shards (WORK/features.h5 for extract)")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """The reducer (`hpcvid collect`, the pipeline's reduce stage)."""
+
+    out: str = option("", help="report folder; empty = results/<name of WORK>")
+    allow_partial: bool = option(False, help="write the report over the shards that are there, listing the rest")
+    runs: tuple[str, ...] = option((), help="only these runs of WORK/eval; empty = all")
+
+
+@dataclass(frozen=True)
 class LaunchConfig:
     """Where shards run: the cluster profile (slurm/*.toml) fills this section."""
 
@@ -197,6 +211,10 @@ class LaunchConfig:
     qos: str = option("")
     gres: str = option("")
     cpus_per_task: int = option(2, check=POSITIVE)
+    nodes: int = option(1, check=POSITIVE, help="nodes of a distributed job (train); array tasks use one")
+    tasks_per_node: int = option(0, check=NON_NEGATIVE,
+                                 help="ranks per node of a distributed job; 0 = one per GPU, or 1 without GPUs")
+    gpus_per_node: int = option(0, check=NON_NEGATIVE, help="GPUs per node (per array task for shard stages)")
     mem: str = option("", help="per node, e.g. 16G; empty = the cluster default")
     walltime: str = option("01:00:00", check=WALLTIME)
     array_parallelism: int = option(64, check=POSITIVE)
@@ -214,6 +232,8 @@ class Config:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     @property
@@ -226,7 +246,7 @@ class Config:
 
 _SECTION_CLASSES = {
     "dataset": DatasetConfig, "synth": SynthConfig, "extract": ExtractConfig,
-    "train": TrainConfig, "eval": EvalConfig, "launch": LaunchConfig,
+    "train": TrainConfig, "eval": EvalConfig, "merge": MergeConfig, "report": ReportConfig, "launch": LaunchConfig,
 }
 
 
@@ -237,10 +257,16 @@ def load_toml(path: Path | str, what: str = "job file") -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist: give an existing .toml file (see jobs/ and slurm/)")
     try:
-        with open(path, "rb") as handle:
-            return tomllib.load(handle)
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {exc.start}, line {line}): save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {path} cannot be read ({exc.strerror})") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from exc
+        raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from None
 
 
 def _flatten(table: Mapping[str, Any], source: str) -> dict[str, tuple[Any, str]]:
@@ -401,9 +427,10 @@ def replace(config: Config, **changes: Any) -> Config:
 
 
 def write_resolved(config: Config, folder: Path | str | None = None, argv: list[str] | None = None) -> Path:
-    """Write the resolved config (and the command line that made it) into the work folder."""
-    folder = Path(folder) if folder is not None else config.work_dir
-    path = folder / RESOLVED_CONFIG_NAME
+    """Write the resolved config (and the command line that made it) into the work folder (or ``folder``)."""
+    from hpcvid.workfolder import RESOLVED_CONFIG_NAME
+
+    path = (Path(folder) if folder is not None else config.work_dir) / RESOLVED_CONFIG_NAME
     atomic_write_json(path, {"config": config.to_dict(), "argv": argv})
     return path
 
@@ -418,9 +445,10 @@ def config_from_dict(payload: Mapping[str, Any]) -> Config:
 
 
 def load_resolved(work: Path | str) -> Config:
-    """The config a work folder was made with (written by :func:`write_resolved`)."""
-    path = Path(work) / RESOLVED_CONFIG_NAME
+    """The config a work folder was last run with (written by :func:`write_resolved`)."""
+    from hpcvid.workfolder import WorkFolder
+
+    path = WorkFolder(work).resolved_config
     if not path.is_file():
         raise ConfigError(f"{path} does not exist: run `hpcvid index --config JOB --work {work}` first")
     return config_from_dict(json.loads(path.read_text())["config"])
-

@@ -52,3 +52,7 @@ class PartialFailure(HpcvidError):
     """The work finished, but some items (videos, shards) failed; they are listed in the named record."""
 
     exit_code = 3
+
+
+class LockedError(HpcvidError):
+    """Another live process is working on the same unit of work (its lock names the holder)."""

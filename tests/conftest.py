@@ -48,3 +48,52 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+PIPELINE_JOB = """\
+work = "{work}"
+[dataset]
+root = "{data}"
+format = "ucf101"
+[extract]
+shards = 3
+size = 32
+backbone = "resnet18"
+flow = "farneback"
+device = "cpu"
+[train]
+backbone = "small"
+epochs = 1
+batch_size = 6
+device = "cpu"
+flow_stack = 3
+seq_len = 8
+chunk = 4
+hidden = 16
+layers = 1
+val_fraction = 0.2
+[eval]
+device = "cpu"
+window_stride = 2
+frame_samples = 4
+"""
+
+
+@pytest.fixture(scope="session")
+def pipeline_work(tiny_synthetic: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A work folder the way a user makes one, with the CLI: an old 2-shard extraction, then the current
+    3-shard one; `frame` trained (1 epoch), its features recomputed and merged, `lstm` trained on them.
+
+    Returns (work folder, job file). Copy the folder before changing anything in it.
+    """
+    from hpcvid.cli import main
+
+    root = tmp_path_factory.mktemp("pipeline")
+    work, job = root / "work", root / "job.toml"
+    job.write_text(PIPELINE_JOB.format(work=work, data=tiny_synthetic))
+    steps = [["run", "extract", "--shards", "2"], ["run", "extract"], ["run", "train", "--model", "frame"],
+             ["run", "features"], ["run", "merge", "--features-dir", str(work / "features" / "frame")],
+             ["run", "train", "--model", "lstm"]]
+    for step in steps:
+        assert main([*step, "--config", str(job)]) == 0, step
+    return work, job

@@ -48,11 +48,13 @@ def slurm_cluster() -> Iterator[str]:
 @pytest.fixture
 def toy_stages(monkeypatch: pytest.MonkeyPatch) -> None:
     """Register toystage/toymerge in-process and make them importable by jobs on the nodes."""
-    from hpcvid.cli import run as stages
+    from hpcvid.stages import STAGES
 
-    monkeypatch.setitem(stages.STAGES, "toy", "toystage")
-    monkeypatch.setitem(stages.STAGES, "toymerge", "toymerge")
     monkeypatch.syspath_prepend(str(TESTS))
+    from toystage import TOY, TOYMERGE
+
+    monkeypatch.setitem(STAGES, "toy", TOY)
+    monkeypatch.setitem(STAGES, "toymerge", TOYMERGE)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]))
 
 

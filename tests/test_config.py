@@ -158,3 +158,26 @@ def test_shipped_job_files_are_valid(name):
 def test_shipped_cluster_profiles_are_valid(name):
     config = resolve_config(PROJECT / "jobs" / "synthetic.toml", PROJECT / "slurm" / name)
     assert config.launch.executor in ("slurm", "local", "debug")
+
+
+def test_configuration_errors_reach_the_user_as_one_line(tmp_path, capsys):
+    """Bad bytes or TOML in a job file, a bad count, a stage on a missing work folder: one line, exit 2."""
+    not_utf8 = tmp_path / "latin1.toml"
+    not_utf8.write_bytes('[train]\nepochs = 3 # r\xe9sum\xe9\n'.encode("latin-1"))
+    broken = write(tmp_path / "broken.toml", "[extract]\nshards = [\n")
+    missing = tmp_path / "no-such-work"
+    cases = [
+        (["run", "extract", "--config", str(not_utf8)], f"job file {not_utf8} is not UTF-8 text (byte 22, line 2)"),
+        (["run", "extract", "--config", str(broken)], f"job file {broken} is not valid TOML"),
+        (["run", "extract", "--work", str(tmp_path / "w"), "--jobs", "0"], "argument --jobs: must be at least 1"),
+        (["run", "eval", "--work", str(missing), "--model", "frame"], f"work folder {missing} does not exist"),
+        (["run", "train", "--work", str(missing)], f"work folder {missing} does not exist"),
+        (["run", "merge", "--work", str(missing)], f"work folder {missing} does not exist"),
+        (["collect", str(missing)], f"work folder {missing} does not exist"),
+    ]
+    for argv, expected in cases:
+        capsys.readouterr()
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert expected in err and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
+    assert not missing.exists(), "a stage that reads a work folder must not create it"

@@ -111,26 +111,3 @@ def test_at_ci_size_the_motion_path_works_end_to_end(ci_demo):
     assert default["flow"]["factors"]["motion"] >= 0.90, context
     assert middle["top1"] <= 0.50, context
     assert middle["factors"]["appearance"] >= 0.9, context
-
-
-def test_a_stage_not_built_is_skipped_and_said(tmp_path, monkeypatch, capsys):
-    """Without a stage (here: every step's requirement removed) the demo runs nothing and says so."""
-    from hpcvid.cli import demo as demo_module
-
-    monkeypatch.setattr(demo_module, "available", lambda needs: False)
-    result = demo_module.run_demo(tmp_path / "out", tmp_path / "work", tmp_path / "data", size="ci")
-    printed = capsys.readouterr().out
-    assert result["ran"] == [] and len(result["skipped"]) == 14
-    assert "[10/14] eval frame: SKIPPED - stage eval is not built in this checkout" in printed
-    assert not (tmp_path / "out" / "summary.json").exists()
-    assert (tmp_path / "work" / "demo.toml").is_file()
-
-
-def test_demo_availability_follows_the_registries(monkeypatch):
-    from hpcvid.cli import demo as demo_module
-    from hpcvid.cli import run as stages
-
-    assert demo_module.available("stage eval") and demo_module.available("verb collect")
-    monkeypatch.setattr(stages, "STAGES", {k: v for k, v in stages.STAGES.items() if k != "eval"})
-    assert not demo_module.available("stage eval")
-    assert not demo_module.available("module hpcvid.no_such_module")

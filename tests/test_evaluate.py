@@ -7,8 +7,8 @@ input built by hpcvid.learn.datasets.
 """
 from __future__ import annotations
 
-import argparse
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +18,10 @@ from hpcvid.stages import evaluate
 from hpcvid.stages import extract
 from hpcvid.config import resolve_config
 from hpcvid.errors import PartialFailure
-from hpcvid.storage.predictions import read_prediction_shard, read_record, shard_paths
+from hpcvid.storage.predictions import read_prediction_shard, read_record
 from hpcvid.launch.sharding import all_shards
 from hpcvid.stages.train import load_run, train
+from hpcvid.workfolder import Unit, WorkFolder
 
 pytestmark = pytest.mark.slow
 torch.set_num_threads(1)
@@ -54,23 +55,20 @@ def _config(base, model, shards=2):
     return resolve_config(overrides=dict(base, **{"train.model": model, "eval.shards": shards}))
 
 
-def _args(**kw):
-    return argparse.Namespace(**{"force": False, "shard": None, **kw})
-
-
 @pytest.mark.parametrize("model", ["frame", "flow", "twostream", "lstm"])
 def test_every_test_video_scored_once_with_every_strategy(trained_work, model):
     work, base = trained_work
     config = _config(base, model)
-    specs = evaluate.plan(config, _args())
+    specs = evaluate.plan(config)
     assert [s.name for s in specs] == ["0000-of-0002", "0001-of-0002"]
     records = [evaluate.run_shard(config, spec) for spec in specs]
     assert evaluate.report(config, records) == 0
-    assert evaluate.plan(config, _args()) == []                    # done shards are skipped
-    assert len(evaluate.plan(config, _args(force=True))) == 2      # --force redoes them
+    assert evaluate.plan(config) == []                    # done shards are skipped
+    assert len(evaluate.plan(config, force=True)) == 2    # --force redoes them
     seen = []
     for spec, record in zip(specs, records):
-        h5, json_path = shard_paths(work, model, spec)
+        folder = WorkFolder(work)
+        h5, json_path = folder.shard_file(Unit("eval", model), spec), folder.record_file(Unit("eval", model), spec)
         assert read_record(json_path) == record and record["failed"] == []
         shard = read_prediction_shard(h5)
         assert shard.strategies == STRATEGIES[model] and shard.default_strategy == STRATEGIES[model][0]
@@ -91,7 +89,8 @@ def test_default_strategies_see_what_validation_saw(trained_work):
     source, info = evaluate.video_source(_config(base, "frame"))
     for model in ("frame", "flow", "lstm"):
         config = _config(base, model, shards=1)
-        record = evaluate.run_shard(config, all_shards(1, force=True)[0])
+        [spec] = evaluate.plan(config, force=True)    # a 1-shard set replaces the 2-shard one
+        record = evaluate.run_shard(config, spec)
         shard = read_prediction_shard(work / "eval" / model / f"pred-{all_shards(1)[0].name}.h5")
         net, _, meta = load_run(work / "runs" / model)
         video, label = shard.video_ids[0], int(shard.labels[0])
@@ -118,17 +117,21 @@ def test_default_strategies_see_what_validation_saw(trained_work):
 
 
 def test_a_test_video_missing_from_extraction_is_listed_as_failed(trained_work, tmp_path):
+    """A test video that extraction could not read (listed as failed there) is listed as failed by eval."""
     from dataclasses import replace as dc_replace
 
     from hpcvid.storage.manifest import load_manifest, write_manifest
 
     work, base = trained_work
     other = tmp_path / "work"
-    shutil.copytree(work / "extract", other / "extract")
-    shutil.copytree(work / "runs" / "frame", other / "runs" / "frame")
     manifest = load_manifest(work)
-    ghost = dc_replace(manifest.by_split("test")[0], id="TriangleExpand/v_ghost_g99_c01")
+    ghost = dc_replace(manifest.by_split("test")[0], id="TriangleExpand/v_ghost_g99_c01",
+                       path="TriangleExpand/v_ghost_g99_c01.avi", frames=None, probe_error="unreadable")
     write_manifest(dc_replace(manifest, videos=manifest.videos + (ghost,)), other)
+    cheap = dict(base, **{"work": str(other), "extract.backbone": "none", "extract.flow": "none",
+                          "train.model": "frame", "dataset.root": str(Path(manifest.dataset["root"]))})
+    extract.run_shard(resolve_config(overrides=cheap), all_shards(1)[0])
+    train(resolve_config(overrides=cheap))
     config = resolve_config(overrides=dict(base, **{"work": str(other), "train.model": "frame", "eval.shards": 1}))
     record = evaluate.run_shard(config, all_shards(1)[0])
     assert record["failed"] == [{"video": ghost.id,

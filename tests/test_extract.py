@@ -10,6 +10,8 @@ import pytest
 from extract_helpers import extract_config, write_folder_manifest
 from hpcvid.stages import extract
 from hpcvid.launch.sharding import ShardSpec, all_shards
+from hpcvid.errors import StoreError
+from hpcvid.workfolder import WorkFolder
 from hpcvid.storage.shards import ShardReader
 
 
@@ -21,7 +23,7 @@ def _contents(config, records) -> dict[str, dict]:
     """Every stored array and attribute per video id, read back through ShardReader."""
     out = {}
     for record in records:
-        with ShardReader(extract.extract_dir(config) / record["file"]) as reader:
+        with ShardReader(WorkFolder.of(config).unit_dir(extract.UNIT) / record["file"]) as reader:
             for video_id in reader.video_ids():
                 info = reader.info(video_id)
                 video = reader.video(video_id)
@@ -80,7 +82,7 @@ def test_one_shard_and_three_shards_store_the_same_videos(synthetic_work):
     assert record["shard"] == "0001-of-0003" and record["random_init"] and record["warnings"]
     assert record["features"]["backbone"] == "resnet18" and record["config"]["extract"]["size"] == 32
     assert record["timings"]["videos_processed"] == record["n_videos"] and record["code_version"]
-    assert not extract.parts_dir(three, ShardSpec(1, 3)).exists()  # scratch removed after the record
+    assert not WorkFolder.of(three).parts_dir(extract.UNIT, ShardSpec(1, 3)).exists()  # scratch removed after the record
 
 
 class _Interrupt(BaseException):
@@ -108,8 +110,8 @@ def test_an_interrupted_shard_resumes_and_ends_like_a_clean_run(synthetic_work, 
     spec = ShardSpec(0, 2)
     expected = extract.run_shard(clean, spec)
     interrupt_shard(monkeypatch, resumed, spec, after=3)
-    assert not extract.record_path(resumed, spec).exists() and not extract.shard_path(resumed, spec).exists()
-    assert len(list(extract.parts_dir(resumed, spec).glob("*.h5"))) == 3
+    assert not WorkFolder.of(resumed).record_file(extract.UNIT, spec).exists() and not WorkFolder.of(resumed).shard_file(extract.UNIT, spec).exists()
+    assert len(list(WorkFolder.of(resumed).parts_dir(extract.UNIT, spec).glob("*.h5"))) == 3
     record = extract.run_shard(resumed, spec)
     assert record["timings"]["videos_resumed"] == 3
     assert record["timings"]["videos_processed"] == expected["n_videos"] - 3
@@ -120,17 +122,15 @@ def test_an_interrupted_shard_resumes_and_ends_like_a_clean_run(synthetic_work, 
 def test_done_shards_are_skipped_and_force_redoes_them(synthetic_work):
     config, _ = synthetic_work("w", flow="none", shards=2)
     first = extract.run_shard(config, ShardSpec(1, 2))
-    record_file = extract.record_path(config, ShardSpec(1, 2))
+    record_file = WorkFolder.of(config).record_file(extract.UNIT, ShardSpec(1, 2))
     stamp = record_file.stat().st_mtime_ns
-    args = type("Args", (), {"force": False, "shard": None})()
-    assert [s.index for s in extract.plan(config, args)] == [0]
+    assert [s.index for s in extract.plan(config)] == [0]
     assert extract.run_shard(config, ShardSpec(1, 2)) == first and record_file.stat().st_mtime_ns == stamp
-    args.force = True
-    assert [s.index for s in extract.plan(config, args)] == [0, 1]
+    assert [s.index for s in extract.plan(config, force=True)] == [0, 1]
     again = extract.run_shard(config, ShardSpec(1, 2, force=True))
     assert again["timings"]["videos_processed"] == again["n_videos"] == first["n_videos"]
     assert again["videos"] == first["videos"]
-    with ShardReader(extract.shard_path(config, ShardSpec(1, 2))) as reader:
+    with ShardReader(WorkFolder.of(config).shard_file(extract.UNIT, ShardSpec(1, 2))) as reader:
         assert not reader.info(reader.video_ids()[0])["has_flow"]  # flow = none stores no flow
 
 
@@ -138,7 +138,10 @@ def test_parts_made_with_other_settings_are_discarded(synthetic_work, monkeypatc
     config, _ = synthetic_work("w")
     spec = ShardSpec(0, 4)
     interrupt_shard(monkeypatch, config, spec, after=1)
-    changed = extract_config(config.work_dir, size=24)
+    changed = extract_config(config.work_dir, size=24, shards=4)
+    with pytest.raises(StoreError, match="the current extract set is another one .made with other settings"):
+        extract.run_shard(changed, spec)         # a shard never joins a set planned with other settings
+    assert extract.plan(changed, only=0) == [spec]  # planning with the new settings makes them current
     record = extract.run_shard(changed, spec)
     assert record["timings"]["videos_resumed"] == 0
     assert all(v["shapes"]["frames"][1:3] == [24, 24] for v in record["videos"])
@@ -190,7 +193,7 @@ def test_features_are_finite_and_not_zero_even_untrained(tiny_synthetic, tmp_pat
     config = extract_config(work, backbone=backbone, flow="none", size=64)
     record = extract.run_shard(config, ShardSpec(0, 1))
     assert record["n_videos"] == 3 and record["features"]["random_init"]
-    with ShardReader(extract.shard_path(config, ShardSpec(0, 1))) as reader:
+    with ShardReader(WorkFolder.of(config).shard_file(extract.UNIT, ShardSpec(0, 1))) as reader:
         features = [reader.features(v, backbone) for v in reader.video_ids()]
     for values in features:
         assert values.dtype == np.float32 and values.shape == (12, dim)
@@ -232,9 +235,9 @@ def test_a_video_that_kills_its_process_is_listed_after_max_attempts(synthetic_w
         child.join()
         if child.exitcode == 0:
             break
-        assert child.exitcode == -signal.SIGKILL and not extract.record_path(config, spec).exists()
+        assert child.exitcode == -signal.SIGKILL and not WorkFolder.of(config).record_file(extract.UNIT, spec).exists()
     assert child.exitcode == 0
-    record = json.loads(extract.record_path(config, spec).read_text())
+    record = json.loads(WorkFolder.of(config).record_file(extract.UNIT, spec).read_text())
     assert [f["video"] for f in record["failed"]] == [victim]
     assert "died 2 times" in record["failed"][0]["reason"]
     assert record["n_videos"] == 3 and victim not in {v["id"] for v in record["videos"]}
@@ -257,13 +260,17 @@ def test_a_video_replaced_before_the_resume_is_extracted_again(synthetic_work, m
 
 
 def test_force_in_a_requeued_slurm_job_resumes_instead_of_starting_over(synthetic_work, monkeypatch):
+    """The executor, not the stage, knows a job was started again: a requeued --force job resumes."""
+    from hpcvid.launch.executors import ShardJob
+    from hpcvid.stages import STAGES
+
     config, _ = synthetic_work("w", flow="none")
-    spec = ShardSpec(0, 4, force=True)
-    interrupt_shard(monkeypatch, config, spec, after=2)  # the first start of `submit extract --force`, then a walltime
+    interrupt_shard(monkeypatch, config, ShardSpec(0, 4, force=True), after=2)  # `submit extract --force`, a walltime
+    job = ShardJob(STAGES["extract"], config.to_dict(), 0, 4, force=True)
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    assert extract.run_shard(config, spec)["timings"]["videos_resumed"] == 2
+    assert job()["timings"]["videos_resumed"] == 2
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # a new --force run starts over
-    assert extract.run_shard(config, spec)["timings"]["videos_resumed"] == 0
+    assert job()["timings"]["videos_resumed"] == 0
 
 
 def test_a_kill_between_the_shard_and_its_record_is_finished_by_the_rerun(synthetic_work, monkeypatch):
@@ -273,31 +280,29 @@ def test_a_kill_between_the_shard_and_its_record_is_finished_by_the_rerun(synthe
     real_write = extract.atomic_write_json
 
     def die_on_record(path, payload):
-        if path == extract.record_path(config, spec):
+        if path == WorkFolder.of(config).record_file(extract.UNIT, spec):
             raise _Interrupt()
         return real_write(path, payload)
 
     monkeypatch.setattr(extract, "atomic_write_json", die_on_record)
     with pytest.raises(_Interrupt):
         extract.run_shard(config, spec)
-    assert extract.shard_path(config, spec).is_file() and not extract.shard_done(config, spec)
-    args = type("Args", (), {"force": False, "shard": 1})()
-    assert extract.plan(config, args) == [spec]  # not done: the shard file alone does not count
+    folder = WorkFolder.of(config)
+    assert folder.shard_file(extract.UNIT, spec).is_file() and not folder.is_current(extract.UNIT, spec)
+    assert extract.plan(config, only=1) == [spec]  # not done: the shard file alone does not count
     monkeypatch.setattr(extract, "atomic_write_json", real_write)
     record = extract.run_shard(config, spec)
     assert record["timings"]["videos_resumed"] == record["n_videos"] == 6
-    assert not extract.parts_dir(config, spec).exists()
+    assert not WorkFolder.of(config).parts_dir(extract.UNIT, spec).exists()
 
 
 def test_a_missing_weights_file_stops_before_any_work(synthetic_work):
-    import argparse
-
     from hpcvid.errors import CheckpointError
 
     config, _ = synthetic_work("w", backbone="resnet18", weights="/nonexistent/resnet18.pth")
     with pytest.raises(CheckpointError, match="/nonexistent/resnet18.pth does not exist"):
-        extract.plan(config, argparse.Namespace(shard=None, force=False))
-    assert not extract.extract_dir(config).exists() or not any(extract.extract_dir(config).iterdir())
+        extract.plan(config)
+    assert not WorkFolder.of(config).unit_dir(extract.UNIT).exists() or not any(WorkFolder.of(config).unit_dir(extract.UNIT).iterdir())
 
 
 def test_a_garbage_weights_file_fails_the_shard_not_each_video(synthetic_work, tmp_path):
@@ -308,5 +313,5 @@ def test_a_garbage_weights_file_fails_the_shard_not_each_video(synthetic_work, t
     config, _ = synthetic_work("w", backbone="resnet18", weights=str(garbage))
     with pytest.raises(CheckpointError, match="resnet18.pth"):
         extract.run_shard(config, ShardSpec(0, 1))
-    parts = extract.parts_dir(config, ShardSpec(0, 1))
+    parts = WorkFolder.of(config).parts_dir(extract.UNIT, ShardSpec(0, 1))
     assert not parts.exists() or not list(parts.glob("*.failed.json"))

@@ -98,20 +98,6 @@ def test_unknown_partition_is_refused_with_the_cluster_s_partitions(tmp_path, to
     assert "launch.partition = 'gpu' does not exist" in err and "debug, long" in err
 
 
-def test_stages_not_built_are_refused_not_faked(tmp_path, capsys, monkeypatch):
-    from hpcvid.cli import run as stages
-
-    monkeypatch.delitem(stages.STAGES, "merge", raising=False)  # as in a checkout without the merge stage
-    assert hpcvid("submit", "merge", "--work", tmp_path, "--executor", "local") == 2
-    err = capsys.readouterr().err
-    assert "stage 'merge' is not built yet" in err and "stages that can: extract" in err
-    job = tmp_path / "job.toml"
-    job.write_text(f'work = "{tmp_path / "w"}"\n')
-    assert hpcvid("submit", "pipeline", job, "--stages", "merge", "--executor", "slurm") == 0
-    assert "merge: refused: stage 'merge' is not built yet" in capsys.readouterr().out
-    assert not (tmp_path / "jobs").exists() and not (tmp_path / "w" / "jobs").exists()
-
-
 def test_profiles_in_the_repository_resolve():
     from hpcvid.config import resolve_config
 
@@ -158,9 +144,10 @@ def test_local_jobs_share_the_cores_instead_of_oversubscribing(tmp_path, monkeyp
 
     import submitit
 
-    from hpcvid.launch import executors as launch
     from hpcvid.config import resolve_config
+    from hpcvid.launch import executors as launch
     from hpcvid.launch.sharding import all_shards
+    from toystage import TOY
 
     caps: list[int] = []
 
@@ -178,9 +165,9 @@ def test_local_jobs_share_the_cores_instead_of_oversubscribing(tmp_path, monkeyp
     monkeypatch.setattr(submitit, "LocalExecutor", Recording)
     monkeypatch.setattr(launch, "usable_cores", lambda: 4)
     config = resolve_config(overrides={"work": str(tmp_path)})
-    assert launch.run_shards_locally(config, "toystage", all_shards(3), jobs=2) == [{"index": i} for i in range(3)]
-    launch.run_shards_locally(config, "toystage", all_shards(1), jobs=2)
-    launch.run_shards_locally(config, "toystage", all_shards(8), jobs=8)
+    assert launch.run_shards_locally(config, TOY, all_shards(3), jobs=2) == [{"index": i} for i in range(3)]
+    launch.run_shards_locally(config, TOY, all_shards(1), jobs=2)
+    launch.run_shards_locally(config, TOY, all_shards(8), jobs=8)
     assert caps == [2, 2, 2, 4] + [1] * 8
 
 
@@ -200,12 +187,18 @@ def test_debug_executor_runs_in_process(tmp_path, toy_stages):
     assert (work / "toy" / "shard-0001-of-0002.json").exists()
 
 
-def test_shard_job_checkpoint_requeues_the_same_shard():
+def test_shard_job_checkpoint_requeues_the_same_shard_without_force(monkeypatch):
     from hpcvid.launch.executors import ShardJob
+    from hpcvid.launch.sharding import ShardSpec
+    from toystage import TOY
 
-    job = ShardJob("toystage", {"work": "/w"}, 2, 5)
-    delayed = job.checkpoint()
-    assert delayed.function is job and job.spec.name == "0002-of-0005"
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    job = ShardJob(TOY, {"work": "/w"}, 2, 5, force=True)
+    assert job.spec == ShardSpec(2, 5, force=True)
+    again = job.checkpoint().function
+    assert again.spec == ShardSpec(2, 5) and again.stage == TOY   # the rerun resumes; it does not start over
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")                 # requeued by SLURM itself (node failure)
+    assert job.spec == ShardSpec(2, 5)
 
 
 def test_status_without_submissions_is_a_clear_error(tmp_path, capsys):
@@ -219,21 +212,16 @@ def test_help_does_not_import_submitit():
     assert out.strip() == "False"
 
 
-@pytest.mark.parametrize("flags", [["--nodes", "0"], ["--gpus-per-node", "-1"], ["--tasks-per-node", "0"]])
-def test_bad_training_allocation_is_refused(tmp_path, capsys, flags):
-    from hpcvid.cli.submit import stage_module
-
-    if stage_module("train") is None:
-        pytest.skip("the trainer is not built in this checkout")
+@pytest.mark.parametrize("flags, key", [(["--nodes", "0"], "launch.nodes"),
+                                        (["--gpus-per-node", "-1"], "launch.gpus_per_node"),
+                                        (["--tasks-per-node", "-1"], "launch.tasks_per_node")])
+def test_bad_training_allocation_is_refused(tmp_path, capsys, flags, key):
     assert hpcvid("submit", "train", "--work", tmp_path, "--executor", "slurm", "--dry-run", *flags) == 2
-    assert "--nodes" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert key in err and "the command line" in err and err.count("\n") == 1
 
 
 def test_training_dry_run_shows_nodes_tasks_and_gpus(tmp_path, capsys):
-    from hpcvid.cli.submit import stage_module
-
-    if stage_module("train") is None:
-        pytest.skip("the trainer is not built in this checkout")
     assert hpcvid("submit", "train", "--work", tmp_path, "--executor", "slurm", "--dry-run", "--nodes", "2",
                   "--gpus-per-node", "4", "--walltime", "08:00:00") == 0
     out = capsys.readouterr().out
@@ -276,10 +264,6 @@ def test_submit_means_slurm_unless_a_file_or_flag_says_otherwise(tmp_path, toy_s
 
 
 def test_training_with_a_missing_weights_file_is_refused_before_sbatch(tmp_path, capsys):
-    from hpcvid.cli.submit import stage_module
-
-    if stage_module("train") is None:
-        pytest.skip("the trainer is not built in this checkout")
     missing = tmp_path / "resnet18-imagenet.pth"
     assert hpcvid("submit", "train", "--work", tmp_path, "--executor", "slurm", "--dry-run", "--model", "frame",
                   "--backbone", "resnet18", "--weights", missing) == 2
@@ -292,9 +276,10 @@ def test_queued_shard_jobs_are_capped_at_the_allocation_s_cpus(tmp_path, monkeyp
     """On a node with more cores than the job's cpus_per_task, torch would otherwise start a thread per core."""
     import contextlib
 
-    from hpcvid.launch import executors as launch
     from hpcvid.config import resolve_config
+    from hpcvid.launch import executors as launch
     from hpcvid.launch.sharding import all_shards
+    from hpcvid.stages import STAGES
 
     submitted = []
 
@@ -311,5 +296,5 @@ def test_queued_shard_jobs_are_capped_at_the_allocation_s_cpus(tmp_path, monkeyp
         submitted.clear()
         config = resolve_config(overrides={"work": str(tmp_path / executor), "launch.executor": executor,
                                            "launch.cpus_per_task": 3})
-        launch.submit_shards(config, "hpcvid.stages.extract", "extract", all_shards(2), launch.Resources(name="x"), ["t"])
+        launch.submit_shards(config, STAGES["extract"], all_shards(2), launch.Resources(name="x"), ["t"])
         assert [job.threads for job in submitted] == [expected, expected]

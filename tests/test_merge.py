@@ -1,6 +1,7 @@
 """Merge: one contiguous file whose windows equal the shard data; statistics from the train split only."""
 from __future__ import annotations
 
+import json
 import multiprocessing
 import pickle
 
@@ -10,8 +11,9 @@ import pytest
 from extract_helpers import extract_config, write_folder_manifest
 from hpcvid.stages import extract
 from hpcvid.stages import merge
-from hpcvid.errors import StoreError
+from hpcvid.errors import ConfigError, StoreError
 from hpcvid.launch.sharding import ShardSpec, all_shards
+from hpcvid.workfolder import Unit, WorkFolder
 from hpcvid.storage.shards import ShardReader, VideoData, write_features_shard
 
 
@@ -28,7 +30,7 @@ def extracted(tiny_synthetic, tmp_path_factory):
 def _shard_features(config, records) -> dict[str, tuple[str, np.ndarray]]:
     out = {}
     for record in records:
-        with ShardReader(extract.extract_dir(config) / record["file"]) as reader:
+        with ShardReader(WorkFolder.of(config).unit_dir(extract.UNIT) / record["file"]) as reader:
             for video_id in reader.video_ids():
                 out[video_id] = (reader.info(video_id)["split"], reader.features(video_id, "resnet18"))
     return out
@@ -67,18 +69,6 @@ def test_windows_equal_the_shards_and_stats_come_from_train_only(extracted):
     np.testing.assert_allclose(normalised.mean(0), 0, atol=1e-3)
 
 
-def test_frames_and_flow_are_reachable_through_the_merged_file(extracted):
-    config, records = extracted
-    merge.merge(config.work_dir)
-    with merge.MergedFeatures(config.work_dir / "features.h5") as merged:
-        shard, group = merged.shard_of(5)
-        with ShardReader(shard) as reader:
-            video_id = merged.entries[5].id
-            np.testing.assert_array_equal(merged.frames(5, [0, 7]), reader.frames(video_id, [0, 7]))
-            np.testing.assert_array_equal(merged.flow(5, 2, 4), reader.flow(video_id, 2, 4))
-            assert reader.group(video_id).name.endswith(group)
-
-
 def test_reader_opens_nothing_before_a_fork_and_works_in_workers(extracted):
     config, _ = extracted
     merge.merge(config.work_dir)
@@ -94,41 +84,48 @@ def test_reader_opens_nothing_before_a_fork_and_works_in_workers(extracted):
 
 def test_rerun_is_skipped_until_sources_change(extracted):
     config, records = extracted
-    first = merge.merge(config.work_dir)
+    first = merge.merge(config.work_dir, force=True)
     again = merge.merge(config.work_dir)
     assert again.get("skipped") and again["sha256"] == first["sha256"]
-    forced = merge.merge(config.work_dir, force=True)
-    assert not forced.get("skipped") and forced["n_frames"] == first["n_frames"]
+    extract.run_shard(config, ShardSpec(1, 2, force=True))     # a source changes: shard 1 has a new record
+    rebuilt = merge.merge(config.work_dir)
+    assert not rebuilt.get("skipped") and rebuilt["sources"] != first["sources"]
+    assert merge.merge(config.work_dir).get("skipped")
 
 
-def test_features_only_shards_merge_and_point_at_the_extract_shards(extracted, tmp_path):
+def test_features_only_shards_merge_beside_them(extracted, tmp_path):
     config, records = extracted
-    folder = config.work_dir / "features" / "finetuned"
+    work = WorkFolder.of(config)
+    unit = Unit("features", "finetuned")
+    shard_set = work.declare_set(unit, len(records), {"test": 1})
+    folder = work.unit_dir(unit)
     for record in records:
         spec = ShardSpec(record["index"], record["count"])
-        with ShardReader(extract.extract_dir(config) / record["file"]) as reader:
+        with ShardReader(work.unit_dir(extract.UNIT) / record["file"]) as reader:
             videos = []
             for video_id in reader.video_ids():
                 info = reader.info(video_id)
                 doubled = reader.features(video_id, "resnet18") * 2
                 videos.append(VideoData(video_id, {k: info[k] for k in ("label", "class_name", "split")},
                                         info["frame_indices"], features={"frame_cnn": doubled}))
-        write_features_shard(folder, spec, videos, meta={"run": "finetuned"})
+        write_features_shard(folder, spec, videos, meta={"run": "finetuned"}, record_extra={"set": shard_set.id})
     record = merge.merge(config.work_dir, features_dir=folder)
-    assert record["output"] == str(folder / "features.h5") and record["backbones"] == ["frame_cnn"]
+    assert record["output"] == "features/finetuned/features.h5" and record["backbones"] == ["frame_cnn"]
     merged = merge.MergedFeatures(folder / "features.h5")
-    base = merge.MergedFeatures(merge.merge(config.work_dir)["output"])
+    base = merge.MergedFeatures(work.root / merge.merge(config.work_dir)["output"])
     np.testing.assert_allclose(merged.video(4), base.video(4) * 2)
-    np.testing.assert_array_equal(merged.frames(4, [1]), base.frames(4, [1]))
 
 
 def test_missing_shards_are_named(tmp_path):
     (tmp_path / "extract").mkdir()
-    with pytest.raises(StoreError, match="no shard records"):
+    with pytest.raises(StoreError, match="holds no planned extract set"):
         merge.merge(tmp_path)
-    (tmp_path / "extract" / "shard-0001-of-0003.json").write_text("{}")
-    with pytest.raises(StoreError, match="0000, 0002 of 3 have no record"):
+    shard_set = WorkFolder(tmp_path).declare_set(Unit("extract"), 3, {"test": 1})
+    (tmp_path / "extract" / "shard-0001-of-0003.json").write_text(json.dumps({"set": shard_set.id}))
+    with pytest.raises(StoreError, match=r"shard\(s\) 0000-of-0003, 0002-of-0003 of the current 3-shard set have no"):
         merge.merge(tmp_path)
+    with pytest.raises(ConfigError, match="merge reads the shards of its work folder"):
+        merge.merge(tmp_path, features_dir=tmp_path.parent)
 
 
 def test_statistics_keep_tiny_features_and_constant_columns():

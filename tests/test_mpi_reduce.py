@@ -83,7 +83,9 @@ def test_mpi_reduce_names_a_video_counted_on_two_ranks(tmp_path):
     manifest = make_manifest(work)
     write_run(work, manifest, "lstm", "lstm", {"windows": 0.9}, shards=2)
     # shard 1 (counted by rank 1) also holds a video of shard 0 (counted by rank 0)
-    from hpcvid.storage.predictions import read_prediction_shard, write_prediction_shard
+    from hpcvid.storage.predictions import read_prediction_shard
+    from hpcvid.workfolder import Unit, WorkFolder
+    from predictions_factory import write_shard
 
     folder = work / "eval" / "lstm"
     first, second = (read_prediction_shard(folder / f"pred-000{i}-of-0002.h5") for i in range(2))
@@ -91,7 +93,7 @@ def test_mpi_reduce_names_a_video_counted_on_two_ranks(tmp_path):
     second.labels = np.append(second.labels, first.labels[0])
     second.scores = {s: np.vstack([second.scores[s], first.scores[s][:1]]) for s in second.strategies}
     second.splits = None
-    write_prediction_shard(work, second)
+    write_shard(work, second, WorkFolder(work).current_set(Unit("eval", "lstm")).id)
     lines = _mpirun(work, tmp_path / "mpi")
     for line in lines:   # every rank reports the same error and exit code
         assert f"video {first.video_ids[0]} of run lstm was counted twice" in line["error"]

@@ -63,15 +63,18 @@ def test_a_shard_changed_after_its_record_is_refused(tmp_path):
     write_run(tmp_path, manifest, "lstm", "lstm", STRATEGIES, shards=2)
     with open(tmp_path / "eval" / "lstm" / "pred-0000-of-0002.h5", "ab") as handle:
         handle.write(b"\0")
-    with pytest.raises(StoreError, match=r"pred-0000-of-0002\.h5 does not match the sha256"):
+    with pytest.raises(StoreError, match=r"pred-0000-of-0002\.h5 does not match the sha256 in its record"):
         reduce_files(tmp_path)
+    with pytest.raises(StoreError, match=r"redo shard 0 with `hpcvid run eval --model lstm --shard 0 --force`"):
+        reduce_files(tmp_path, allow_partial=True)   # corrupt is not missing: never reported over
 
 
 def test_a_duplicated_video_is_named(tmp_path):
     manifest = make_manifest(tmp_path)
     write_run(tmp_path, manifest, "lstm", "lstm", STRATEGIES, shards=3)
     # rewrite shard 2 so that it also holds the first video of shard 0
-    from hpcvid.storage.predictions import write_prediction_shard
+    from predictions_factory import write_shard
+    from hpcvid.workfolder import Unit, WorkFolder
 
     folder = tmp_path / "eval" / "lstm"
     first = read_prediction_shard(folder / "pred-0000-of-0003.h5")
@@ -80,7 +83,7 @@ def test_a_duplicated_video_is_named(tmp_path):
     third.labels = np.append(third.labels, first.labels[0])
     third.scores = {s: np.vstack([third.scores[s], first.scores[s][:1]]) for s in third.strategies}
     third.splits = None
-    write_prediction_shard(tmp_path, third)
+    write_shard(tmp_path, third, WorkFolder(tmp_path).current_set(Unit("eval", "lstm")).id)
     duplicated = first.video_ids[0]
     with pytest.raises(StoreError, match=rf"video {duplicated} of run lstm was counted twice: in "
                                          r"pred-0000-of-0003\.h5 and in pred-0002-of-0003\.h5"):

@@ -86,28 +86,38 @@ class FakeSlurm:
         raise AssertionError(f"unexpected command {argv}")
 
 
-def _submission(work: Path, stage: str, tasks: list[tuple[str, int, int]], name: str) -> None:
+def _submission(work: Path, unit: str, tasks: list[tuple[str, int, int]], name: str) -> None:
     from hpcvid.launch.executors import Submission, write_submission
 
     write_submission(work, Submission(
-        stage, "slurm", [t[0] for t in tasks],
-        [{"job_id": j, "shard": i, "count": n, "name": f"{i:04d}-of-{n:04d}" if n > 1 else stage}
-         for j, i, n in tasks], str(work / "jobs" / "logs" / "%j"), ["hpcvid", "submit", stage], name))
+        unit, "slurm", [t[0] for t in tasks],
+        [{"job_id": j, "shard": i, "count": n, "name": f"{i:04d}-of-{n:04d}"} for j, i, n in tasks],
+        "jobs/logs/%j", ["hpcvid", "submit", unit], name))
+
+
+def _record(work: Path, unit: str, spec, **fields) -> None:
+    """A shard record of the unit's current set (declared here when there is none), as a stage writes it."""
+    from hpcvid.fileio import atomic_write_json
+    from hpcvid.workfolder import Unit, WorkFolder
+
+    folder = WorkFolder(work)
+    shard_set = folder.ensure_set(Unit.parse(unit), spec.count, {"test": 1})
+    atomic_write_json(folder.record_file(Unit.parse(unit), spec), {**fields, "set": shard_set.id})
 
 
 @pytest.fixture
 def work_with_jobs(tmp_path):
     from hpcvid.launch.progress import write_progress
     from hpcvid.launch.sharding import ShardSpec
+    from hpcvid.workfolder import Unit
 
     work = tmp_path / "work"
     _submission(work, "extract", [("41_0", 0, 5), ("41_1", 1, 5), ("41_2", 2, 5), ("41_3", 3, 5),
                                   ("41_4", 4, 5)], "t1")
     _submission(work, "merge", [("43", 0, 1)], "t2")
-    (work / "extract").mkdir(parents=True)
-    (work / "extract" / "shard-0000-of-0005.json").write_text(json.dumps(
-        {"videos": [{"id": "a"}, {"id": "b"}, {"id": "c"}], "failed": [{"video": "d", "reason": "bad"}]}))
-    write_progress(work, "extract", ShardSpec(2, 5), done=2, total=8, started=1000.0)
+    _record(work, "extract", ShardSpec(0, 5), videos=[{"id": "a"}, {"id": "b"}, {"id": "c"}],
+            failed=[{"video": "d", "reason": "bad"}])
+    write_progress(work, Unit("extract"), ShardSpec(2, 5), done=2, total=8, started=1000.0)
     return work
 
 
@@ -121,6 +131,7 @@ def test_status_makes_one_batched_query_and_shows_every_state(work_with_jobs, mo
     assert [c[0] for c in fake.calls] == ["sacct", "squeue"], "one sacct and one squeue call, not one per shard"
     assert "41,43" in " ".join(fake.calls[0])
     lines = {line.split()[1]: line for line in out.splitlines() if line.startswith(("extract", "merge"))}
+    lines["merge"] = next(line for line in out.splitlines() if line.startswith("merge"))
     assert "COMPLETED" in lines["0000-of-0005"] and "4/4" in lines["0000-of-0005"]
     assert " 1 " in lines["0000-of-0005"], "the failed video must be counted"
     assert "CANCELLED" in lines["0001-of-0005"]
@@ -160,7 +171,7 @@ def test_resubmission_skips_shards_still_queued(work_with_jobs, monkeypatch):
 
     monkeypatch.setattr(scheduler, "run_command", FakeSlurm())
     config = resolve_config(overrides={"work": str(work_with_jobs), "launch.executor": "slurm"})
-    kept = _without_active(config, "extract", all_shards(5))
+    kept = _without_active(config, "extract", all_shards(5), force=False)
     # 41_0 done, 41_1 cancelled: may be queued again; 41_2 running, 41_3/41_4 pending: not twice
     assert [s.index for s in kept] == [0, 1]
 
@@ -170,14 +181,14 @@ def test_status_shows_shards_run_locally_without_a_submission(tmp_path, monkeypa
     from hpcvid.launch import scheduler
     from hpcvid.launch.progress import write_progress
     from hpcvid.launch.sharding import ShardSpec
+    from hpcvid.workfolder import Unit
 
     fake = FakeSlurm()
     monkeypatch.setattr(scheduler, "run_command", fake)
     work = tmp_path / "w"
-    write_progress(work, "extract", ShardSpec(0, 2), done=3, total=3, started=1000.0)
-    (work / "extract").mkdir(parents=True)
-    (work / "extract" / "shard-0000-of-0002.json").write_text(json.dumps({"videos": [{"id": "a"}] * 3, "failed": []}))
-    write_progress(work, "extract", ShardSpec(1, 2), done=1, total=4, started=1000.0)
+    write_progress(work, Unit("extract"), ShardSpec(0, 2), done=3, total=3, started=1000.0)
+    _record(work, "extract", ShardSpec(0, 2), videos=[{"id": "a"}] * 3, failed=[])
+    write_progress(work, Unit("extract"), ShardSpec(1, 2), done=1, total=4, started=1000.0)
     progress_file = work / ".progress" / "extract" / "shard-0001-of-0002.json"
     stale = json.loads(progress_file.read_text())
     stale["pid"] = 2 ** 22 + 7  # above the kernel's pid limit here: a process that no longer exists
@@ -193,3 +204,23 @@ def test_status_shows_shards_run_locally_without_a_submission(tmp_path, monkeypa
 def test_status_of_an_untouched_folder_is_a_clear_error(tmp_path, capsys):
     assert hpcvid("status", tmp_path) == 2
     assert "nothing was submitted or run" in capsys.readouterr().err
+
+
+def test_when_slurm_cannot_be_asked_nothing_is_queued_twice(work_with_jobs, monkeypatch, capsys):
+    """sacct and squeue both fail (slurmctld down): resubmitting would risk running a shard twice."""
+    from hpcvid.config import resolve_config
+    from hpcvid.errors import CommandError, SchedulerError
+    from hpcvid.launch import scheduler
+    from hpcvid.launch.sharding import all_shards
+    from hpcvid.cli.submit import _without_active
+
+    def unreachable(argv, **kwargs):
+        raise CommandError(list(argv), 1, stderr="slurm_load_jobs error: Unable to contact slurm controller")
+
+    monkeypatch.setattr(scheduler, "run_command", unreachable)
+    config = resolve_config(overrides={"work": str(work_with_jobs), "launch.executor": "slurm"})
+    with pytest.raises(SchedulerError, match=r"extract: SLURM cannot be asked .* nothing queued, so that no shard "
+                                             r"runs twice: try again, or pass --force"):
+        _without_active(config, "extract", all_shards(5), force=False)
+    assert [s.index for s in _without_active(config, "extract", all_shards(5), force=True)] == [0, 1, 2, 3, 4]
+    assert "queued anyway (--force)" in capsys.readouterr().out

@@ -46,11 +46,12 @@ def _status(work: Path, *extra: str) -> str:
 def walltime_job(slurm_cluster, tmp_path_factory):
     """A shard whose work (10 items x 12 s) outlasts its 3-minute walltime, queued when the module starts so
     that it runs beside the other tests; SLURM signals it 60 s (DESIGN 8: up to 120 s) before the end."""
-    from hpcvid.cli import run as stages
+    from hpcvid.stages import STAGES
+    from toystage import TOY
 
     work = _toy_work(tmp_path_factory.mktemp("walltime"), items=10, sleep=12.0)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(stages.STAGES, "toy", "toystage")
+        patch.setitem(STAGES, "toy", TOY)
         patch.syspath_prepend(str(ROOT / "tests"))
         patch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
         assert hpcvid("submit", "toy", "--work", work, "--shards", "1", "--profile", ROOT / "slurm" / "local.toml",
@@ -86,7 +87,7 @@ def test_extract_array_completes_and_equals_the_local_run(slurm_cluster, tiny_sy
                             {"launch.walltime": "00:10:00"}).launch
     base = submission["job_ids"][0].split("_")[0]
     sent = (on_slurm / "jobs" / "logs" / base / f"{base}_submission.sh").read_text()
-    assert sent == sbatch_text(launch, Resources(name="hpcvid-extract"), Path(submission["folder"]), array=3)
+    assert sent == sbatch_text(launch, Resources(name="hpcvid-extract"), on_slurm / submission["folder"], array=3)
     assert hpcvid("run", "extract", "--config", extract_job_file(tmp_path, tiny_synthetic, local)) == 0
     states = wait_finished(submission["job_ids"], timeout=240)
     assert {s.state for s in states.values()} == {"COMPLETED"}, states
@@ -197,11 +198,7 @@ def test_dependency_chain_runs_in_order_and_a_failure_leaves_dependants_pending(
 
 def test_pipeline_of_the_real_stages_runs_in_order_with_two_node_training(slurm_cluster, tiny_synthetic, tmp_path):
     """extract -> merge -> train (2 fake nodes, gloo DDP) -> eval -> reduce, each afterok on the previous."""
-    from hpcvid.cli.submit import STAGE_ORDER, stage_module
-
-    built = [s for s in STAGE_ORDER if stage_module(s) is not None]
-    if "extract" not in built or "merge" not in built:
-        pytest.skip(f"extract and merge are needed; built here: {built}")
+    built = ["extract", "merge", "train", "eval", "reduce"]
     work, results = tmp_path / "pipe", tmp_path / "results"
     job = tmp_path / "pipe.toml"
     job.write_text(f'work = "{work}"\n[dataset]\nroot = "{tiny_synthetic}"\nformat = "ucf101"\n'
@@ -219,13 +216,11 @@ def test_pipeline_of_the_real_stages_runs_in_order_with_two_node_training(slurm_
     for before, after in zip(chain, chain[1:]):
         assert max(states[j].end for j in before["job_ids"]) <= min(states[j].start for j in after["job_ids"])
     assert (work / "features.h5").is_file()
-    if "train" in built:
-        train_id = chain[built.index("train")]["job_ids"][0]
-        logs = sorted((work / "jobs" / "logs" / train_id).glob("*_log.out"))
-        assert len(logs) == 2 and all("global_rank=" in p.read_text() for p in logs), "one rank per node"
-        assert states[train_id].nodes.startswith("n["), f"training ran on {states[train_id].nodes}, not 2 nodes"
-    if "reduce" in built:
-        assert (results / "summary.json").is_file()
+    train_id = chain[built.index("train")]["job_ids"][0]
+    logs = sorted((work / "jobs" / "logs" / train_id).glob("*_log.out"))
+    assert len(logs) == 2 and all("global_rank=" in p.read_text() for p in logs), "one rank per node"
+    assert states[train_id].nodes.startswith("n["), f"training ran on {states[train_id].nodes}, not 2 nodes"
+    assert (results / "summary.json").is_file()
     table = _status(work)
     assert f"{len(ids)}/{len(ids)} jobs completed" in table
 
@@ -243,3 +238,36 @@ def test_a_shard_longer_than_its_walltime_is_requeued_and_completes_without_time
     redone = len(items) - len(set(items))
     assert redone <= states[job_id].requeues, f"{redone} items redone after {states[job_id].requeues} requeue(s)"
     assert json.loads((work / "toy" / "shard-0000-of-0001.json").read_text())["restart"] != "0"
+
+
+def test_two_models_evaluate_side_by_side_and_merge_writes_where_asked(slurm_cluster, pipeline_work, tmp_path,
+                                                                        capsys):
+    """eval/frame and eval/lstm are two units: queued together, both run, status and collect show both.
+    A flag that is a config key (merge --features-dir) reaches the queued job."""
+    import shutil
+
+    work, job = tmp_path / "work", pipeline_work[1]
+    shutil.copytree(pipeline_work[0], work)
+    features = work / "features" / "frame"
+    for merged in (features / "features.h5", features / "features.json"):
+        merged.unlink()
+    common = ["--config", job, "--work", work, "--profile", ROOT / "slurm" / "local.toml", "--walltime", "00:10:00"]
+    capsys.readouterr()
+    assert hpcvid("submit", "eval", "--model", "frame", "--shards", "2", *common) == 0
+    assert hpcvid("submit", "eval", "--model", "lstm", "--shards", "2", *common) == 0
+    assert hpcvid("submit", "merge", "--features-dir", features, *common) == 0
+    out = capsys.readouterr().out
+    assert "eval/frame: submitted 2 job(s)" in out and "eval/lstm: submitted 2 job(s)" in out
+    assert "already queued" not in out
+    ids = [j for unit in ("eval-frame", "eval-lstm", "merge-frame") for j in _last_submission(work, unit)["job_ids"]]
+    states = wait_finished(ids, timeout=300)
+    assert {s.state for s in states.values()} == {"COMPLETED"}, states
+    assert (features / "features.h5").is_file() and not (work / "features.h5").exists()
+    table = _status(work)
+    for unit in ("eval/frame", "eval/lstm"):
+        rows = [line for line in table.splitlines() if line.startswith(unit + " ")]
+        assert len(rows) == 2 and all("COMPLETED" in row for row in rows), table
+    assert hpcvid("collect", work, "--out", tmp_path / "report") == 0
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert sorted(summary["runs"]) == ["frame", "lstm"]
+    assert all(entry["n_videos"] == 6 for entry in summary["runs"].values())

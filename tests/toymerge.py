@@ -1,7 +1,9 @@
-"""The test-only ``toymerge`` stage (a run_local stage), see toystage.Merge."""
+"""The test-only ``toymerge`` stage (one job), see toystage.Merge."""
 from toystage import Merge
 
-HELP = Merge.HELP
 add_arguments = Merge.add_arguments
 overrides = Merge.overrides
-run_local = Merge.run_local
+unit = Merge.unit
+plan = Merge.plan
+run_shard = Merge.run_shard
+report = Merge.report

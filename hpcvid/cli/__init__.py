@@ -4,8 +4,8 @@ Each verb lives in its own module, which provides ``add_cli(parser)`` and ``main
 modules must not import torch, cv2, h5py, av, matplotlib or submitit at module level, so that
 ``hpcvid --help`` and ``hpcvid status`` start in well under a second on a login node.
 
-Errors of the project's own types become one line on stderr and a non-zero exit code
-(2: bad input or configuration, 3: finished but some items failed).
+Errors of the project's own types, and mistakes on the command line, become one line on stderr and a
+non-zero exit code (2: bad input or configuration, 3: finished but some items failed).
 """
 from __future__ import annotations
 
@@ -13,14 +13,13 @@ import argparse
 import importlib
 import logging
 import sys
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NoReturn, Sequence
 
 from hpcvid import __version__
 from hpcvid.config import Config, resolve_config
-from hpcvid.errors import HpcvidError
+from hpcvid.errors import ConfigError, HpcvidError
 
-# verb -> (module, one-line help). Only verbs that work are listed here.
+# verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "synth": ("hpcvid.stages.synth", "generate the synthetic action dataset (UCF-101 layout)"),
     "index": ("hpcvid.stages.index", "index a dataset and its split into WORK/manifest.json"),
@@ -29,10 +28,28 @@ VERBS: dict[str, tuple[str, str]] = {
     "status": ("hpcvid.cli.status", "per-shard SLURM state, progress, failures and ETA of a work folder"),
     "cancel": ("hpcvid.cli.cancel", "cancel every queued or running job of a work folder"),
     "mpi": ("hpcvid.cli.mpi", "run a shard stage across the ranks of one MPI allocation"),
-    "collect": ("hpcvid.stages.reduce", "reduce prediction shards into results/NAME (tables, confusion matrices, plots)"),
+    "collect": ("hpcvid.cli.collect", "reduce prediction shards into results/NAME (tables, confusion matrices, plots)"),
     "demo": ("hpcvid.cli.demo", "the whole pipeline on a small synthetic dataset, on this machine -> results/demo"),
-    "bench": ("hpcvid.cli.bench", "speed ratios of decode, flow, features and storage (DESIGN 7) -> results/bench"),
+    "bench": ("hpcvid.cli.bench", "speed ratios of decode, flow, features and storage -> results/bench"),
 }
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a mistake on the command line is one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message} (see `{self.prog} --help`)")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for counts that must be at least 1 (``--jobs``, ``--shards``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, *, work_required: bool = False) -> None:
@@ -51,13 +68,13 @@ def config_from_args(args: argparse.Namespace, overrides: Mapping[str, Any] | No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="hpcvid",
         description="Video action recognition on HPC clusters: from raw clips to published tables.",
     )
     parser.add_argument("--version", action="version", version=f"hpcvid {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)  # sub-parsers: OneLineParser too
     for verb, (module_name, help_text) in VERBS.items():
         module = importlib.import_module(module_name)
         sub = verbs.add_parser(verb, help=help_text, description=help_text)
@@ -67,8 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except HpcvidError as error:
+        print(f"hpcvid: error: {error}", file=sys.stderr)
+        return error.exit_code
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -83,11 +103,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def entry_point() -> None:
     sys.exit(main())
-
-
-def resolve_path(value: str | None) -> Path | None:
-    return Path(value).expanduser() if value else None
-
-
-if __name__ == "__main__":
-    entry_point()

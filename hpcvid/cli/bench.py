@@ -354,17 +354,19 @@ def bench_features(quick: bool, repeats: int) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ storage
 def bench_storage(scratch: Path, quick: bool, repeats: int) -> dict[str, Any]:
-    from hpcvid.stages.merge import MergedFeatures, merge
     from hpcvid.launch.sharding import ShardSpec
+    from hpcvid.stages.merge import MergedFeatures, merge
     from hpcvid.storage.shards import VideoData, write_features_shard
+    from hpcvid.workfolder import Unit, WorkFolder
 
     videos, frames, dim, length = size("storage_videos", quick), size("storage_frames", quick), 1024, 120
     windows = size("storage_windows", quick)
-    work = scratch / f"storage-{videos}"
-    npy_root = work / "npy"
+    work = WorkFolder(scratch / f"storage-{videos}")
+    unit = Unit("features", "bench")
+    npy_root = work.root / "npy"
     rng = np.random.default_rng(0)
-    if not (work / "features" / "features.h5").exists():
-        shard_dir = work / "features"
+    if not work.merged_file(unit).exists():
+        shard_set = work.declare_set(unit, 1, {"bench": 1})
         items = []
         for v in range(videos):
             feats = rng.standard_normal((frames, dim)).astype(np.float32)
@@ -375,9 +377,9 @@ def bench_storage(scratch: Path, quick: bool, repeats: int) -> dict[str, Any]:
             attrs = {"label": v % 6, "class_name": f"class{v % 6}", "split": "train" if v % 4 else "test",
                      "fps": 25.0, "total_frames": frames, "source": f"video{v:04d}.avi", "width": 112, "height": 112}
             items.append(VideoData(f"video{v:04d}", attrs, np.arange(frames), features={"bench": feats}))
-        write_features_shard(shard_dir, ShardSpec(0, 1), items)
-        merge(work, features_dir=shard_dir)
-    merged = MergedFeatures(work / "features" / "features.h5", backbone="bench")
+        write_features_shard(work.unit_dir(unit), ShardSpec(0, 1), items, record_extra={"set": shard_set.id})
+        merge(work.root, features_dir=work.unit_dir(unit))
+    merged = MergedFeatures(work.merged_file(unit), backbone="bench")
     starts = rng.integers(0, frames - length + 1, windows)
     picks = rng.integers(0, videos, windows)
 
@@ -432,19 +434,22 @@ def timed_extract(dataset: Path, work: Path, shards: int) -> dict[str, Any]:
     from hpcvid.config import resolve_config
     from hpcvid.stages.index import index_dataset
     from hpcvid.launch.executors import run_shards_locally
-    from hpcvid.launch.progress import progress_path, read_progress
-    from hpcvid.launch.sharding import all_shards
+    from hpcvid.launch.progress import read_progress
+    from hpcvid.stages import STAGES
+    from hpcvid.stages import extract
+    from hpcvid.workfolder import WorkFolder
 
     config = resolve_config(overrides={"work": str(work), "dataset.root": str(dataset), "dataset.format": "ucf101",
                                        "extract.size": 64, "extract.flow": "farneback",
                                        "extract.backbone": "resnet18", "extract.device": "cpu",
                                        "extract.shards": shards})
     index_dataset(config)
-    specs = all_shards(shards)
+    specs = extract.plan(config)
     wall, started = time.time(), time.perf_counter()
-    records = run_shards_locally(config, "hpcvid.stages.extract", specs, jobs=shards, threads=1)
+    records = run_shards_locally(config, STAGES["extract"], specs, jobs=shards, threads=1)
     seconds = time.perf_counter() - started
-    first_video = [read_progress(progress_path(config.work, "extract", s))["started"] - wall for s in specs]
+    folder = WorkFolder.of(config)
+    first_video = [read_progress(folder.progress_file(extract.UNIT, s))["started"] - wall for s in specs]
     busy = sum(sum(r["timings"]["stage_seconds"].values()) for r in records)  # per-video work, all workers
     return {"seconds": seconds, "start_latency": max(first_video), "busy": busy,
             "failed": sum(r["n_failed"] for r in records),

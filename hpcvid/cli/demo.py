@@ -6,9 +6,8 @@ synth -> index -> extract (several shards) -> merge -> train frame, flow, twostr
 written into the work folder so that each step can be re-run by hand. It ends with the results table and
 the path of the report.
 
-A stage that is not built in this checkout is skipped with a line that says so, and the report covers what
-ran; the demo never pretends. Every stage is resumable, so a second ``hpcvid demo`` redoes nothing
-(``--force`` starts again from an empty work folder).
+Every stage is resumable, so a second ``hpcvid demo`` redoes nothing (``--force`` starts again from an
+empty work folder).
 
 The LSTM reads features of the fine-tuned frame CNN (``run features``, the seeds' part 2), not the
 extraction backbone's: with no ImageNet weights here that backbone is randomly initialised, and its pooled
@@ -25,7 +24,6 @@ measured on more test videos.
 from __future__ import annotations
 
 import argparse
-import importlib
 import shutil
 import sys
 import time
@@ -107,28 +105,10 @@ device = "cpu"
 
 # ------------------------------------------------------------------------------------------- steps
 class Step:
-    """One line of the demo's plan: its name, what must be built for it (``needs``) and the call that runs it."""
+    """One line of the demo's plan: its name and the call that runs it."""
 
-    def __init__(self, name: str, needs: str, action: Callable[[], int]) -> None:
-        self.name, self.needs, self.action = name, needs, action
-
-
-def stage_available(stage: str) -> bool:
-    from hpcvid.cli.run import STAGES
-
-    return stage in STAGES
-
-
-def verb_available(verb: str) -> bool:
-    from hpcvid.cli import VERBS
-
-    if verb not in VERBS:
-        return False
-    try:
-        importlib.import_module(VERBS[verb][0])
-    except ImportError:
-        return False
-    return True
+    def __init__(self, name: str, action: Callable[[], int]) -> None:
+        self.name, self.action = name, action
 
 
 def _cli(*argv: str) -> int:
@@ -151,20 +131,20 @@ def _train(job: Path, model: str, epochs: int) -> int:
 def build_steps(job: Path, work: Path, data: Path, out: Path, size: str) -> list[Step]:
     spec = DEMO_SIZES[size]
     steps = [
-        Step("synth", "verb synth", lambda: _cli("synth", "--config", str(job), str(data))),
-        Step("index", "verb index", lambda: _cli("index", "--config", str(job))),
-        Step("extract", "stage extract", lambda: _cli("run", "extract", "--config", str(job))),
-        Step("merge", "stage merge", lambda: _cli("run", "merge", "--config", str(job))),
+        Step("synth", lambda: _cli("synth", "--config", str(job), str(data))),
+        Step("index", lambda: _cli("index", "--config", str(job))),
+        Step("extract", lambda: _cli("run", "extract", "--config", str(job))),
+        Step("merge", lambda: _cli("run", "merge", "--config", str(job))),
     ]
     for model in MODELS:
         if model == "lstm":   # the LSTM trains on the fine-tuned frame CNN's features (module docstring)
-            steps.append(Step("features", "stage features", lambda: _cli("run", "features", "--config", str(job))))
-        steps.append(Step(f"train {model}", "stage train",
+            steps.append(Step("features", lambda: _cli("run", "features", "--config", str(job))))
+        steps.append(Step(f"train {model}",
                           lambda model=model: _train(job, model, spec["epochs"][model])))
     for model in MODELS:
-        steps.append(Step(f"eval {model}", "stage eval",
+        steps.append(Step(f"eval {model}",
                           lambda model=model: _cli("run", "eval", "--config", str(job), "--model", model)))
-    steps.append(Step("collect", "verb collect", lambda: _collect(work, out)))
+    steps.append(Step("collect", lambda: _collect(work, out)))
     return steps
 
 
@@ -197,19 +177,6 @@ def _collect(work: Path, out: Path) -> int:
     return 3 if read_summary(out).get("partial") else 0   # 3: written, but some predictions are missing
 
 
-def available(needs: str) -> bool:
-    kind, name = needs.split(" ", 1)
-    if kind == "verb":
-        return verb_available(name)
-    if kind == "stage":
-        return stage_available(name)
-    try:
-        importlib.import_module(name)
-    except ImportError:
-        return False
-    return True
-
-
 # --------------------------------------------------------------------------------------------- CLI
 def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", default="results/demo", help="report folder (default: results/demo)")
@@ -224,7 +191,7 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
 
 def run_demo(out: Path | str = "results/demo", work: Path | str = "work/demo", data: Path | str = "data/demo",
              size: str = "default", force: bool = False, threads: int = 0) -> dict[str, Any]:
-    """Run every available step; returns {"ran": [...], "skipped": [...], "failed": [...], "out": Path}."""
+    """Run every step; returns {"ran": [...], "failed": [...], "out": Path}."""
     import torch
 
     if threads:
@@ -236,14 +203,10 @@ def run_demo(out: Path | str = "results/demo", work: Path | str = "work/demo", d
     job = work / "demo.toml"
     job.write_text(job_toml(work.resolve(), data.resolve(), size))
     steps = build_steps(job, work, data, out, size)
-    ran, skipped, failed = [], [], []
+    ran, failed = [], []
     started = time.time()
     for number, step in enumerate(steps, start=1):
         prefix = f"[{number}/{len(steps)}] {step.name}"
-        if not available(step.needs):
-            print(f"{prefix}: SKIPPED - {step.needs} is not built in this checkout", flush=True)
-            skipped.append(step.name)
-            continue
         print(f"{prefix} ...", flush=True)
         t0 = time.time()
         code = step.action()
@@ -256,9 +219,9 @@ def run_demo(out: Path | str = "results/demo", work: Path | str = "work/demo", d
         else:
             print(f"{prefix}: done in {took:.0f} s", flush=True)
         ran.append(step.name)
-    print(f"demo: {len(ran)} steps ran, {len(skipped)} skipped, {len(failed)} failed, "
+    print(f"demo: {len(ran)} steps ran, {len(failed)} failed, "
           f"{time.time() - started:.0f} s in all", flush=True)
-    return {"ran": ran, "skipped": skipped, "failed": failed, "out": out}
+    return {"ran": ran, "failed": failed, "out": out}
 
 
 def format_factors(summary: dict[str, Any]) -> str:
@@ -286,8 +249,6 @@ def main(args: argparse.Namespace) -> int:
             print()
             print(format_factors(summary))
         print(f"\nreport: {Path(result['out']) / 'report.md'}")
-    if result["skipped"]:
-        print(f"skipped (not built yet): {', '.join(result['skipped'])}")
     if result["failed"]:
         print(f"failed: {', '.join(result['failed'])}", file=sys.stderr)
         return 3

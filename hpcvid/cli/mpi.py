@@ -12,22 +12,20 @@ import sys
 import traceback
 from typing import Any
 
-from hpcvid.cli import add_config_arguments, config_from_args
+from hpcvid.cli import config_from_args
 from hpcvid.config import write_resolved
 from hpcvid.errors import ConfigError, HpcvidError, PartialFailure
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
-    from hpcvid.cli.run import STAGES, load_stage
+    from hpcvid.cli.run import add_stage_arguments
+    from hpcvid.stages import STAGES
 
     stages = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
-    for name in STAGES:
-        module = load_stage(name)
-        if not (hasattr(module, "plan") and hasattr(module, "run_shard")):
-            continue
-        sub = stages.add_parser(name, help=module.HELP, description=module.HELP)
-        add_config_arguments(sub)
-        module.add_arguments(sub)
+    for name, stage in STAGES.items():
+        if stage.sharded:
+            sub = stages.add_parser(name, help=stage.help, description=stage.help)
+            add_stage_arguments(sub, stage)
 
 
 def _world():
@@ -44,17 +42,19 @@ def shards_for_rank(specs: list, rank: int, size: int) -> list:
 
 
 def main(args: argparse.Namespace) -> int:
-    from hpcvid.cli.run import load_stage
+    from hpcvid.launch.executors import run_stage_shard
+    from hpcvid.stages import STAGES
 
     comm = _world()
     rank, size = comm.Get_rank(), comm.Get_size()
-    module = load_stage(args.stage)
+    stage = STAGES[args.stage]
+    module = stage.load()
     config = config_from_args(args, module.overrides(args))
     specs: Any = None
     planning_error = ""
     if rank == 0:
         try:
-            specs = list(module.plan(config, args))
+            specs = list(module.plan(config, getattr(args, "shard", None), bool(args.force)))
             write_resolved(config, argv=sys.argv)
         except HpcvidError as error:
             planning_error = str(error)
@@ -64,9 +64,12 @@ def main(args: argparse.Namespace) -> int:
     results: list[tuple[int, dict | None, str]] = []
     for spec in shards_for_rank(specs, rank, size):
         try:
-            results.append((spec.index, module.run_shard(config, spec), ""))
+            results.append((spec.index, run_stage_shard(stage, config, spec), ""))
+        except HpcvidError as error:   # one line, gathered and reported by rank 0
+            results.append((spec.index, None, f"rank {rank}: shard {spec.name}: {error}"))
         except Exception as error:  # noqa: BLE001 - gathered and reported by rank 0, never lost
-            results.append((spec.index, None, f"rank {rank}: {error}\n{traceback.format_exc(limit=3)}"))
+            results.append((spec.index, None, f"rank {rank}: shard {spec.name}: {error}\n"
+                                              f"{traceback.format_exc(limit=3)}"))
     gathered = comm.gather(results, root=0)
     if rank != 0:
         return 0

@@ -1,10 +1,13 @@
-"""``hpcvid status WORK``: one table of every submitted shard, from files plus ONE batched SLURM query.
+"""``hpcvid status WORK``: one table of every unit of work of a folder, from files plus ONE batched SLURM query.
 
-Per shard: the SLURM state (PENDING, RUNNING, COMPLETED, FAILED, TIMEOUT, CANCELLED, REQUEUED; the pending
-reason, e.g. DependencyNeverSatisfied, in plain words), videos done/total, failures, throughput and ETA.
-Sources, in order of trust: the shard's record (written last: the shard is done), the progress file the
-stage updates while it runs (hpcvid.launch.progress), and SLURM (sacct + squeue, asked once for every job).
-It works from a new shell and after SLURM forgot the jobs: the files are enough to say what is done.
+A row per shard of every unit (``extract``, ``eval/frame``, ``eval/lstm``, ``train/lstm``, ...): the SLURM
+state (PENDING, RUNNING, COMPLETED, FAILED, TIMEOUT, CANCELLED, REQUEUED; the pending reason, e.g.
+DependencyNeverSatisfied, in plain words), items done/total (videos; epochs for training), failures,
+throughput and ETA. Sources, in order of trust: the shard's record of the unit's current set (written last:
+the shard is done), the progress file the stage updates while it runs, and SLURM (sacct + squeue, asked once
+for every job). It works from a new shell and after SLURM forgot the jobs: the files are enough to say what
+is done. Records of a set that is no longer current (another shard count, other settings) are named under
+the table as stale: no stage reads them.
 """
 from __future__ import annotations
 
@@ -16,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from hpcvid.errors import ConfigError, HpcvidError
-from hpcvid.launch.progress import PROGRESS_DIR, progress_path, read_progress
+from hpcvid.launch.progress import read_progress
 from hpcvid.launch.sharding import ShardSpec
+from hpcvid.workfolder import Unit, WorkFolder
 
 REASONS = {
     "DependencyNeverSatisfied": "waits for a job that failed: it will never start (hpcvid cancel WORK, then resubmit)",
@@ -31,13 +35,13 @@ REASONS = {
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("work", metavar="WORK", help="work folder holding jobs/ (the submission records)")
-    parser.add_argument("--stage", help="show only this stage")
+    parser.add_argument("--stage", help="show only this stage's units (e.g. eval), or one unit (eval/lstm)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
 
 
 @dataclass
 class ShardRow:
-    stage: str
+    unit: str
     shard: str
     job_id: str
     state: str
@@ -49,26 +53,78 @@ class ShardRow:
     eta_s: float | None = None
     requeues: int = 0
 
+    @property
+    def stage(self) -> str:
+        return Unit.parse(self.unit).stage
 
-def record_path(work: Path, stage: str, spec: ShardSpec) -> Path:
-    """Where a stage writes a shard's record: the stage's ``record_path`` if it has one, else the default."""
-    from hpcvid.cli.run import STAGES
 
-    if stage in STAGES:
-        import importlib
+@dataclass
+class _Task:
+    """What is known of one shard before SLURM is asked: its latest job (if any) and where it runs."""
 
+    executor: str
+    job_id: str
+
+
+def _wanted(unit: Unit, stage_filter: str | None) -> bool:
+    return not stage_filter or stage_filter in (unit.stage, str(unit))
+
+
+def shard_rows(work: Path, stage_filter: str | None = None) -> list[ShardRow]:
+    """One row per (unit, shard): the latest submission of each shard wins; unsubmitted shards come from files."""
+    from hpcvid.launch import executors as launch
+    from hpcvid.launch import scheduler
+
+    folder = WorkFolder(work)
+    tasks: dict[tuple[Unit, int, int], _Task] = {}
+    for submission in launch.read_submissions(work):
+        unit = Unit.parse(submission.unit)
+        if _wanted(unit, stage_filter):
+            for task in submission.tasks:
+                tasks[(unit, task["shard"], task["count"])] = _Task(submission.executor, task["job_id"])
+    for unit in folder.units():
+        if not _wanted(unit, stage_filter):
+            continue
+        current = folder.current_set(unit) if _sharded(unit) else None
+        if current is not None:
+            for index in range(current.count):
+                tasks.setdefault((unit, index, current.count), _Task("run", "-"))
+        for path in _progress_files(folder, unit):
+            progress = read_progress(path) or {}
+            if "index" in progress and "count" in progress and (current is None or current.count == progress["count"]):
+                tasks.setdefault((unit, int(progress["index"]), int(progress["count"])), _Task("run", "-"))
+    slurm_ids = [t.job_id for t in tasks.values() if t.executor == "slurm"]
+    states: dict[str, Any] = {}
+    if slurm_ids:
         try:
-            module = importlib.import_module(STAGES[stage])
-            if hasattr(module, "record_path"):
-                from hpcvid.config import load_resolved
+            states = scheduler.query_jobs(slurm_ids)
+        except HpcvidError as error:
+            print(f"status: SLURM could not be asked ({error}); states come from the files only")
+    now = time.time()
+    return [_row(folder, unit, ShardSpec(index, count), task, states, now)
+            for (unit, index, count), task in sorted(tasks.items(), key=lambda kv: (_order(kv[0][0]), kv[0]))]
 
-                return Path(module.record_path(load_resolved(work), spec))
-        except HpcvidError:
-            pass
-    return work / stage / f"shard-{spec.name}.json"
+
+def _sharded(unit: Unit) -> bool:
+    from hpcvid.stages import STAGES
+
+    return unit.stage not in STAGES or STAGES[unit.stage].sharded
+
+
+def _progress_files(folder: WorkFolder, unit: Unit) -> list[Path]:
+    base = folder.progress_file(unit, ShardSpec(0, 1)).parent
+    return sorted(base.glob("shard-*.json")) if base.is_dir() else []
+
+
+def _order(unit: Unit) -> tuple[int, str]:
+    from hpcvid.stages import PIPELINE_ORDER
+
+    return (PIPELINE_ORDER.index(unit.stage) if unit.stage in PIPELINE_ORDER else len(PIPELINE_ORDER), unit.run)
 
 
 def _count(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
     if isinstance(value, int):
         return value
     if isinstance(value, (list, tuple, dict)):
@@ -76,80 +132,30 @@ def _count(value: Any) -> int | None:
     return None
 
 
-def shard_rows(work: Path, stage_filter: str | None = None) -> list[ShardRow]:
-    """One row per (stage, shard): the latest submission of each shard wins."""
-    from hpcvid.launch import executors as launch
-    from hpcvid.launch import scheduler
-
-    submissions = [s for s in launch.read_submissions(work) if not stage_filter or s.stage == stage_filter]
-    latest: dict[tuple[str, int, int], tuple[Any, dict]] = {}
-    for submission in submissions:
-        for task in submission.tasks:
-            latest[(submission.stage, task["shard"], task["count"])] = (submission, task)
-    slurm_ids = [task["job_id"] for sub, task in latest.values() if sub.executor == "slurm"]
-    states: dict[str, scheduler.JobState] = {}
-    query_error = ""
-    if slurm_ids:
-        try:
-            states = scheduler.query_jobs(slurm_ids)
-        except HpcvidError as error:
-            query_error = str(error)
-    now = time.time()
-    latest.update(_unsubmitted_shards(work, set(latest), stage_filter))
-    rows = []
-    for (stage, index, count), (submission, task) in sorted(latest.items(), key=lambda kv: (
-            launch_order(kv[0][0]), kv[0][1])):
-        rows.append(_row(work, stage, index, count, submission, task, states, now))
-    if query_error:
-        print(f"status: SLURM could not be asked ({query_error}); states come from the files only")
-    return rows
+def _done_record(folder: WorkFolder, unit: Unit, spec: ShardSpec) -> dict[str, Any] | None:
+    """The shard's record when it belongs to the unit's current set (or, unsharded, when it exists)."""
+    path = folder.record_file(unit, spec)
+    if _sharded(unit) and not folder.is_current(unit, spec):
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
-def _unsubmitted_shards(work: Path, submitted: set[tuple[str, int, int]],
-                        stage_filter: str | None) -> dict[tuple[str, int, int], tuple[Any, dict]]:
-    """Shards run with `hpcvid run` (no submission record): their progress files say where they are.
-
-    They get job id '-' and the local executor's liveness check on the PID that wrote the progress.
-    """
-    from types import SimpleNamespace
-
-    found: dict[tuple[str, int, int], tuple[Any, dict]] = {}
-    for path in sorted((work / PROGRESS_DIR).glob("*/shard-*.json")):
-        progress = read_progress(path)
-        if not progress or (stage_filter and progress.get("stage") != stage_filter):
-            continue
-        key = (str(progress["stage"]), int(progress["index"]), int(progress["count"]))
-        if key not in submitted:
-            found[key] = (SimpleNamespace(executor="run"), {"job_id": "-", "pid": progress.get("pid")})
-    return found
-
-
-def launch_order(stage: str) -> int:
-    from hpcvid.cli.submit import STAGE_ORDER
-
-    return STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
-
-
-def _row(work: Path, stage: str, index: int, count: int, submission: Any, task: dict, states: dict,
-         now: float) -> ShardRow:
-    spec = ShardSpec(index, count)
-    name = task.get("name") or spec.name
-    row = ShardRow(stage, name, task["job_id"], "UNKNOWN")
-    known = states.get(task["job_id"])
+def _row(folder: WorkFolder, unit: Unit, spec: ShardSpec, task: _Task, states: dict, now: float) -> ShardRow:
+    row = ShardRow(str(unit), spec.name if _sharded(unit) else "-", task.job_id, "UNKNOWN")
+    known = states.get(task.job_id)
     if known is not None:
         row.state, row.reason, row.requeues = known.state, known.reason, known.requeues
-    record_file = record_path(work, stage, spec)
-    record = None
-    if record_file.is_file():
-        try:
-            record = json.loads(record_file.read_text())
-        except ValueError:
-            record = None
-    progress = read_progress(progress_path(work, stage, spec))
+    record = _done_record(folder, unit, spec)
+    progress = read_progress(folder.progress_file(unit, spec))
     if record is not None:
         videos = _count(record.get("videos", record.get("n_videos")))
         row.failed = _count(record.get("failed", [])) or 0
         row.done = row.total = (videos or 0) + (row.failed if isinstance(record.get("videos"), list) else 0)
+        if progress is not None and progress.get("total") is not None and unit.stage == "train":
+            row.done, row.total = progress.get("done"), progress.get("total")
         if known is None:
             row.state = "COMPLETED"
         elif row.state != "COMPLETED":
@@ -164,23 +170,52 @@ def _row(work: Path, stage: str, index: int, count: int, submission: Any, task: 
             if record is None and row.total is not None and row.state in ("RUNNING", "UNKNOWN"):
                 row.eta_s = (row.total - done) / (done / elapsed)
     if known is None and record is None:
-        row.state = "UNKNOWN" if submission.executor == "slurm" else _local_state(task.get("pid") or task["job_id"])
+        row.state = _state_from_files(task, progress)
     if row.requeues and row.state == "PENDING":
         row.state = "REQUEUED"
     return row
 
 
-def _local_state(job_id: str) -> str:
-    """A job of submitit's local executor (its id is the PID): RUNNING while the process lives."""
+def _state_from_files(task: _Task, progress: dict[str, Any] | None) -> str:
+    """No record and nothing from SLURM: a local process (its PID) tells RUNNING or STOPPED."""
+    import socket
+
+    if task.executor == "slurm":
+        return "UNKNOWN"
+    if progress is None:
+        return "NOT RUN" if task.executor == "run" else _local_state(task.job_id)
+    if progress.get("host") not in (None, socket.gethostname()):
+        return "UNKNOWN"
+    return _local_state(progress.get("pid") if task.executor == "run" else task.job_id)
+
+
+def _local_state(job_id: Any) -> str:
+    """A local process (submitit's local job id is the PID): RUNNING while the process lives."""
     import os
 
     try:
         os.kill(int(str(job_id).split("_")[0]), 0)
         return "RUNNING"
-    except (ValueError, ProcessLookupError):
+    except (ValueError, TypeError, ProcessLookupError):
         return "STOPPED"  # ended without writing its record: failed or killed (see its log)
     except PermissionError:
         return "RUNNING"
+
+
+def stale_notes(work: Path, stage_filter: str | None = None) -> list[str]:
+    """One line per unit whose folder holds records of a set that is not current (never read)."""
+    folder = WorkFolder(work)
+    notes = []
+    for unit in folder.units():
+        if not _wanted(unit, stage_filter) or not _sharded(unit):
+            continue
+        stale = folder.stale_records(unit)
+        if stale:
+            current = folder.current_set(unit)
+            what = f"the current set has {current.count} shard(s)" if current else "no set is planned"
+            notes.append(f"stale: {len(stale)} record(s) of another {unit} set in {folder.unit_dir(unit)} "
+                         f"(e.g. {stale[0].name}; {what}): never read; delete them when you no longer need them")
+    return notes
 
 
 def _fmt_eta(seconds: float | None) -> str:
@@ -191,16 +226,16 @@ def _fmt_eta(seconds: float | None) -> str:
 
 
 def format_table(rows: list[ShardRow]) -> str:
-    header = ("STAGE", "SHARD", "JOB", "STATE", "VIDEOS", "FAILED", "RATE/min", "ETA", "NOTE")
+    header = ("UNIT", "SHARD", "JOB", "STATE", "DONE", "FAILED", "RATE/min", "ETA", "NOTE")
     lines = [header]
     for r in rows:
-        videos = f"{r.done}/{r.total}" if r.done is not None and r.total is not None else "-"
+        done = f"{r.done}/{r.total}" if r.done is not None and r.total is not None else "-"
         note = REASONS.get(r.reason, r.reason) if r.reason else ""
         if r.reason and r.reason in REASONS:
             note = f"{r.reason}: {note}"
         if r.requeues:
             note = (note + "; " if note else "") + f"requeued {r.requeues}x"
-        lines.append((r.stage, r.shard, r.job_id, r.state, videos, "-" if r.failed is None else str(r.failed),
+        lines.append((r.unit, r.shard, r.job_id, r.state, done, "-" if r.failed is None else str(r.failed),
                       "-" if r.rate_per_min is None else f"{r.rate_per_min:.1f}", _fmt_eta(r.eta_s), note))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
@@ -208,9 +243,10 @@ def format_table(rows: list[ShardRow]) -> str:
 
 def summary(rows: list[ShardRow]) -> str:
     done_shards = sum(1 for r in rows if r.state == "COMPLETED")
-    videos = sum(r.done or 0 for r in rows)
-    total = sum(r.total or 0 for r in rows)
-    failed = sum(r.failed or 0 for r in rows)
+    counted = [r for r in rows if r.stage != "train"]
+    videos = sum(r.done or 0 for r in counted)
+    total = sum(r.total or 0 for r in counted)
+    failed = sum(r.failed or 0 for r in counted)
     stuck = [r for r in rows if r.reason == "DependencyNeverSatisfied"]
     text = f"{done_shards}/{len(rows)} jobs completed; videos {videos}/{total}; failed videos {failed}"
     if stuck:
@@ -220,13 +256,17 @@ def summary(rows: list[ShardRow]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     work = Path(args.work)
-    if not (work / "jobs").is_dir() and not (work / PROGRESS_DIR).is_dir():
-        raise ConfigError(f"{work} has neither jobs/ nor {PROGRESS_DIR}/: nothing was submitted or run in this "
-                          "work folder (run `hpcvid submit STAGE --work WORK` or `hpcvid run STAGE` first)")
+    folder = WorkFolder(work)
+    if not folder.jobs_dir.is_dir() and not folder.units():
+        raise ConfigError(f"{work}: nothing was submitted or run in this work folder (no jobs/, no shards, no "
+                          "progress): run `hpcvid submit STAGE --work WORK` or `hpcvid run STAGE` first")
     rows = shard_rows(work, args.stage)
+    notes = stale_notes(work, args.stage)
     if args.json:
-        print(json.dumps([r.__dict__ for r in rows], indent=2))
+        print(json.dumps([{**r.__dict__, "stage": r.stage} for r in rows], indent=2))
         return 0
     print(format_table(rows))
     print(summary(rows))
+    for note in notes:
+        print(note)
     return 0

@@ -1,21 +1,20 @@
 """Executors: where shards run (SLURM, this machine, in-process), never what they do.
 
-Every shard runs ``stage.run_shard(config, spec)``, the same plain function on every executor, wrapped in a
-:class:`ShardJob`: a submitit *Checkpointable* (it has ``checkpoint()``), so on SLURM's pre-timeout signal
-(or ``scancel -s USR2``) submitit pickles it again and requeues the job; the rerun calls ``run_shard`` once
-more, which resumes by design (the stage skips what an earlier attempt finished). Stages that are not a list
-of independent shards (merge, reduce) run as one :class:`StageJob`.
+Every shard runs its stage's ``run_shard(config, spec)`` through :func:`run_stage_shard` (the shard's lock
+around the plain function), the same on every executor, wrapped in a :class:`ShardJob`: a submitit
+*Checkpointable* (it has ``checkpoint()``), so on SLURM's pre-timeout signal (or ``scancel -s USR2``)
+submitit pickles it again and requeues the job; the rerun calls ``run_shard`` once more, which resumes by
+design (the stage skips what an earlier attempt finished). A stage of one unit of work (merge, train,
+reduce) is one shard, ``0000-of-0001``; the trainer's job has one task per rank.
 
-A submission writes ``WORK/jobs/<stage>-<timestamp>.json`` (job ids, which shard each array task runs, the
-submitit folder, the command line), so a later, separate process (``hpcvid status``, ``hpcvid cancel``, a
-resubmission) finds the jobs without asking anyone but the files and SLURM.
+A submission writes ``WORK/jobs/<unit>-<timestamp>.json`` (the unit, job ids, which shard each array task
+runs, the submitit folder, the command line), so a later, separate process (``hpcvid status``, ``hpcvid
+cancel``, a resubmission) finds the jobs without asking anyone but the files and SLURM.
 
 submitit is imported inside functions only, so ``hpcvid status`` stays fast on a login node.
 """
 from __future__ import annotations
 
-import argparse
-import importlib
 import logging
 import os
 import re
@@ -30,31 +29,23 @@ from hpcvid.config import Config, LaunchConfig, config_from_dict, replace, wallt
 from hpcvid.errors import ConfigError, SchedulerError
 from hpcvid.fileio import atomic_write_json, read_json
 from hpcvid.launch.sharding import ShardSpec
+from hpcvid.stages import Stage
+from hpcvid.workfolder import Unit, WorkFolder
 
 log = logging.getLogger(__name__)
 
-JOBS_DIR = "jobs"
-RECORD_SCHEMA = 1
+RECORD_SCHEMA = 2
 _GRES = re.compile(r"^[A-Za-z][\w.-]*(:[\w.-]+)?(:\d+)?(,[A-Za-z][\w.-]*(:[\w.-]+)?(:\d+)?)*$")
 _MEM = re.compile(r"^\d+[KMGT]?$")
 
 
 # ------------------------------------------------------------------------------------------ the jobs
-def _load_module(module_name: str):
-    return importlib.import_module(module_name)
-
-
-def _plain_args(args: argparse.Namespace | None) -> argparse.Namespace:
-    """A picklable copy of parsed arguments (the CLI stores the verb module in ``_module``)."""
-    values = {k: v for k, v in vars(args or argparse.Namespace()).items() if not k.startswith("_")}
-    return argparse.Namespace(**values)
-
-
 def limit_threads(threads: int) -> None:
     """Cap this process's numeric libraries at ``threads`` CPU threads.
 
     Why: torch and OpenCV each start one thread per core by default, so N local shard processes on N cores
-    would run N x cores threads and slow each other down (parallelism comes from processes, DESIGN 8).
+    would run N x cores threads and slow each other down (parallelism comes from processes: threads
+    inside one decoder slowed small clips here).
     The variables cover OpenMP/MKL/BLAS libraries imported later (torch reads OMP_NUM_THREADS at import);
     the setters cover OpenCV and an already imported torch.
     """
@@ -75,16 +66,33 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-class ShardJob:
-    """One shard of a shard stage, as a submitit Checkpointable (duck-typed: it has ``checkpoint``).
+def run_stage_shard(stage: Stage, config: Config, spec: ShardSpec) -> dict[str, Any]:
+    """Run one shard of ``stage`` here: the stage's own ``run_shard``, under the shard's lock.
 
-    ``threads`` > 0 caps the job's CPU threads (:func:`limit_threads`); 0 leaves the libraries' defaults
-    (on SLURM the allocation's ``cpus_per_task`` already bounds the job).
+    Every executor comes through this function, so the lock is taken the same way in-process, in local
+    processes, in SLURM tasks and on MPI ranks. A distributed stage (the trainer) takes its lock itself, on
+    rank 0 only: its ranks run the same shard together.
+    """
+    module = stage.load()
+    if stage.distributed:
+        return module.run_shard(config, spec)
+    unit = module.unit(config)
+    with WorkFolder.of(config).lock(unit, spec):
+        return module.run_shard(config, spec)
+
+
+class ShardJob:
+    """One shard of a stage, as a submitit Checkpointable (duck-typed: it has ``checkpoint``).
+
+    ``threads`` > 0 caps the job's CPU threads (:func:`limit_threads`); 0 leaves the libraries' defaults.
+    ``force`` is honoured on the job's first start only: a job that SLURM started again (requeued after a
+    timeout, a preemption or a node failure) resumes what its first start did instead of starting over,
+    or a long shard would begin anew at every requeue and never finish.
     """
 
-    def __init__(self, module_name: str, config: dict[str, Any], index: int, count: int, force: bool = False,
+    def __init__(self, stage: Stage, config: dict[str, Any], index: int, count: int, force: bool = False,
                  threads: int = 0):
-        self.module_name = module_name
+        self.stage = stage
         self.config = config
         self.index = index
         self.count = count
@@ -93,64 +101,23 @@ class ShardJob:
 
     @property
     def spec(self) -> ShardSpec:
-        return ShardSpec(self.index, self.count, self.force)
+        requeued = os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0")
+        return ShardSpec(self.index, self.count, self.force and not requeued)
 
     def __call__(self) -> dict[str, Any]:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        if getattr(self, "threads", 0):  # getattr: a job pickled by an older version has no threads
+        if self.threads:
             limit_threads(self.threads)
-        module = _load_module(self.module_name)
-        log.info("running %s shard %s", self.module_name, self.spec.name)
-        return module.run_shard(config_from_dict(self.config), self.spec)
+        log.info("running %s shard %s", self.stage.name, self.spec.name)
+        return run_stage_shard(self.stage, config_from_dict(self.config), self.spec)
 
     def checkpoint(self, *args: Any, **kwargs: Any):
-        """Requeue the same shard: its rerun resumes from what the stage already wrote."""
+        """Requeue the same shard, without --force: its rerun resumes from what the stage already wrote."""
         import submitit
 
-        log.warning("%s shard %s: checkpoint and requeue", self.module_name, self.spec.name)
-        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
-
-
-class StageJob:
-    """A whole stage that is not a list of shards (``run_local(config, args)``), e.g. merge or reduce."""
-
-    def __init__(self, module_name: str, config: dict[str, Any], args: argparse.Namespace | None = None):
-        self.module_name = module_name
-        self.config = config
-        self.args = _plain_args(args)
-
-    def __call__(self) -> int:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        module = _load_module(self.module_name)
-        code = int(module.run_local(config_from_dict(self.config), self.args) or 0)
-        if code not in (0, 3):  # 3 = finished with failed items: the job did its work
-            raise SchedulerError(f"{self.module_name} exited with code {code}")
-        return code
-
-    def checkpoint(self, *args: Any, **kwargs: Any):
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
-
-
-class CliJob:
-    """An ``hpcvid`` verb run as a job (the reducer's ``collect``): the CLI's own code, nothing re-implemented."""
-
-    def __init__(self, argv: Sequence[str]):
-        self.argv = [str(a) for a in argv]
-
-    def __call__(self) -> int:
-        from hpcvid.cli import main
-
-        code = int(main(self.argv) or 0)
-        if code not in (0, 3):
-            raise SchedulerError(f"hpcvid {' '.join(self.argv)} exited with code {code}")
-        return code
-
-    def checkpoint(self, *args: Any, **kwargs: Any):
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+        log.warning("%s shard %s: checkpoint and requeue", self.stage.name, self.spec.name)
+        again = ShardJob(self.stage, self.config, self.index, self.count, False, self.threads)
+        return submitit.helpers.DelayedSubmission(again, *args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -258,37 +225,39 @@ def sbatch_text(launch: LaunchConfig, resources: Resources, folder: Path, *, arr
 class Submission:
     """What one ``hpcvid submit`` queued: enough for status, cancel and resubmission in another process."""
 
-    stage: str
+    unit: str
     executor: str
     job_ids: list[str]
     tasks: list[dict[str, Any]]  # {"job_id", "shard" (index), "count", "name"} per array task / job
-    folder: str
+    folder: str                  # submitit's folder, relative to WORK
     argv: list[str]
     submitted: str
     dependency: str = ""
     walltime: str = ""
     path: str = ""
 
+    @property
+    def stage(self) -> str:
+        return Unit.parse(self.unit).stage
+
     def to_dict(self) -> dict[str, Any]:
         payload = dict(self.__dict__)
         payload.pop("path")
+        payload["stage"] = self.stage
         payload["schema_version"] = RECORD_SCHEMA
         payload["kind"] = "hpcvid.submission"
         return payload
 
 
-def jobs_dir(work: Path | str) -> Path:
-    return Path(work) / JOBS_DIR
-
-
 def write_submission(work: Path | str, submission: Submission) -> Path:
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    folder = jobs_dir(work)
-    path = folder / f"{submission.stage}-{stamp}.json"
+    folder = WorkFolder(work).jobs_dir
+    slug = Unit.parse(submission.unit).slug
+    path = folder / f"{slug}-{stamp}.json"
     serial = 1
     while path.exists():  # two submissions in the same second (a pipeline) keep both records
         serial += 1
-        path = folder / f"{submission.stage}-{stamp}-{serial}.json"
+        path = folder / f"{slug}-{stamp}-{serial}.json"
     atomic_write_json(path, submission.to_dict())
     submission.path = str(path)
     return path
@@ -297,16 +266,16 @@ def write_submission(work: Path | str, submission: Submission) -> Path:
 def read_submissions(work: Path | str) -> list[Submission]:
     """Every submission record of a work folder, oldest first (a corrupt one is a clear error)."""
     records = []
-    for path in sorted(jobs_dir(work).glob("*.json"), key=lambda p: (p.stat().st_mtime, p.name)):
+    for path in sorted(WorkFolder(work).jobs_dir.glob("*.json"), key=lambda p: (p.stat().st_mtime, p.name)):
         try:
             payload = read_json(path)
             if payload.get("kind") != "hpcvid.submission":
                 continue
-            fields = {k: payload[k] for k in ("stage", "executor", "job_ids", "tasks", "folder", "argv",
-                                              "submitted")}
-            records.append(Submission(**fields, dependency=payload.get("dependency", ""),
-                                      walltime=payload.get("walltime", ""), path=str(path)))
-        except (ValueError, KeyError, OSError) as error:
+            fields = {k: payload[k] for k in ("executor", "job_ids", "tasks", "folder", "argv", "submitted")}
+            records.append(Submission(unit=payload.get("unit", payload.get("stage", "")), **fields,
+                                      dependency=payload.get("dependency", ""), walltime=payload.get("walltime", ""),
+                                      path=str(path)))
+        except (ValueError, KeyError, OSError, TypeError) as error:
             raise SchedulerError(f"submission record {path} is unreadable ({error}); move it away") from error
     return records
 
@@ -317,16 +286,28 @@ def absolute_work(config: Config) -> Config:
     return replace(config, work=str(Path(config.work).expanduser().resolve()))
 
 
-def submit_shards(config: Config, module_name: str, stage: str, specs: Sequence[ShardSpec],
-                  resources: Resources, argv: Sequence[str]) -> Submission:
-    """Queue one array (one task per shard spec) and write its submission record."""
+def resources_for(stage: Stage, launch: LaunchConfig, dependency: str = "", name: str = "") -> Resources:
+    """What one job of ``stage`` asks for: a distributed stage spans nodes x tasks; an array task is one task."""
+    name = name or f"hpcvid-{stage.name}"
+    if not stage.distributed:
+        return Resources(gpus_per_node=launch.gpus_per_node, name=name, dependency=dependency)
+    tasks = launch.tasks_per_node or max(1, launch.gpus_per_node)
+    return Resources(nodes=launch.nodes, tasks_per_node=tasks, gpus_per_node=launch.gpus_per_node, name=name,
+                     dependency=dependency)
+
+
+def submit_shards(config: Config, stage: Stage, specs: Sequence[ShardSpec], resources: Resources,
+                  argv: Sequence[str]) -> Submission:
+    """Queue the shards (an array of one task per shard; one job for a single shard) and write the record."""
     config = absolute_work(config)
-    folder = jobs_dir(config.work) / "logs" / "%j"
+    work = WorkFolder.of(config)
+    unit = stage.load().unit(config)
+    folder = work.logs_dir / "%j"
     executor = make_executor(folder, config.launch, resources)
     payload = config.to_dict()
     # Without a cap torch and OpenCV start a thread per core of the NODE, not of the allocation.
     threads = config.launch.cpus_per_task if config.launch.executor != "debug" else 0
-    shard_jobs = [ShardJob(module_name, payload, s.index, s.count, s.force, threads) for s in specs]
+    shard_jobs = [ShardJob(stage, payload, s.index, s.count, s.force, threads) for s in specs]
     if config.launch.executor == "slurm" and len(shard_jobs) > 1:
         with executor.batch():
             jobs = [executor.submit(job) for job in shard_jobs]
@@ -334,8 +315,8 @@ def submit_shards(config: Config, module_name: str, stage: str, specs: Sequence[
         jobs = [executor.submit(job) for job in shard_jobs]
     tasks = [{"job_id": str(job.job_id), "shard": s.index, "count": s.count, "name": s.name}
              for job, s in zip(jobs, specs)]
-    submission = Submission(stage, config.launch.executor, [str(j.job_id) for j in jobs], tasks,
-                            str(folder), list(argv), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    submission = Submission(str(unit), config.launch.executor, [str(j.job_id) for j in jobs], tasks,
+                            work.relative(folder), list(argv), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                             resources.dependency, config.launch.walltime)
     write_submission(config.work, submission)
     if config.launch.executor == "debug":  # the debug executor runs only when asked for the result
@@ -344,23 +325,7 @@ def submit_shards(config: Config, module_name: str, stage: str, specs: Sequence[
     return submission
 
 
-def submit_single(config: Config, job: Any, stage: str, resources: Resources, argv: Sequence[str]) -> Submission:
-    """Queue one (possibly multi-node) job and write its submission record."""
-    config = absolute_work(config)
-    folder = jobs_dir(config.work) / "logs" / "%j"
-    executor = make_executor(folder, config.launch, resources)
-    submitted = executor.submit(job)
-    submission = Submission(stage, config.launch.executor, [str(submitted.job_id)],
-                            [{"job_id": str(submitted.job_id), "shard": 0, "count": 1, "name": stage}],
-                            str(folder), list(argv), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                            resources.dependency, config.launch.walltime)
-    write_submission(config.work, submission)
-    if config.launch.executor == "debug":
-        submitted.result()
-    return submission
-
-
-def run_shards_locally(config: Config, module_name: str, specs: Sequence[ShardSpec], jobs: int,
+def run_shards_locally(config: Config, stage: Stage, specs: Sequence[ShardSpec], jobs: int,
                        threads: int | None = None) -> list[dict]:
     """``hpcvid run --jobs N``: the shards through submitit's local executor, N processes at a time.
 
@@ -374,11 +339,11 @@ def run_shards_locally(config: Config, module_name: str, specs: Sequence[ShardSp
         threads = max(1, usable_cores() // max(1, min(jobs, len(specs))))
 
     config = absolute_work(config)
-    folder = jobs_dir(config.work) / "logs" / "local-%j"
+    folder = WorkFolder.of(config).logs_dir / "local-%j"
     executor = submitit.LocalExecutor(folder=folder)
     executor.update_parameters(timeout_min=walltime_minutes(config.launch.walltime))
     payload = config.to_dict()
-    pending = [ShardJob(module_name, payload, s.index, s.count, s.force, threads) for s in specs]
+    pending = [ShardJob(stage, payload, s.index, s.count, s.force, threads) for s in specs]
     records: dict[int, dict] = {}
     running: list[tuple[int, Any]] = []
     while pending or running:
@@ -388,5 +353,25 @@ def run_shards_locally(config: Config, module_name: str, specs: Sequence[ShardSp
         time.sleep(0.2)
         for index, job in [item for item in running if item[1].done()]:
             running.remove((index, job))
-            records[index] = job.result()  # a failed shard raises here, naming its log
+            records[index] = _result_of(job)
     return [records[s.index] for s in specs]
+
+
+def _result_of(job: Any) -> dict:
+    """A finished local job's record; a project error in it comes back as that error, on one line."""
+    from submitit.core.utils import FailedJobError
+
+    try:
+        return job.result()
+    except FailedJobError as error:
+        exception = job.exception()
+        raise SchedulerError(f"shard job {job.job_id} failed: {_last_error_line(str(exception or error))} "
+                             f"(log: {job.paths.stderr})") from None
+
+
+def _last_error_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error" in line.split(":", 1)[0]:
+            return line
+    return lines[-1] if lines else "no message"

@@ -6,15 +6,12 @@ does not depend on the order of the manifest, and one shard can be re-run alone.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
 from hpcvid.errors import ConfigError
 
 T = TypeVar("T")
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,21 +41,3 @@ def select(items: Sequence[T], spec: ShardSpec, key: Callable[[T], str]) -> list
     """The items of shard ``spec``: sorted by ``key``, every ``count``-th starting at ``index``."""
     ordered = sorted(items, key=key)
     return ordered[spec.index :: spec.count]
-
-
-def pending_shards(
-    count: int, only: int | None, force: bool, record_of: Callable[[ShardSpec], Path], stage: str
-) -> list[ShardSpec]:
-    """The shards a stage runs now: all (or shard ``only``), minus those whose record exists unless ``force``.
-
-    "Its record exists" means "this shard is done" for every stage, so the rule lives here once.
-    """
-    specs = [ShardSpec(only, count, force)] if only is not None else all_shards(count, force)
-    todo = []
-    for spec in specs:
-        record = record_of(spec)
-        if not force and record.is_file():
-            log.info("%s shard %s is done (record %s exists); skipped - --force redoes it", stage, spec.name, record)
-        else:
-            todo.append(spec)
-    return todo

@@ -43,25 +43,26 @@ import numpy as np
 from hpcvid.config import Config
 from hpcvid.errors import PartialFailure, StoreError, VideoError
 from hpcvid.fileio import read_json, sha256_file
+from hpcvid.launch.sharding import ShardSpec, all_shards, select
 from hpcvid.storage.manifest import VideoEntry, load_manifest
-from hpcvid.storage.predictions import EVAL_DIR, PredictionShard, code_version, shard_paths, write_prediction_shard
-from hpcvid.launch.sharding import ShardSpec, all_shards, pending_shards, select
+from hpcvid.storage.predictions import PredictionShard, code_version, write_prediction_shard
+from hpcvid.workfolder import Unit, WorkFolder, digest
 
 log = logging.getLogger(__name__)
 
-HELP = "score the test videos with a trained model under several inference strategies -> WORK/eval/<model>/"
 MODELS = ("frame", "flow", "twostream", "lstm")
 FRAME_POSITIONS = ("first", "quarter", "middle", "three_quarter", "last")
 
 
 # ------------------------------------------------------------------------------ stage protocol
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from hpcvid.cli import positive_int
+
     parser.add_argument("--model", choices=MODELS, help="which trained run of WORK/runs/ to evaluate")
-    parser.add_argument("--shards", type=int, metavar="N", help="number of prediction shards (default: eval.shards)")
-    parser.add_argument("--shard", type=int, metavar="I", help="run only shard I (0-based); default: all")
-    parser.add_argument("--force", action="store_true", help="redo shards whose record exists")
+    parser.add_argument("--shards", type=positive_int, metavar="N",
+                        help="number of prediction shards (default: eval.shards)")
     parser.add_argument("--checkpoint", choices=("best", "last"), help="best.pt (default) or the newest checkpoint")
-    parser.add_argument("--window-stride", type=int, metavar="FRAMES", help="lstm: stride between windows")
+    parser.add_argument("--window-stride", type=positive_int, metavar="FRAMES", help="lstm: stride between windows")
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -73,36 +74,41 @@ def run_name(config: Config) -> str:
     return config.train.model
 
 
-def record_path(config: Config, spec: ShardSpec) -> Path:
-    return shard_paths(config.work_dir, run_name(config), spec)[1]
+def unit(config: Config) -> Unit:
+    return Unit("eval", run_name(config))
 
 
-def shard_done(config: Config, spec: ShardSpec) -> bool:
-    """A shard is done exactly when its record exists (it is written last)."""
-    return record_path(config, spec).is_file()
+def identity(config: Config) -> dict[str, Any]:
+    """What the scores depend on: the checkpoint (None until trained), the extraction, the eval settings."""
+    from hpcvid.stages.train import checkpoint_file
+
+    work = WorkFolder.of(config)
+    extract = work.current_set(Unit("extract"))
+    found = checkpoint_file(work.run_dir(run_name(config)), config.eval.checkpoint)
+    settings = {k: v for k, v in config.to_dict()["eval"].items() if k not in ("shards", "batch_size", "device")}
+    return {"checkpoint": sha256_file(found) if found else None, "extract": extract.id if extract else None,
+            "settings": digest(settings)}
 
 
-def plan(config: Config, args: argparse.Namespace) -> list[ShardSpec]:
-    """All shards (or --shard I), minus those whose record exists unless --force."""
-    return pending_shards(config.eval.shards, getattr(args, "shard", None), bool(getattr(args, "force", False)),
-                          lambda spec: record_path(config, spec), "eval")
+def plan(config: Config, only: int | None = None, force: bool = False) -> list[ShardSpec]:
+    """All shards (or shard ``only``) without a record of the current set; every one with ``force``."""
+    work = WorkFolder.of(config).require("eval")
+    return work.plan(unit(config), config.eval.shards, identity(config), only=only, force=force)
 
 
 def report(config: Config, records: Sequence[dict[str, Any]]) -> int:
     """Print what was scored; exit 0, or raise PartialFailure (exit 3) when videos failed."""
-    run = run_name(config)
+    work, this = WorkFolder.of(config), unit(config)
     for record in records:
-        print(f"eval {run} shard {record['shard']}: {record['n_videos']} videos scored, "
+        print(f"{this} shard {record['shard']}: {record['n_videos']} videos scored, "
               f"{len(record['failed'])} failed, {record.get('seconds', 0):.1f} s")
     count = config.eval.shards
-    done = [read_json(p) for spec in all_shards(count) if (p := record_path(config, spec)).is_file()]
-    print(f"eval {run}: {len(done)} of {count} shards done in {config.work_dir / EVAL_DIR / run}; "
-          f"next: hpcvid collect {config.work}")
+    done = [read_json(work.record_file(this, spec)) for spec in all_shards(count) if work.is_current(this, spec)]
+    print(f"{this}: {len(done)} of {count} shards done in {work.unit_dir(this)}; next: hpcvid collect {config.work}")
     failed = [f for record in done for f in record.get("failed", [])]
     if failed:
-        raise PartialFailure(f"eval {run}: {len(failed)} test video(s) could not be scored, e.g. "
-                             f"{failed[0]['video']}: {failed[0]['reason']} (see the records in "
-                             f"{config.work_dir / EVAL_DIR / run})")
+        raise PartialFailure(f"{this}: {len(failed)} test video(s) could not be scored, e.g. "
+                             f"{failed[0]['video']}: {failed[0]['reason']} (see the records in {work.unit_dir(this)})")
     return 0
 
 
@@ -115,16 +121,18 @@ def run_shard(config: Config, spec: ShardSpec) -> dict[str, Any]:
     from hpcvid.launch.progress import write_progress
     from hpcvid.stages.train import load_run
 
-    if shard_done(config, spec) and not spec.force:
-        return read_json(record_path(config, spec))
+    work, this = WorkFolder.of(config), unit(config)
+    shard_set = work.ensure_set(this, spec.count, identity(config))
+    if work.is_current(this, spec) and not spec.force:
+        return read_json(work.record_file(this, spec))
     started = time.time()
     run = run_name(config)
-    run_dir = config.work_dir / "runs" / run
     device = pick_device(config.eval.device)
-    model, run_config, meta = load_run(run_dir, which=config.eval.checkpoint, device=str(device))
+    model, run_config, meta = load_run(work.run_dir(run), which=config.eval.checkpoint, device=str(device))
+    check_trained_on(work, meta)
     manifest = load_manifest(config.work_dir)
     if list(meta.get("classes", manifest.classes)) != list(manifest.classes):
-        raise StoreError(f"{meta['checkpoint']} was trained on other classes than {config.work_dir}/manifest.json: "
+        raise StoreError(f"{meta['checkpoint']} was trained on other classes than {work.manifest}: "
                          "retrain, or evaluate in the work folder it was trained in")
     videos = select(manifest.by_split("test"), spec, key=lambda v: v.id)
     scorer = make_scorer(model, meta, run_config, config, device)
@@ -132,33 +140,46 @@ def run_shard(config: Config, spec: ShardSpec) -> dict[str, Any]:
     labels: list[int] = []
     scores: dict[str, list[np.ndarray]] = {name: [] for name in scorer.strategies}
     failed: list[dict[str, str]] = []
-    write_progress(config.work, "eval", spec, done=0, total=len(videos), started=started)
+    write_progress(config.work, this, spec, done=0, total=len(videos), started=started)
     with torch.inference_mode():
-        for done, video in enumerate(_progress(videos, f"eval {run} {spec.name}"), start=1):
+        for done, video in enumerate(_progress(videos, f"{this} {spec.name}"), start=1):
             try:
                 result = scorer.score(video)
-            except (StoreError, VideoError, KeyError, ValueError) as exc:
+            except (VideoError, KeyError, ValueError) as exc:   # a StoreError (corrupt file) stops the shard
                 failed.append({"video": video.id, "reason": str(exc) or type(exc).__name__})
-                log.warning("eval %s: %s failed: %s", run, video.id, exc)
+                log.warning("%s: %s failed: %s", this, video.id, exc)
             else:
                 ids.append(video.id)
                 labels.append(video.label)
                 for name in scorer.strategies:
                     scores[name].append(result[name])
-            write_progress(config.work, "eval", spec, done=done, total=len(videos), failed=len(failed))
+            write_progress(config.work, this, spec, done=done, total=len(videos), failed=len(failed))
     n_classes = len(manifest.classes)
     shard = PredictionShard(
         model=meta["kind"], run=run, shard=spec, classes=tuple(manifest.classes), video_ids=ids,
         labels=np.array(labels, dtype=np.int64),
         scores={name: np.array(values, dtype=np.float32).reshape(len(ids), n_classes) for name, values in scores.items()},
-        default_strategy=scorer.default, checkpoint=str(meta["checkpoint"]),
+        default_strategy=scorer.default, checkpoint=work.relative(meta["checkpoint"]),
         checkpoint_sha256=sha256_file(meta["checkpoint"]),
         config={"run": run_config.to_dict(), "eval": config.to_dict()["eval"]}, code_version=code_version(),
     )
-    return write_prediction_shard(config.work_dir, shard, failed=failed,
-                                  extra_record={"seconds": round(time.time() - started, 3),
+    return write_prediction_shard(work.shard_file(this, spec), work.record_file(this, spec), shard, failed=failed,
+                                  extra_record={"seconds": round(time.time() - started, 3), "set": shard_set.id,
                                                 "trained_code_version": meta.get("code_version", ""),
                                                 "epoch": meta.get("epoch")})
+
+
+def check_trained_on(work: WorkFolder, meta: dict[str, Any]) -> None:
+    """Refuse a model whose training inputs are no longer the current set of their unit (re-extracted since)."""
+    trained_on = meta.get("trained_on") or {}
+    if not trained_on:
+        return
+    source = Unit.parse(trained_on["unit"])
+    current = work.current_set(source)
+    if current is None or current.id != trained_on["set"]:
+        raise StoreError(f"{meta['checkpoint']} was trained on another {source} set than the current one in "
+                         f"{work.unit_dir(source)} (re-extracted or recomputed since): retrain it, or restore the "
+                         "set it was trained on")
 
 
 def _progress(items: Sequence[Any], label: str) -> Any:
@@ -183,14 +204,11 @@ def make_scorer(model: Any, meta: dict[str, Any], run_config: Config, config: Co
 
 
 def video_source(config: Config) -> tuple[Any, dict[str, dict[str, Any]]]:
-    """The extraction shards as a :class:`hpcvid.learn.datasets.ShardVideoSource`, and each video's info."""
+    """The current extraction shards as a :class:`hpcvid.learn.datasets.ShardVideoSource`, and each test video's info."""
     from hpcvid.learn.datasets import ShardVideoSource
     from hpcvid.storage.shards import ShardReader
 
-    folder = config.work_dir / "extract"
-    shards = sorted(p for p in folder.glob("shard-*-of-*.h5") if not p.name.startswith("."))
-    if not shards:
-        raise StoreError(f"no shards in {folder}: run `hpcvid run extract --work {config.work}` first")
+    shards = WorkFolder.of(config).current_shards(Unit("extract"))
     shard_of, info = {}, {}
     for path in shards:
         with ShardReader(path) as reader:
@@ -209,12 +227,12 @@ def _item(info: dict[str, dict[str, Any]], video: VideoEntry, need_flow: bool = 
     from hpcvid.learn.datasets import VideoItem
 
     if video.id not in info:
-        raise StoreError("not in the extraction shards (extraction failed or has not run for it)")
+        raise VideoError("not in the extraction shards (extraction failed or has not run for it)")
     entry = info[video.id]
     if not entry.get("has_frames", True):
-        raise StoreError("its shard holds no frames: re-extract with frames stored")
+        raise VideoError("its shard holds no frames: re-extract with frames stored")
     if need_flow and not entry.get("has_flow"):
-        raise StoreError("its shard holds no optical flow: re-extract with extract.flow set")
+        raise VideoError("its shard holds no optical flow: re-extract with extract.flow set")
     return VideoItem(video.id, video.label, int(entry["frames"]), "test")
 
 
@@ -316,11 +334,8 @@ class LSTMScorer:
     def __init__(self, model: Any, meta: dict, config: Config, device: Any) -> None:
         from hpcvid.learn.datasets import ShardFeatureSource
 
-        folder = Path(meta.get("feature_folder") or config.work_dir / "extract")
-        shards = sorted(p for p in folder.glob("shard-*-of-*.h5") if not p.name.startswith("."))
-        if not shards:
-            raise StoreError(f"no feature shards in {folder} (the folder the LSTM was trained on): re-run "
-                             "extraction or `hpcvid run features`")
+        source = Unit.parse((meta.get("trained_on") or {}).get("unit", "extract"))
+        shards = WorkFolder.of(config).current_shards(source)
         self.source = ShardFeatureSource(shards, meta["feature_set"])
         self.source.mean, self.source.std = meta.get("feature_mean"), meta.get("feature_std")
         self.items = {item.id: item for item in self.source.items}
@@ -351,7 +366,7 @@ class LSTMScorer:
         from hpcvid.learn.tbptt import loss_weights
 
         if video.id not in self.items:
-            raise StoreError("has no features in the feature shards (extraction failed or has not run for it)")
+            raise VideoError("has no features in the feature shards (extraction failed or has not run for it)")
         item = self.items[video.id]
         features = self.source.window(item.index, 0, item.frames)
         if item.frames <= self.seq_len:

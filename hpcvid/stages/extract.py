@@ -33,25 +33,26 @@ from typing import Any, Sequence
 from hpcvid.config import Config
 from hpcvid.errors import PartialFailure, StoreError, VideoError
 from hpcvid.fileio import atomic_write_json, read_json, sha256_file
-from hpcvid.storage.manifest import Manifest, VideoEntry, load_manifest, manifest_path
-from hpcvid.launch.sharding import ShardSpec, all_shards, pending_shards, select
+from hpcvid.launch.sharding import ShardSpec, all_shards, select
+from hpcvid.storage.manifest import Manifest, VideoEntry, content_digest, load_manifest
+from hpcvid.workfolder import Unit, WorkFolder
 
 log = logging.getLogger(__name__)
 
-HELP = "decode, optical flow and CNN features per shard into WORK/extract/shard-*.h5"
-RECORD_SCHEMA_VERSION = 1
-EXTRACT_DIR = "extract"
+RECORD_SCHEMA_VERSION = 2
 REASON_MAX = 300
 RANDOM_INIT_SEED = 0
 """Seed of the randomly initialised backbone (no --weights): the same network in every process."""
+UNIT = Unit("extract")
 
 
 # ------------------------------------------------------------------------------------------ the CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", metavar="DIR", help="dataset folder; overrides the job file's dataset.root")
-    parser.add_argument("--shards", type=int, metavar="N", help="number of shards (default: extract.shards)")
-    parser.add_argument("--shard", type=int, metavar="I", help="run only shard I (0-based); default: all")
-    parser.add_argument("--force", action="store_true", help="redo shards whose record exists")
+    from hpcvid.cli import positive_int
+
+    parser.add_argument("--dataset", metavar="DIR",
+                        help="dataset folder; overrides dataset.root (also: where a moved dataset now lies)")
+    parser.add_argument("--shards", type=positive_int, metavar="N", help="number of shards (default: extract.shards)")
     parser.add_argument("--weights", metavar="PATH", help="local backbone weights (.pt/.pth state dict)")
     parser.add_argument("--backbone", choices=("resnet18", "googlenet", "none"), help="CNN for features")
     parser.add_argument("--flow", choices=("farneback", "dis", "tvl1", "none"), help="optical flow algorithm")
@@ -67,73 +68,66 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def plan(config: Config, args: argparse.Namespace) -> list[ShardSpec]:
-    """The shards to run now: all (or --shard I), minus those whose record exists unless --force."""
-    ensure_manifest(config)
+def unit(config: Config) -> Unit:
+    return UNIT
+
+
+def identity(config: Config, manifest: Manifest) -> dict[str, Any]:
+    """What determines a shard's contents: the settings, the shard schema and the indexed videos.
+
+    Not the dataset's location: a dataset moved elsewhere (same files) extracts to the same shards.
+    """
+    return {"settings": _settings_fingerprint(config), "schema": _store_schema(), "manifest": content_digest(manifest)}
+
+
+def plan(config: Config, only: int | None = None, force: bool = False) -> list[ShardSpec]:
+    """Make this extraction the current set; return its shards without a record of it (all with --force)."""
+    manifest = ensure_manifest(config)
     if config.extract.backbone != "none" and config.extract.weights:
         from hpcvid.learn.backbones import require_weights_file
 
         require_weights_file(config.extract.weights, config.extract.backbone)
-    return pending_shards(config.extract.shards, getattr(args, "shard", None), bool(getattr(args, "force", False)),
-                          lambda spec: record_path(config, spec), "extract")
+    return WorkFolder.of(config).plan(UNIT, config.extract.shards, identity(config, manifest), only=only,
+                                      force=force)
 
 
 def report(config: Config, records: Sequence[dict[str, Any]]) -> int:
     """Print what was done; exit 0, or raise PartialFailure (exit 3) when videos failed in any finished shard."""
+    work = WorkFolder.of(config)
     count = config.extract.shards
     for record in records:
         timing = record.get("timings", {})
         print(f"shard {record['shard']}: {record['n_videos']} videos, {record['n_frames']} frames, "
               f"{record['n_failed']} failed, {timing.get('seconds', 0):.1f} s "
               f"({timing.get('frames_per_s', 0):.1f} frames/s)")
-    done = [read_json(p) for spec in all_shards(count) if (p := record_path(config, spec)).is_file()]
-    print(f"extract: {len(done)} of {count} shards done in {extract_dir(config)}"
+    done = [read_json(work.record_file(UNIT, spec)) for spec in all_shards(count) if work.is_current(UNIT, spec)]
+    print(f"extract: {len(done)} of {count} shards done in {work.unit_dir(UNIT)}"
           + ("" if records else " (nothing to do)"))
     for warning in sorted({w for record in done for w in record.get("warnings", ())}):
         print(f"warning: {warning}")
     failed = [(record, failure) for record in done for failure in record["failed"]]
     if failed:
-        where = sorted({str(extract_dir(config) / f"shard-{r['shard']}.json") for r, _ in failed})
+        where = sorted({str(work.unit_dir(UNIT) / f"shard-{r['shard']}.json") for r, _ in failed})
         raise PartialFailure(f"{len(failed)} video(s) failed; the list (video, path, reason) is under "
                              f"'failed' in {', '.join(where)}")
     return 0
 
 
 # ------------------------------------------------------------------------------------------ the files
-def extract_dir(config: Config) -> Path:
-    return config.work_dir / EXTRACT_DIR
-
-
-def shard_path(config: Config, spec: ShardSpec) -> Path:
-    return extract_dir(config) / f"shard-{spec.name}.h5"
-
-
-def record_path(config: Config, spec: ShardSpec) -> Path:
-    return extract_dir(config) / f"shard-{spec.name}.json"
-
-
-def parts_dir(config: Config, spec: ShardSpec) -> Path:
-    return extract_dir(config) / f"shard-{spec.name}.parts"
-
-
-def shard_done(config: Config, spec: ShardSpec) -> bool:
-    """A shard is done exactly when its record exists (it is written last)."""
-    return record_path(config, spec).is_file()
-
-
 def part_key(entry: VideoEntry) -> str:
     """The name of a video's part files: its id plus the file's size and mtime, so that a video replaced
     between an interrupted run and its resume is extracted again rather than taken from the old part."""
-    identity = f"{entry.id}|{entry.size}|{entry.mtime!r}"
-    return hashlib.sha1(identity.encode("utf-8")).hexdigest()[:24]
+    key = f"{entry.id}|{entry.size}|{entry.mtime!r}"
+    return hashlib.sha1(key.encode("utf-8")).hexdigest()[:24]
 
 
 def ensure_manifest(config: Config) -> Manifest:
     """Load WORK/manifest.json; when it is missing and a dataset is configured, index it first."""
-    if not manifest_path(config.work_dir).is_file() and config.dataset.root:
+    work = WorkFolder.of(config)
+    if not work.manifest.is_file() and config.dataset.root:
         from hpcvid.stages.index import index_dataset
 
-        log.info("%s is missing: indexing %s first", manifest_path(config.work_dir), config.dataset.root)
+        log.info("%s is missing: indexing %s first", work.manifest, config.dataset.root)
         index_dataset(config)
     return load_manifest(config.work_dir)
 
@@ -141,17 +135,19 @@ def ensure_manifest(config: Config) -> Manifest:
 # ----------------------------------------------------------------------------------------- the stage
 def run_shard(config: Config, spec: ShardSpec) -> dict[str, Any]:
     """Extract shard ``spec`` and return its record. Resumes from finished parts; --force starts over."""
-    record_file, shard_file, parts = record_path(config, spec), shard_path(config, spec), parts_dir(config, spec)
-    if spec.force and not _requeued():
-        _remove_shard_outputs(record_file, shard_file, parts)
+    work = WorkFolder.of(config)
+    record_file, shard_file, parts = work.record_file(UNIT, spec), work.shard_file(UNIT, spec), work.parts_dir(UNIT, spec)
+    manifest = ensure_manifest(config)
+    shard_set = work.ensure_set(UNIT, spec.count, identity(config, manifest))
+    if spec.force or (record_file.is_file() and not work.is_current(UNIT, spec)):
+        _remove_shard_outputs(record_file, shard_file, parts)   # redo, or a record of an older set
     elif record_file.is_file():
         shutil.rmtree(parts, ignore_errors=True)  # a kill after the record, before the clean-up
         return read_json(record_file)
     started = time.time()
-    manifest = ensure_manifest(config)
     videos = select(manifest.videos, spec, key=lambda v: v.id)
     _prepare_parts(config, parts, shard_file, record_file)
-    runner = _VideoRunner(config, manifest)
+    runner = _VideoRunner(config, manifest, dataset_root(config, manifest))
     outcomes = runner.run_all(videos, parts, spec)
     ok_parts = [parts / f"{part_key(v)}.h5" for v, outcome in zip(videos, outcomes) if outcome["ok"]]
     from hpcvid.storage.shards import KIND_EXTRACT, assemble_shard
@@ -159,17 +155,10 @@ def run_shard(config: Config, spec: ShardSpec) -> dict[str, Any]:
     meta = {"shard": spec.name, "config": config.extract.__dict__, "dataset": manifest.dataset}
     assemble_shard(shard_file, ok_parts, kind=KIND_EXTRACT, meta=meta)
     record = _make_record(config, spec, manifest, videos, outcomes, runner, shard_file, started)
+    record["set"] = shard_set.id
     atomic_write_json(record_file, record)
     shutil.rmtree(parts, ignore_errors=True)
     return read_json(record_file)  # exactly what a later call (or another process) will see
-
-
-def _requeued() -> bool:
-    """True in a SLURM job that was requeued (walltime, preemption): --force then means the first start's
-    clean slate, not a new one, or a long shard would start over at every requeue and never finish."""
-    import os
-
-    return os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0")
 
 
 def _remove_shard_outputs(record_file: Path, shard_file: Path, parts: Path) -> None:
@@ -203,10 +192,8 @@ def _prepare_parts(config: Config, parts: Path, shard_file: Path, record_file: P
 def _settings_fingerprint(config: Config) -> dict[str, Any]:
     """The settings that change a video's stored contents (not the shard count: contents do not depend on it)."""
     settings = dict(config.extract.__dict__)
-    settings.pop("shards", None)
-    settings.pop("batch_size", None)
-    settings.pop("device", None)
-    settings.pop("max_attempts", None)
+    for name in ("shards", "batch_size", "device", "max_attempts"):
+        settings.pop(name, None)
     return json.loads(json.dumps(settings, sort_keys=True))
 
 
@@ -216,14 +203,24 @@ def _store_schema() -> int:
     return SCHEMA_VERSION
 
 
+def dataset_root(config: Config, manifest: Manifest) -> Path:
+    """Where the videos are now: ``dataset.root`` (a job file or --dataset) when given, else where they were
+    indexed. Video paths in the manifest are relative to it, so a moved dataset needs only --dataset."""
+    root = config.dataset.root or str(manifest.dataset.get("root", ""))
+    if not root:
+        raise StoreError(f"{WorkFolder.of(config).manifest} names no dataset root: pass --dataset DIR")
+    return Path(root)
+
+
 # --------------------------------------------------------------------------------------- per video
 class _VideoRunner:
     """Runs decode -> flow -> features -> part file for each video, reusing finished parts."""
 
-    def __init__(self, config: Config, manifest: Manifest) -> None:
+    def __init__(self, config: Config, manifest: Manifest, root: Path) -> None:
         self.config = config
         self.cfg = config.extract
         self.manifest = manifest
+        self.root = root
         self._extractor: Any = None
         self.feature_info: dict[str, Any] | None = None
         self.seconds = {"decode": 0.0, "flow": 0.0, "features": 0.0, "write": 0.0}
@@ -251,12 +248,12 @@ class _VideoRunner:
         _ = self.extractor  # a missing or bad weights file stops the shard here, not once per video
         outcomes: list[dict[str, Any]] = []
         started, wall = time.perf_counter(), time.time()
-        write_progress(self.config.work, "extract", spec, done=0, total=len(videos), started=wall)
+        write_progress(self.config.work, UNIT, spec, done=0, total=len(videos), started=wall)
         with tqdm(total=len(videos), desc=f"extract {spec.name}", unit="video", mininterval=1.0) as bar:
             for entry in videos:
                 outcomes.append(self.run_one(entry, parts))
                 failed = sum(not o["ok"] for o in outcomes)
-                write_progress(self.config.work, "extract", spec, done=len(outcomes), total=len(videos),
+                write_progress(self.config.work, UNIT, spec, done=len(outcomes), total=len(videos),
                                failed=failed, started=wall)
                 elapsed = max(time.perf_counter() - started, 1e-9)
                 bar.set_postfix(frames_s=f"{self.processed_frames / elapsed:.1f}", failed=failed, refresh=False)
@@ -274,7 +271,7 @@ class _VideoRunner:
         if failed_file.is_file():
             self.reused += 1
             return {"ok": False, "failure": read_json(failed_file)}
-        path = video_path(self.manifest, entry)
+        path = video_path(self.root, entry)
         attempts = _count_attempt(parts / f"{key}.attempts.json")
         try:
             if attempts > self.cfg.max_attempts:
@@ -308,7 +305,12 @@ class _VideoRunner:
         if entry.probe_error:
             raise VideoError(f"indexing could not read it: {entry.probe_error}")
         if not path.is_file():
-            raise VideoError(f"{path} does not exist (moved or deleted since indexing?)")
+            raise VideoError(f"{path} does not exist (moved or deleted since indexing? a moved dataset: "
+                             "pass --dataset NEW_ROOT)")
+        size = path.stat().st_size
+        if size != entry.size:
+            raise VideoError(f"{path} is not the video that was indexed ({size} bytes, indexed {entry.size}): "
+                             "re-index with `hpcvid index` if the dataset changed")
         began = time.perf_counter()
         decoded = read_video(path, self.cfg)
         frames = np.asarray(decoded.frames)
@@ -378,14 +380,9 @@ def flow_params(cfg: Any) -> dict[str, Any]:
     return {}
 
 
-def video_path(manifest: Manifest, entry: VideoEntry) -> Path:
-    """The video's file: the manifest path, taken below the dataset root when relative."""
-    path = Path(entry.path)
-    if not path.is_absolute():
-        root = manifest.dataset.get("root") if isinstance(manifest.dataset, dict) else None
-        if root:
-            path = Path(root) / path
-    return path
+def video_path(root: Path, entry: VideoEntry) -> Path:
+    """The video's file: its manifest path below the dataset root."""
+    return root / entry.path
 
 
 def one_line_reason(exc: BaseException) -> str:

@@ -25,11 +25,12 @@ from typing import Any, Sequence
 
 from hpcvid.config import Config
 from hpcvid.errors import CheckpointError, PartialFailure, StoreError
+from hpcvid.fileio import sha256_file
 from hpcvid.launch.sharding import ShardSpec
+from hpcvid.workfolder import Unit, WorkFolder
 
 log = logging.getLogger(__name__)
 
-HELP = "recompute per-frame features + scores with the fine-tuned frame CNN into WORK/features/frame/"
 FEATURE_NAME = "finetuned"
 
 
@@ -38,39 +39,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the frame CNN: a run folder (best.pt inside) or a checkpoint file; "
                              "default WORK/runs/frame")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where the CNN runs")
-    parser.add_argument("--force", action="store_true", help="redo shards whose record exists")
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"train.checkpoint": args.checkpoint, "train.device": getattr(args, "device", None)}
 
 
-def output_dir(config: Config) -> Path:
-    from hpcvid.stages.train import refeature_dir
-
-    return refeature_dir(config.work_dir)
-
-
 def checkpoint_of(config: Config) -> Path:
-    return Path(config.train.checkpoint) if config.train.checkpoint else config.work_dir / "runs" / "frame"
+    """The frame CNN's run folder or checkpoint file (``train.checkpoint``; default WORK/runs/frame)."""
+    return Path(config.train.checkpoint) if config.train.checkpoint else WorkFolder.of(config).run_dir("frame")
 
 
-def _extract_records(config: Config) -> list[Path]:
-    from hpcvid.stages.merge import find_shard_records
-
-    return find_shard_records(config.work_dir / "extract")
-
-
-def record_path(config: Config, spec: ShardSpec) -> Path:
-    return output_dir(config) / f"shard-{spec.name}.json"
+def unit(config: Config) -> Unit:
+    """``features/<run>``: named after the frame run whose CNN computes the features."""
+    source = checkpoint_of(config)
+    return Unit("features", source.parent.name if source.suffix == ".pt" else source.name)
 
 
-def plan(config: Config, args: argparse.Namespace | None = None) -> list[ShardSpec]:
-    """One shard per extract shard; those with a record are skipped unless --force."""
-    force = bool(getattr(args, "force", False))
-    count = len(_extract_records(config))
-    specs = [ShardSpec(i, count, force) for i in range(count)]
-    return [s for s in specs if force or not record_path(config, s).is_file()]
+def identity(config: Config) -> dict[str, Any]:
+    """The extraction set the frames come from and the checkpoint (None until it has been trained)."""
+    from hpcvid.stages.train import checkpoint_file
+
+    extract = WorkFolder.of(config).current_set(Unit("extract"))
+    found = checkpoint_file(checkpoint_of(config), "best")
+    return {"extract": extract.id if extract else None, "checkpoint": sha256_file(found) if found else None}
+
+
+def plan(config: Config, only: int | None = None, force: bool = False) -> list[ShardSpec]:
+    """One shard per extraction shard; those with a record of the current set are skipped unless --force."""
+    work = WorkFolder.of(config).require("features")
+    extract = work.current_set(Unit("extract"))
+    if extract is None:
+        raise StoreError(f"{work.unit_dir(Unit('extract'))} holds no planned extraction: run extract first")
+    return work.plan(unit(config), extract.count, identity(config), only=only, force=force)
 
 
 def load_frame_cnn(config: Config) -> tuple[Any, dict[str, Any]]:
@@ -91,21 +92,23 @@ def run_shard(config: Config, spec: ShardSpec) -> dict[str, Any]:
     from hpcvid.fileio import read_json, sha256_file
     from hpcvid.storage.shards import VIDEO_ATTRIBUTES, ShardReader, VideoData, write_features_shard
 
-    out = output_dir(config)
-    record_file = record_path(config, spec)
-    if record_file.is_file() and not spec.force:
+    work = WorkFolder.of(config)
+    this = unit(config)
+    shard_set = work.ensure_set(this, spec.count, identity(config))
+    record_file = work.record_file(this, spec)
+    if work.is_current(this, spec) and not spec.force:
         return read_json(record_file)
-    if spec.force:
-        with contextlib.suppress(FileNotFoundError):
-            record_file.unlink()           # the record goes first: the shard never looks done while redone
+    extract_shards = work.current_shards(Unit("extract"))   # checked before anything of this shard is removed
+    if len(extract_shards) != spec.count:
+        raise StoreError(f"features shard {spec.name} follows the extraction, which now has {len(extract_shards)} "
+                         "shards: plan the features stage again")
+    shard_file = extract_shards[spec.index]
+    with contextlib.suppress(FileNotFoundError):
+        record_file.unlink()               # the record goes first: the shard never looks done while redone
+    out = work.unit_dir(this)
     out.mkdir(parents=True, exist_ok=True)
     for partial in out.glob(f".shard-{spec.name}.*.partial"):
         partial.unlink(missing_ok=True)
-    extract_record = config.work_dir / "extract" / f"shard-{spec.name}.json"
-    if not extract_record.is_file():
-        raise StoreError(f"{extract_record} does not exist: `run features` shards follow the extract shards "
-                         f"({len(_extract_records(config))} of them); run extract first")
-    shard_file = config.work_dir / "extract" / read_json(extract_record)["file"]
     model, meta = load_frame_cnn(config)
     extractor = FeatureExtractor(model.trunk, device=str(pick_device(config.train.device)),
                                  batch_size=config.extract.batch_size, head=model.head, precision="fp32")
@@ -120,17 +123,18 @@ def run_shard(config: Config, spec: ShardSpec) -> dict[str, Any]:
             videos.append(VideoData(vid, {k: info[k] for k in VIDEO_ATTRIBUTES if k in info},
                                     info["frame_indices"], features={FEATURE_NAME: features},
                                     scores={FEATURE_NAME: scores}))
-    provenance = {"checkpoint": meta["checkpoint"], "checkpoint_sha256": sha256_file(meta["checkpoint"]),
+    provenance = {"checkpoint": work.relative(meta["checkpoint"]), "checkpoint_sha256": sha256_file(meta["checkpoint"]),
                   "epoch": meta["epoch"], "code_version": meta["code_version"], "feature_name": FEATURE_NAME,
                   "classes": meta.get("classes", []), "extract_shard": shard_file.name}
-    return write_features_shard(out, spec, videos, failed=failed, meta=provenance)
+    return write_features_shard(out, spec, videos, failed=failed, meta=provenance, record_extra={"set": shard_set.id})
 
 
 def report(config: Config, records: Sequence[dict[str, Any]]) -> int:
+    out = WorkFolder.of(config).unit_dir(unit(config))
     for record in records:
         print(f"features shard {record['shard']}: {record['n_videos']} videos, {record['n_frames']} frames, "
-              f"{record['n_failed']} failed -> {output_dir(config) / record['file']}")
+              f"{record['n_failed']} failed -> {out / record['file']}")
     failed = sum(r["n_failed"] for r in records)
     if failed:
-        raise PartialFailure(f"{failed} video(s) failed; see 'failed' in the records in {output_dir(config)}")
+        raise PartialFailure(f"{failed} video(s) failed; see 'failed' in the records in {out}")
     return 0

@@ -240,7 +240,7 @@ def build_manifest(config: Config, *, progress: bool = False) -> Manifest:
     label_of = {name: i for i, name in enumerate(parsed.classes)}
     for entry, path in iterator:
         stat = path.stat()
-        fields = dict(id=entry.id, path=str(path), label=label_of[entry.class_name], class_name=entry.class_name,
+        fields = dict(id=entry.id, path=entry.relative, label=label_of[entry.class_name], class_name=entry.class_name,
                       split=entry.split, size=stat.st_size, mtime=stat.st_mtime)
         try:
             info = probe_video(path)

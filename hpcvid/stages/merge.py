@@ -31,7 +31,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,50 +39,58 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from hpcvid.config import Config
-from hpcvid.errors import StoreError
+from hpcvid.errors import ConfigError, StoreError
 from hpcvid.fileio import atomic_path, atomic_write_json, read_json, sha256_file
 from hpcvid.launch.sharding import ShardSpec
+from hpcvid.workfolder import Unit, WorkFolder, merge_unit, redo_hint
 
 log = logging.getLogger(__name__)
 
-HELP = "merge the shards' features into one file with train-split mean/std (WORK/features.h5)"
 MERGED_SCHEMA_VERSION = 1
 MERGED_KIND = "hpcvid.merged"
-MERGED_NAME = "features.h5"
 RELATIVE_EPSILON = 1e-6
-_RECORD_NAME = re.compile(r"^shard-(\d{4,})-of-(\d{4,})\.json$")
 
 
 # ------------------------------------------------------------------------------------------ the CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--features-dir", metavar="DIR",
-                        help="shards to take features from (default WORK/extract; e.g. WORK/features/<run>)")
+                        help="feature shards to merge: WORK/extract (default) or WORK/features/<run>")
     parser.add_argument("--output", metavar="PATH",
                         help="merged file (default WORK/features.h5, or DIR/features.h5 with --features-dir)")
-    parser.add_argument("--shards", type=int, metavar="N",
-                        help="use the N-shard set when records of several shard counts are present")
-    parser.add_argument("--force", action="store_true", help="rebuild even when the sources have not changed")
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {}
+    return {"merge.features_dir": args.features_dir, "merge.output": args.output}
 
 
-def run_local(config: Config, args: argparse.Namespace) -> int:
-    record = merge(config.work_dir, features_dir=getattr(args, "features_dir", None),
-                   output=getattr(args, "output", None), shards=getattr(args, "shards", None),
-                   force=bool(getattr(args, "force", False)))
-    return report(config, [record])
+def source_unit(work: WorkFolder, features_dir: Path | str | None) -> Unit:
+    """The unit whose shards are merged: the extraction, or the features of a trained CNN (WORK/features/<run>)."""
+    if not features_dir:
+        return Unit("extract")
+    folder = Path(features_dir)
+    folder = folder if folder.is_absolute() else Path.cwd() / folder
+    for unit in [Unit("extract")] + [Unit("features", sub.name) for sub in work.unit_dir(Unit("features", "x")).parent
+                                     .glob("*") if sub.is_dir()]:
+        if work.unit_dir(unit).resolve() == folder.resolve():
+            return unit
+    raise ConfigError(f"merge.features_dir = {features_dir}: merge reads the shards of its work folder "
+                      f"{work.root}: {work.unit_dir(Unit('extract'))} or a folder of {work.unit_dir(Unit('features', 'x')).parent}")
 
 
-def plan(config: Config, args: argparse.Namespace) -> list[ShardSpec]:
-    """Merge is one unit of work (for launchers that only know the shard protocol)."""
-    return [ShardSpec(0, 1, bool(getattr(args, "force", False)))]
+def unit(config: Config) -> Unit:
+    return merge_unit(source_unit(WorkFolder.of(config), config.merge.features_dir))
+
+
+def plan(config: Config, only: int | None = None, force: bool = False) -> list[ShardSpec]:
+    """Merge is one unit of work; a merged file that is up to date is skipped by :func:`merge` itself."""
+    WorkFolder.of(config).require("merge")
+    return [ShardSpec(0, 1, force)]
 
 
 def run_shard(config: Config, spec: ShardSpec) -> dict[str, Any]:
-    """The default merge of WORK/extract into WORK/features.h5 (a plain function, like every stage)."""
-    return merge(config.work_dir, force=spec.force)
+    """Merge the current set of the configured features unit (a plain function, like every stage)."""
+    return merge(config.work_dir, features_dir=config.merge.features_dir or None,
+                 output=config.merge.output or None, force=spec.force)
 
 
 def report(config: Config, records: Sequence[dict[str, Any]]) -> int:
@@ -95,39 +102,6 @@ def report(config: Config, records: Sequence[dict[str, Any]]) -> int:
 
 
 # ------------------------------------------------------------------------------------------ merging
-def record_path_for(output: Path) -> Path:
-    return output.with_suffix(".json")
-
-
-def find_shard_records(folder: Path, shards: int | None = None) -> list[Path]:
-    """The records of one complete set of shards in ``folder`` (the newest complete set, or the N-shard one)."""
-    sets: dict[int, dict[int, Path]] = {}
-    for path in folder.glob("shard-*-of-*.json"):
-        match = _RECORD_NAME.match(path.name)
-        if match:
-            sets.setdefault(int(match.group(2)), {})[int(match.group(1))] = path
-    if not sets:
-        raise StoreError(f"no shard records (shard-*-of-*.json) in {folder}: run `hpcvid run extract` first")
-    if shards is not None:
-        if shards not in sets:
-            raise StoreError(f"no records of a {shards}-shard extraction in {folder} (found: "
-                             f"{', '.join(map(str, sorted(sets)))} shards)")
-        candidates = {shards: sets[shards]}
-    else:
-        candidates = sets
-    complete = {n: found for n, found in candidates.items() if len(found) == n}
-    if not complete:
-        n, found = max(candidates.items())
-        missing = [f"{i:04d}" for i in range(n) if i not in found]
-        raise StoreError(f"{folder}: shard(s) {', '.join(missing[:10])} of {n} have no record yet (not done): "
-                         "run or resume `hpcvid run extract` (or `hpcvid submit extract`) first")
-    newest = max(complete, key=lambda n: max(p.stat().st_mtime for p in complete[n].values()))
-    if len(complete) > 1:
-        log.warning("%s holds complete sets for %s shards; using the newest (%d); --shards chooses",
-                    folder, sorted(complete), newest)
-    return [complete[newest][i] for i in range(newest)]
-
-
 @dataclass
 class _Video:
     id: str
@@ -142,24 +116,27 @@ class _Video:
 
 
 def merge(work: Path | str, *, features_dir: Path | str | None = None, output: Path | str | None = None,
-          shards: int | None = None, force: bool = False) -> dict[str, Any]:
-    """Build the merged file from the shard records in ``features_dir``; return (and write) its record."""
+          force: bool = False) -> dict[str, Any]:
+    """Build the merged file from the current shard set of a features unit; return (and write) its record.
+
+    A merged file whose record names the same source records (by sha256) is up to date and skipped.
+    """
     import h5py
 
     started = time.time()
-    work = Path(work)
-    source = Path(features_dir) if features_dir else work / "extract"
-    output = Path(output) if output else (work / MERGED_NAME if not features_dir else source / MERGED_NAME)
-    records = find_shard_records(source, shards)
-    sources = [{"record": p.name, "sha256": sha256_file(p)} for p in records]
-    record_file = record_path_for(output)
+    folder = WorkFolder(work).require("merge")
+    source = source_unit(folder, features_dir)
+    output = Path(output) if output else folder.merged_file(source)
+    records = folder.current_records(source)
+    shard_set = folder.current_set(source)
+    sources = [{"record": folder.relative(p), "sha256": sha256_file(p)} for p in records]
+    record_file = output.with_suffix(".json")
     if not force and output.is_file() and record_file.is_file():
         previous = read_json(record_file)
-        if previous.get("sources") == sources and previous.get("source_dir") == str(source):
+        if previous.get("sources") == sources and previous.get("set") == shard_set.id:
             log.info("%s is up to date with %d shard record(s); --force rebuilds it", output, len(sources))
             return {**previous, "skipped": True}
-    videos = _collect_videos(source, records)
-    _attach_frame_references(videos, work / "extract", source, output.parent)
+    videos = _collect_videos(folder, source, records)
     backbones, score_names, classes = _common_datasets(videos, work)
     with atomic_path(output) as temporary:
         with h5py.File(temporary, "w") as out:
@@ -173,10 +150,10 @@ def merge(work: Path | str, *, features_dir: Path | str | None = None, output: P
                 out[f"stats/{name}"].attrs.update(meta)
             out.attrs.update(schema_version=MERGED_SCHEMA_VERSION, kind=MERGED_KIND,
                              classes=json.dumps(classes), backbones=json.dumps(backbones),
-                             scores=json.dumps(score_names), sources=json.dumps(sources))
+                             scores=json.dumps(score_names), sources=json.dumps(sources), set=shard_set.id)
     record = {
-        "schema_version": MERGED_SCHEMA_VERSION, "kind": "hpcvid.merge.record", "output": str(output),
-        "source_dir": str(source), "sources": sources, "n_videos": len(videos),
+        "schema_version": MERGED_SCHEMA_VERSION, "kind": "hpcvid.merge.record", "output": folder.relative(output),
+        "source": str(source), "set": shard_set.id, "sources": sources, "n_videos": len(videos),
         "n_frames": int(sum(v.length for v in videos)), "backbones": backbones, "scores": score_names,
         "classes": classes, "splits": {s: sum(v.split == s for v in videos) for s in sorted({v.split for v in videos})},
         "stats": {name: meta for name, (_, _, meta) in stats.items()},
@@ -187,14 +164,18 @@ def merge(work: Path | str, *, features_dir: Path | str | None = None, output: P
     return read_json(record_file)
 
 
-def _collect_videos(source: Path, records: Sequence[Path]) -> list[_Video]:
-    """Every video listed in the records, with its attributes read from the shard; sorted by id."""
+def _collect_videos(folder: WorkFolder, source: Unit, records: Sequence[Path]) -> list[_Video]:
+    """Every video listed in the records, with its attributes read from the shard; sorted by id.
+
+    Each shard is checked against the sha256 of its record before anything is read from it.
+    """
     from hpcvid.storage.shards import ShardReader
 
     videos: dict[str, _Video] = {}
     for record_file in records:
         record = read_json(record_file)
-        shard_file = source / record["file"]
+        shard_file = record_file.parent / record["file"]
+        folder.verify(shard_file, record["sha256"], fix=redo_hint(source, record["index"]))
         with ShardReader(shard_file) as reader:
             for item in record["videos"]:
                 info = reader.info(item["id"])
@@ -205,29 +186,9 @@ def _collect_videos(source: Path, records: Sequence[Path]) -> list[_Video]:
                                             str(info["split"]), int(info["frames"]), shard_file,
                                             reader.group(item["id"]).name.rsplit("/", 1)[-1])
     if not videos:
-        raise StoreError(f"the shards in {source} hold no video: nothing to merge (see their records' 'failed')")
+        raise StoreError(f"the shards of {records[0].parent if records else 'the set'} hold no video: nothing to "
+                         "merge (see their records' 'failed')")
     return [videos[k] for k in sorted(videos)]
-
-
-def _attach_frame_references(videos: list[_Video], extract_dir: Path, source: Path, base: Path) -> None:
-    """Where each video's frames and flow live: its extract shard (found through the extract records)."""
-    where: dict[str, tuple[Path, str]] = {}
-    if source.resolve() == extract_dir.resolve():
-        where = {v.id: (v.feature_shard, v.group) for v in videos}
-    elif extract_dir.is_dir():
-        try:
-            extract_records = find_shard_records(extract_dir)
-        except StoreError as exc:
-            log.warning("frames and flow will not be referenced: %s", exc)
-            extract_records = []
-        for record_file in extract_records:
-            record = read_json(record_file)
-            for item in record["videos"]:
-                where[item["id"]] = (extract_dir / record["file"], item["group"])
-    for video in videos:
-        if video.id in where:
-            shard, group = where[video.id]
-            video.shard, video.frames_group = os.path.relpath(shard, base), group
 
 
 def _common_datasets(videos: Sequence[_Video], work: Path) -> tuple[list[str], list[str], list[str]]:

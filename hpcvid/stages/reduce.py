@@ -28,8 +28,9 @@ import numpy as np
 from hpcvid.learn import metrics
 from hpcvid.errors import StoreError
 from hpcvid.storage.manifest import Manifest, load_manifest
-from hpcvid.storage.predictions import eval_dir, parse_shard_name, read_prediction_shard, read_record, runs_in
-from hpcvid.launch.sharding import ShardSpec
+from hpcvid.launch.sharding import ShardSpec, all_shards
+from hpcvid.storage.predictions import read_prediction_shard, read_record
+from hpcvid.workfolder import Unit, WorkFolder, redo_hint
 
 log = logging.getLogger(__name__)
 
@@ -141,47 +142,60 @@ class ShardPlan:
 
 
 def plan_run(work: Path | str, run: str) -> ShardPlan:
-    """Which shards of ``run`` are complete (record present, .h5 present with the recorded sha256)."""
-    from hpcvid.fileio import sha256_file
+    """Which shards of ``run``'s current eval set can be counted (record of the set present, .h5 matching it).
 
-    folder = eval_dir(work, run)
-    specs: dict[str, ShardSpec] = {}
-    for path in folder.iterdir():
-        spec = parse_shard_name(path.name)
-        if spec is not None:
-            specs[spec.name] = spec
-    counts = sorted({spec.count for spec in specs.values()})
-    if len(counts) > 1:
-        raise StoreError(f"{folder} mixes shard counts {counts} (e.g. pred-0000-of-{counts[0]:04d} and "
-                         f"pred-0000-of-{counts[1]:04d}): delete the stale files and re-run "
-                         "`hpcvid run eval --force`")
-    count = counts[0] if counts else 0
+    A shard that is missing or has no record is listed (``--allow-partial`` reports without it); a shard
+    whose file does not match its record's sha256 is corrupt, and that is an error even when partial.
+    """
+    folder = WorkFolder(work)
+    unit = Unit("eval", run)
+    current = folder.current_set(unit)
+    if current is None:
+        raise StoreError(f"{folder.unit_dir(unit)} holds no planned eval set: run `hpcvid run eval --model {run} "
+                         f"--work {work}` first")
     ready, missing = [], []
-    for index in range(count):
-        name = ShardSpec(index, count).name
-        h5_path, record_path = folder / f"pred-{name}.h5", folder / f"pred-{name}.json"
-        if not record_path.is_file():
-            state = "has no record (not run, or killed mid-shard)" if h5_path.is_file() else "is missing"
+    for spec in all_shards(current.count):
+        h5_path, record_path = folder.shard_file(unit, spec), folder.record_file(unit, spec)
+        if not folder.is_current(unit, spec):
+            if record_path.is_file():
+                state = "has a record of another eval set (stale: the model or settings changed since)"
+            else:
+                state = "has no record (not run, or killed mid-shard)" if h5_path.is_file() else "is missing"
             missing.append(f"{h5_path} {state}")
             continue
         record = read_record(record_path)
         if not h5_path.is_file():
             missing.append(f"{h5_path} is missing although its record exists")
-        elif sha256_file(h5_path) != record.get("sha256"):
-            missing.append(f"{h5_path} does not match the sha256 of its record (changed after it was written)")
-        else:
-            ready.append((h5_path, record))
+            continue
+        folder.verify(h5_path, record.get("sha256", ""), fix=redo_hint(unit, spec.index))
+        ready.append((h5_path, record))
+    _check_model_unchanged(folder, unit, ready)
     return ShardPlan(run=run, ready=ready, missing=missing)
+
+
+def _check_model_unchanged(folder: WorkFolder, unit: Unit, ready: Sequence[tuple[Path, dict[str, Any]]]) -> None:
+    """Refuse predictions of a checkpoint that has been replaced since (the run was trained further)."""
+    from hpcvid.fileio import sha256_file
+
+    for path, record in ready[:1]:
+        checkpoint = folder.absolute(record.get("checkpoint", "")) if record.get("checkpoint") else None
+        expected = read_prediction_shard(path).checkpoint_sha256
+        if checkpoint is not None and checkpoint.is_file() and sha256_file(checkpoint) != expected:
+            raise StoreError(f"{unit} was scored with an earlier version of {checkpoint} (the run was trained "
+                             f"since): re-run `hpcvid run eval --model {unit.run} --force`")
+
+
+def runs_in(work: Path | str) -> list[str]:
+    """The runs with an eval set in the work folder."""
+    return sorted(unit.run for unit in WorkFolder(work).units() if unit.stage == "eval"
+                  and WorkFolder(work).current_set(unit) is not None)
 
 
 def plan_all(work: Path | str, runs: Sequence[str] | None = None) -> list[ShardPlan]:
     names = list(runs) if runs else runs_in(work)
     if not names:
-        raise StoreError(f"no prediction shards under {Path(work) / 'eval'}: run `hpcvid run eval --model M "
-                         f"--work {work}` first")
-    for name in names:
-        if not eval_dir(work, name).is_dir():
-            raise StoreError(f"{eval_dir(work, name)} does not exist: run `hpcvid run eval` for run {name} first")
+        raise StoreError(f"no prediction shards under {WorkFolder(work).unit_dir(Unit('eval', 'x')).parent}: run "
+                         f"`hpcvid run eval --model M --work {work}` first")
     return [plan_run(work, name) for name in names]
 
 
@@ -369,15 +383,50 @@ def in_mpi_job(environ: dict[str, str] | None = None) -> bool:
     return False
 
 
-# ------------------------------------------------------------------------------------------------ CLI
-def add_cli(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("work", metavar="WORK", help="work folder with manifest.json and eval/<run>/pred-*.h5")
+# ---------------------------------------------------------------------------------------- the stage
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", help="report folder (default: results/<name of WORK>)")
     parser.add_argument("--runs", nargs="+", metavar="RUN", help="only these runs of WORK/eval (default: all)")
     parser.add_argument("--allow-partial", action="store_true",
                         help="write the report over the shards that are there and list what is missing")
-    parser.add_argument("--mpi", action="store_true",
-                        help="reduce across the ranks of mpirun/srun with MPI (automatic with more than one rank)")
+
+
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {"report.out": args.out, "report.runs": args.runs,
+            "report.allow_partial": True if args.allow_partial else None}
+
+
+def unit(config: Any) -> Unit:
+    return Unit("reduce")
+
+
+def plan(config: Any, only: int | None = None, force: bool = False) -> list[ShardSpec]:
+    """The reducer is one unit of work, run again whenever asked (reading a few MB of predictions is cheap)."""
+    WorkFolder.of(config).require("reduce")
+    return [ShardSpec(0, 1, force)]
+
+
+def run_shard(config: Any, spec: ShardSpec) -> dict[str, Any]:
+    """Reduce every eval run of the work folder into the report folder; the record says where it went."""
+    from hpcvid.fileio import atomic_write_json
+    from hpcvid.stages.report import read_summary
+
+    out = collect(config.work, config.report.out or None, runs=config.report.runs or None,
+                  allow_partial=config.report.allow_partial)
+    summary = read_summary(out)
+    record = {"out": str(Path(out).resolve()), "partial": bool(summary.get("partial")),
+              "runs": sorted(summary.get("runs", {}))}
+    atomic_write_json(WorkFolder.of(config).record_file(unit(config), spec), record)
+    return record
+
+
+def report(config: Any, records: Sequence[dict[str, Any]]) -> int:
+    from hpcvid.stages.report import format_table, read_summary
+
+    for record in records:
+        print(format_table(read_summary(record["out"])))
+        print(f"report: {Path(record['out']) / 'report.md'}")
+    return 3 if any(r["partial"] for r in records) else 0
 
 
 def default_out(work: Path | str) -> Path:
@@ -393,6 +442,7 @@ def collect(work: Path | str, out: Path | str | None = None, *, runs: Sequence[s
     """
     from hpcvid.stages.report import write_report
 
+    WorkFolder(work).require("collect")
     out = Path(out) if out else default_out(work)
     if use_mpi:
         reduction = reduce_mpi(work, runs=runs, allow_partial=allow_partial)
@@ -402,16 +452,3 @@ def collect(work: Path | str, out: Path | str | None = None, *, runs: Sequence[s
         reduction = reduce_files(work, runs=runs, allow_partial=allow_partial)
     write_report(reduction, out, factors)
     return out
-
-
-def main(args: argparse.Namespace) -> int:
-    use_mpi = bool(args.mpi or in_mpi_job())
-    out = collect(args.work, args.out, runs=args.runs, allow_partial=args.allow_partial, use_mpi=use_mpi)
-    if out is None:
-        return 0
-    from hpcvid.stages.report import format_table, read_summary
-
-    summary = read_summary(out)
-    print(format_table(summary))
-    print(f"report: {out / 'report.md'}")
-    return 3 if summary.get("partial") else 0

@@ -42,16 +42,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from hpcvid.config import Config, config_from_dict, write_resolved
 from hpcvid.launch.distributed import DistEnv, detect
 from hpcvid.errors import CheckpointError, ConfigError, StoreError
-from hpcvid.fileio import atomic_path, atomic_write_text, remove_stale_partials
+from hpcvid.fileio import atomic_path, atomic_write_json, atomic_write_text, remove_stale_partials
+from hpcvid.launch.sharding import ShardSpec
+from hpcvid.workfolder import Unit, WorkFolder
 
 log = logging.getLogger(__name__)
 
-HELP = "train a model (frame, flow, twostream, lstm) into WORK/runs/<model>/"
 CHECKPOINT_FORMAT = "hpcvid.checkpoint"
 CHECKPOINT_VERSION = 1
 CHECKPOINT_RE = re.compile(r"^ckpt-e(\d{4,})-s(\d{7,})\.pt$")
@@ -82,16 +83,56 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
             "train.weights": args.weights, "train.device": args.device, "train.workers": args.workers}
 
 
-def run_local(config: Config, args: argparse.Namespace | None = None) -> int:
-    """``hpcvid run train``: train here, in ``train.procs`` processes, and print where the run is."""
-    if config.train.procs > 1:
-        spawn_local(config, config.train.procs)
-    else:
-        train(config, DistEnv())
-    summary = read_metrics(run_dir(config))
-    last = summary[-1] if summary else {}
-    print(f"{config.train.model}: {len(summary)} epochs in {run_dir(config)}; last val_loss "
-          f"{last.get('val_loss', float('nan')):.4f}, val_acc {last.get('val_acc', float('nan')):.3f}")
+def unit(config: Config) -> Unit:
+    return Unit("train", config.train.model)
+
+
+def plan(config: Config, only: int | None = None, force: bool = False) -> list[ShardSpec]:
+    """A run is one unit of work; a rerun resumes from its newest checkpoint (one that is done trains nothing).
+
+    Checked here, on the login node, so a job never waits in the queue to fail on them: the work folder
+    exists and a weights file given exists.
+    """
+    WorkFolder.of(config).require("train")
+    if config.train.weights:
+        from hpcvid.learn.backbones import require_weights_file
+
+        require_weights_file(config.train.weights, config.train.backbone)
+    return [ShardSpec(0, 1, force)]
+
+
+def run_shard(config: Config, spec: ShardSpec) -> dict[str, Any]:
+    """Train the run in this process as the rank its launcher gave it (or in ``train.procs`` local processes).
+
+    Rank 0 holds the run's lock and writes its record (``run.json``) when training ends.
+    """
+    env = detect()
+    work = WorkFolder.of(config)
+    lock = work.lock(unit(config), spec) if env.is_main else contextlib.nullcontext()
+    with lock:
+        if config.train.procs > 1 and not env.is_distributed:
+            spawn_local(config, config.train.procs)
+        else:
+            TrainJob(config)()
+        if not env.is_main:
+            return {}
+        history = read_metrics(run_dir(config))
+        record = {"run": config.train.model, "model": config.train.model, "epochs": len(history),
+                  "best_val_loss": min((h["val_loss"] for h in history if h.get("val_loss") == h.get("val_loss")),
+                                       default=None),
+                  "last": history[-1] if history else {}, "code_version": _code_version()}
+        atomic_write_json(work.record_file(unit(config), spec), record)
+    return record
+
+
+def report(config: Config, records: Sequence[dict[str, Any]]) -> int:
+    """Where the run is and how its last epoch went."""
+    for record in records:
+        if not record:
+            continue
+        last = record.get("last", {})
+        print(f"{record['model']}: {record['epochs']} epochs in {run_dir(config)}; last val_loss "
+              f"{last.get('val_loss', float('nan')):.4f}, val_acc {last.get('val_acc', float('nan')):.3f}")
     return 0
 
 
@@ -121,12 +162,11 @@ def _free_port() -> int:
 
 # ============================================================================== submitit entry point
 class TrainJob:
-    """What ``hpcvid submit train`` hands to submitit: one instance per SLURM task (= one rank).
+    """What each rank of a training job runs (the stage's ``run_shard`` calls it; a submitit Checkpointable).
 
-    ``__call__`` trains in this process with the rank from :func:`hpcvid.launch.distributed.detect`.
-    ``checkpoint`` is called by submitit on the pre-timeout signal (rank 0 only): the signal is deferred to
-    the end of the current optimiser step, a checkpoint of that step is written, and the returned
-    DelayedSubmission requeues the job, which then resumes from it.
+    ``__call__`` trains in this process with the rank from :func:`hpcvid.launch.distributed.detect`. On the
+    pre-timeout signal submitit's handler is deferred to the end of the current optimiser step, a checkpoint
+    of that step is written, and then the handler requeues the job (``checkpoint``), which resumes from it.
     """
 
     def __init__(self, config: Config, data_factory: Callable | None = None) -> None:
@@ -165,7 +205,19 @@ class TrainJob:
 
 # ============================================================================== run folders, checkpoints
 def run_dir(config: Config) -> Path:
-    return config.work_dir / "runs" / config.train.model
+    return WorkFolder.of(config).run_dir(config.train.model)
+
+
+def checkpoint_file(run: Path | str, which: str = "best") -> Path | None:
+    """The checkpoint of a run that evaluation (and the features stage) loads: best.pt, or the newest valid
+    one (``which = "last"``, or when there is no best.pt); a checkpoint file given is itself. None: no run yet."""
+    run = Path(run)
+    if run.is_file():
+        return run
+    if which == "best" and (run / BEST_NAME).is_file():
+        return run / BEST_NAME
+    found = newest_valid_checkpoint(run) if run.is_dir() else None
+    return found[0] if found else None
 
 
 def checkpoint_name(epoch: int, step: int) -> str:
@@ -313,12 +365,15 @@ def load_data(config: Config) -> DataBundle:
     return _video_data(config)
 
 
-def _shard_files(folder: Path) -> list[Path]:
-    """The shard files of the newest complete set of shard records in ``folder`` (as merge chooses them)."""
-    from hpcvid.fileio import read_json
-    from hpcvid.stages.merge import find_shard_records
+def _shard_files(config: Config, source: Unit) -> list[Path]:
+    """The shard files of the current, complete set of ``source`` (checked against their records)."""
+    return WorkFolder.of(config).current_shards(source)
 
-    return [folder / read_json(record)["file"] for record in find_shard_records(folder)]
+
+def _trained_on(config: Config, source: Unit) -> dict[str, str]:
+    """Which set the run trains on, for its checkpoints: evaluation refuses the run once that set is replaced."""
+    current = WorkFolder.of(config).current_set(source)
+    return {"unit": str(source), "set": current.id if current else ""}
 
 
 def _video_data(config: Config) -> DataBundle:
@@ -327,7 +382,7 @@ def _video_data(config: Config) -> DataBundle:
     from hpcvid.storage.shards import ShardReader
 
     t = config.train
-    shards = _shard_files(config.work_dir / "extract")
+    shards = _shard_files(config, Unit("extract"))
     classes = list(load_manifest(config.work_dir).classes)
     needs_flow = t.model in ("flow", "twostream")
     items, shard_of = [], {}
@@ -340,13 +395,13 @@ def _video_data(config: Config) -> DataBundle:
                 items.append(VideoItem(vid, int(info["label"]), int(info["frames"]), "train"))
                 shard_of[vid] = str(path)
     if not items:
-        raise StoreError(f"the shards in {config.work_dir / 'extract'} hold no train-split videos with "
+        raise StoreError(f"the extraction shards of {config.work} hold no train-split videos with "
                          f"{'flow' if needs_flow else 'frames'}: re-extract with extract.flow (and frames) enabled")
     train_items, val_items = hold_out(items, t.val_fraction, t.seed)
     source = ShardVideoSource(shard_of)
     augment = Augment(tuple(t.scale_jitter), t.flip) if t.augment else None
     meta = {"classes": classes, "flow_stack": t.flow_stack, "compensation": t.flow_camera_compensation,
-            "val_ids": [it.id for it in val_items]}
+            "val_ids": [it.id for it in val_items], "trained_on": _trained_on(config, Unit("extract"))}
     if t.model == "frame":
         make = lambda items, train: FrameDataset(source, items, train=train, seed=t.seed, augment=augment)  # noqa: E731
         return DataBundle(make(train_items, True), make(val_items, False) if val_items else None, classes, {}, meta)
@@ -357,37 +412,53 @@ def _video_data(config: Config) -> DataBundle:
                       {"stack": t.flow_stack}, meta)
 
 
-def refeature_dir(work: Path | str) -> Path:
-    """Where ``run features`` writes the fine-tuned frame CNN's per-frame features (same shard layout)."""
-    return Path(work) / "features" / "frame"
-
-
-def feature_source(config: Config) -> tuple[Any, str, Path]:
+def feature_source(config: Config) -> tuple[Any, str, Unit]:
     """The LSTM's features and their name, in this order of preference:
 
-    1. the fine-tuned set (``run features``): merged ``WORK/features/frame/features.h5``, else its shards;
-    2. the extracted set (``extract.backbone``, or ``train.features``): merged ``WORK/features.h5``, else
-       the extract shards.
+    1. the fine-tuned set (``run features``, unit ``features/frame``): its merged file when it was merged
+       from the current set, else its shards;
+    2. the extracted set (``extract.backbone``, or ``train.features``): WORK/features.h5 when it was merged
+       from the current extraction, else the extraction shards.
     A merged file brings the train-split mean/std; from shards they are computed over the training videos.
-    Returns (source, feature name, the folder of the shards that hold the features).
+    Returns (source, feature name, the unit whose shards hold the features).
     """
     from hpcvid.learn.datasets import MergedFeatureSource, ShardFeatureSource
 
+    work = WorkFolder.of(config)
     wanted = config.train.features
-    fine = refeature_dir(config.work_dir)
-    if wanted in ("", FINETUNED_FEATURES) and ((fine / "features.h5").is_file() or list(fine.glob("shard-*.json"))):
-        if (fine / "features.h5").is_file():
-            return MergedFeatureSource(fine / "features.h5", FINETUNED_FEATURES), FINETUNED_FEATURES, fine
-        return ShardFeatureSource(_shard_files(fine), FINETUNED_FEATURES), FINETUNED_FEATURES, fine
+    fine = Unit("features", "frame")
+    if wanted in ("", FINETUNED_FEATURES) and work.current_set(fine) is not None:
+        merged = _current_merged(work, fine)
+        if merged is not None:
+            return MergedFeatureSource(merged, FINETUNED_FEATURES), FINETUNED_FEATURES, fine
+        return ShardFeatureSource(_shard_files(config, fine), FINETUNED_FEATURES), FINETUNED_FEATURES, fine
     if wanted == FINETUNED_FEATURES:
-        raise StoreError(f"no fine-tuned features in {fine}: run `hpcvid run features --checkpoint "
-                         f"{config.work_dir / 'runs' / 'frame'}` first")
+        raise StoreError(f"no fine-tuned features in {work.unit_dir(fine)}: run `hpcvid run features --checkpoint "
+                         f"{work.run_dir('frame')}` first")
     name = wanted or config.extract.backbone
-    merged = config.work_dir / "features.h5"
-    extracted = config.work_dir / "extract"
-    if merged.is_file():
-        return MergedFeatureSource(merged, name), name, extracted
-    return ShardFeatureSource(_shard_files(extracted), name), name, extracted
+    extract = Unit("extract")
+    merged = _current_merged(work, extract)
+    if merged is not None:
+        return MergedFeatureSource(merged, name), name, extract
+    return ShardFeatureSource(_shard_files(config, extract), name), name, extract
+
+
+def _current_merged(work: WorkFolder, source: Unit) -> Path | None:
+    """The merged file of ``source`` when it was built from the current set (else None, with a warning)."""
+    from hpcvid.fileio import read_json
+
+    merged, record = work.merged_file(source), work.merged_record(source)
+    if not (merged.is_file() and record.is_file()):
+        return None
+    current = work.current_set(source)
+    made = read_json(record)
+    if current is None or made.get("set") != current.id:
+        log.warning("%s was merged from another %s set than the current one: reading the shards instead "
+                    "(`hpcvid run merge --force` rebuilds it)", merged, source)
+        return None
+    features_dir = "" if source.stage == "extract" else f" --features-dir {work.unit_dir(source)}"
+    work.verify(merged, made["sha256"], fix=f"rebuild it with `hpcvid run merge{features_dir} --force`")
+    return merged
 
 
 def _feature_data(config: Config) -> DataBundle:
@@ -397,7 +468,7 @@ def _feature_data(config: Config) -> DataBundle:
     from hpcvid.storage.manifest import load_manifest
 
     t = config.train
-    source, name, folder = feature_source(config)
+    source, name, feature_unit = feature_source(config)
     classes = list(load_manifest(config.work_dir).classes)
     items = [it for it in source.items if it.split == "train"]
     if not items:
@@ -408,7 +479,8 @@ def _feature_data(config: Config) -> DataBundle:
     dim = int(np.asarray(source.mean).shape[0])
     make = lambda items, train: FeatureDataset(source, items, seq_len=t.seq_len, train=train, seed=t.seed,  # noqa: E731
                                                centring=t.temporal_centering)
-    meta = {"classes": classes, "feature_set": name, "feature_dim": dim, "feature_folder": str(folder),
+    meta = {"classes": classes, "feature_set": name, "feature_dim": dim,
+            "trained_on": _trained_on(config, feature_unit),
             "centring": t.temporal_centering, "seq_len": t.seq_len,
             "feature_mean": np.asarray(source.mean, np.float64), "feature_std": np.asarray(source.std, np.float64),
             "val_ids": [it.id for it in val_items]}
@@ -520,7 +592,7 @@ class Trainer:
         """Start the two streams from trained frame and flow runs of this work folder, when they exist."""
         states = {}
         for kind in ("frame", "flow"):
-            folder = self.config.work_dir / "runs" / kind
+            folder = WorkFolder.of(self.config).run_dir(kind)
             found = (folder / BEST_NAME) if (folder / BEST_NAME).is_file() else None
             if found is None:
                 newest = newest_valid_checkpoint(folder) if folder.is_dir() else None
@@ -714,11 +786,22 @@ class Trainer:
             "train_samples": int(stats.count), "world_size": self.env.world_size, "time": time.time(),
         })
         self.save(best=improved)
+        stopped = bool(t.early_stopping and self.bad_epochs >= t.early_stopping)
         if self.env.is_main:
             h = self.history[-1]
             log.info("epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f | %.1f samples/s",
                      self.epoch, t.epochs, h["train_loss"], h["train_acc"], val_loss, val_acc, h["samples_per_s"])
-        return bool(t.early_stopping and self.bad_epochs >= t.early_stopping)
+            self._write_progress(stopped)
+        return stopped
+
+    def _write_progress(self, stopped: bool) -> None:
+        """Epochs done of the total, for `hpcvid status` on the login node (an early stop ends the run)."""
+        from hpcvid.launch.progress import write_progress
+
+        accuracies = [h["val_acc"] for h in self.history if h["val_acc"] == h["val_acc"]]
+        total = self.epoch if stopped else self.config.train.epochs
+        write_progress(self.config.work, Unit("train", self.config.train.model), ShardSpec(0, 1), done=self.epoch,
+                       total=total, best_val_acc=max(accuracies, default=None), stopped_early=stopped)
 
     def _loader(self, dataset: Any, sampler: Any) -> Any:
         from torch.utils.data import DataLoader

@@ -34,7 +34,6 @@ from hpcvid.launch.sharding import ShardSpec
 
 PREDICTION_SCHEMA_VERSION = 1
 PREDICTION_KIND = "hpcvid.predictions"
-EVAL_DIR = "eval"
 _NAME = re.compile(r"^pred-(\d{4})-of-(\d{4})\.(h5|json)$")
 
 
@@ -61,16 +60,6 @@ class PredictionShard:
         return list(self.scores)
 
 
-def eval_dir(work: Path | str, run: str) -> Path:
-    return Path(work) / EVAL_DIR / run
-
-
-def shard_paths(work: Path | str, run: str, spec: ShardSpec) -> tuple[Path, Path]:
-    """(the .h5 file, its record .json) of shard ``spec`` of ``run``."""
-    folder = eval_dir(work, run)
-    return folder / f"pred-{spec.name}.h5", folder / f"pred-{spec.name}.json"
-
-
 def parse_shard_name(name: str) -> ShardSpec | None:
     """'pred-0001-of-0004.h5' -> ShardSpec(1, 4); None for other names."""
     match = _NAME.match(name)
@@ -79,15 +68,8 @@ def parse_shard_name(name: str) -> ShardSpec | None:
     return ShardSpec(int(match.group(1)), int(match.group(2)))
 
 
-def runs_in(work: Path | str) -> list[str]:
-    """The run folders under WORK/eval that hold at least one prediction file or record."""
-    root = Path(work) / EVAL_DIR
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and any(parse_shard_name(f.name) for f in p.iterdir()))
-
-
-def write_prediction_shard(work: Path | str, shard: PredictionShard, *, failed: Sequence[Mapping[str, str]] = (),
+def write_prediction_shard(h5_path: Path, record_path: Path, shard: PredictionShard, *,
+                           failed: Sequence[Mapping[str, str]] = (),
                            extra_record: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write the .h5 atomically, then its record (last). Returns the record."""
     import h5py
@@ -98,7 +80,6 @@ def write_prediction_shard(work: Path | str, shard: PredictionShard, *, failed: 
         raise ValueError(f"labels must have shape ({n_videos},), got {labels.shape}")
     if shard.default_strategy not in shard.scores:
         raise ValueError(f"default strategy {shard.default_strategy!r} is not among {shard.strategies}")
-    h5_path, record_path = shard_paths(work, shard.run, shard.shard)
     string = h5py.string_dtype("utf-8")
     with atomic_path(h5_path) as temporary:
         with h5py.File(temporary, "w") as out:

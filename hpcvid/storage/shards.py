@@ -250,7 +250,8 @@ def write_shard(path: Path | str, videos: Iterable[VideoData], *, kind: str = KI
 
 def write_features_shard(folder: Path | str, spec: Any, videos: Iterable[VideoData], *,
                          failed: Sequence[Mapping[str, Any]] = (), meta: Mapping[str, Any] | None = None,
-                         options: StorageOptions = StorageOptions()) -> dict[str, Any]:
+                         options: StorageOptions = StorageOptions(),
+                         record_extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A features-only shard ``folder/shard-<spec.name>.h5`` plus its record (written last), in the layout
     ``hpcvid run merge --features-dir folder`` reads. ``spec`` is a :class:`hpcvid.launch.sharding.ShardSpec`.
 
@@ -268,6 +269,7 @@ def write_features_shard(folder: Path | str, spec: Any, videos: Iterable[VideoDa
         "index": spec.index, "count": spec.count, "file": shard.name, "sha256": sha256_file(shard),
         "n_videos": len(summaries), "n_frames": sum(s["frames"] for s in summaries), "videos": summaries,
         "n_failed": len(failed), "failed": [dict(f) for f in failed], "meta": dict(meta or {}),
+        **dict(record_extra or {}),
     }
     record_file = folder / f"shard-{spec.name}.json"
     atomic_write_json(record_file, record)
