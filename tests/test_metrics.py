@@ -1,4 +1,4 @@
-"""Metrics on literal examples: top-k, ties, confusion counts, mean class accuracy (issue 6)."""
+"""Metrics on literal examples: top-k, ties, confusion counts, mean class accuracy, precision, recall and F1."""
 from __future__ import annotations
 
 import numpy as np
@@ -87,3 +87,35 @@ def test_factor_accuracy_counts_predictions_sharing_the_true_factor():
     assert metrics.factor_accuracy(confusion, colour) == pytest.approx((2 + 1 + 3 + 4) / 14)
     with pytest.raises(ValueError, match="3 group labels for 4 classes"):
         metrics.factor_accuracy(confusion, motion[:3])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_precision_recall_f1_equal_scikit_learn_on_the_same_predictions(seed):
+    from sklearn.metrics import precision_recall_fscore_support
+
+    rng = np.random.default_rng(seed)
+    classes = 7
+    labels = rng.integers(0, classes - 1, 90)                    # class 6 never occurs: only predicted
+    scores = rng.normal(size=(90, classes))
+    scores[np.arange(90), labels] += rng.random(90) * 2.0
+    predicted = scores.argmax(1)
+    confusion = metrics.confusion_counts(scores, labels)
+    mine = metrics.precision_recall_f1(confusion)
+    per_class = precision_recall_fscore_support(labels, predicted, labels=list(range(classes)), zero_division=0)
+    for name, theirs in zip(("precision", "recall", "f1", "support"), per_class):
+        np.testing.assert_allclose(mine[name], theirs, rtol=1e-12, err_msg=name)
+    averaged = metrics.averaged_f1(confusion)
+    for how in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(labels, predicted, average=how, zero_division=0)
+        assert (averaged[f"precision_{how}"], averaged[f"recall_{how}"], averaged[f"f1_{how}"]) == \
+            pytest.approx((p, r, f), rel=1e-12), how
+
+
+def test_f1_of_shards_equals_f1_of_their_concatenation():
+    """F1 comes from the summed integer confusion counts, so sharding cannot change it."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 5, 60)
+    scores = rng.normal(size=(60, 5))
+    scores[np.arange(60), labels] += 1.0
+    parts = sum(metrics.confusion_counts(scores[i::3], labels[i::3]) for i in range(3))
+    assert metrics.averaged_f1(parts) == metrics.averaged_f1(metrics.confusion_counts(scores, labels))

@@ -88,6 +88,41 @@ def mean_class_accuracy(confusion: np.ndarray) -> float:
     return float(accuracies[present].mean())
 
 
+def precision_recall_f1(confusion: np.ndarray) -> dict[str, np.ndarray]:
+    """Per class precision, recall, F1 and support, from the confusion counts ([true, predicted]).
+
+    A quotient with a zero denominator (a class never predicted, or never present) is 0, as scikit-learn's
+    ``zero_division=0`` gives it.
+    """
+    confusion = np.asarray(confusion, dtype=np.int64)
+    hits = np.diag(confusion).astype(np.float64)
+    predicted = confusion.sum(axis=0).astype(np.float64)
+    support = confusion.sum(axis=1)
+    precision = np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0)
+    recall = np.divide(hits, support, out=np.zeros_like(hits), where=support > 0)
+    both = precision + recall
+    f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(hits), where=both > 0)
+    return {"precision": precision, "recall": recall, "f1": f1, "support": support}
+
+
+def averaged_f1(confusion: np.ndarray) -> dict[str, float]:
+    """Macro and support-weighted averages of precision, recall and F1.
+
+    Macro averages over the classes that occur among the true or the predicted labels (what scikit-learn
+    averages over when it is not given a label list); weighted averages weigh each class by its videos.
+    """
+    confusion = np.asarray(confusion, dtype=np.int64)
+    scores = precision_recall_f1(confusion)
+    occurring = (scores["support"] > 0) | (confusion.sum(axis=0) > 0)
+    support = scores["support"].astype(np.float64)
+    result: dict[str, float] = {}
+    for name in ("precision", "recall", "f1"):
+        values = scores[name]
+        result[f"{name}_macro"] = float(values[occurring].mean()) if occurring.any() else 0.0
+        result[f"{name}_weighted"] = float((values * support).sum() / support.sum()) if support.sum() else 0.0
+    return result
+
+
 def normalised_confusion(confusion: np.ndarray) -> np.ndarray:
     """Each row divided by its total (rows of absent classes stay 0): what the PNGs show."""
     confusion = np.asarray(confusion, dtype=np.float64)

@@ -3,9 +3,10 @@
 Files (all written atomically; the README's "Evaluation and results" section documents them):
 
 * ``summary.json``   per run (model) and strategy: top1, top5, top10 (null when the dataset has fewer
-                     classes than k), mean_class_accuracy, n_videos, correct; per run: provenance
+                     classes than k), mean_class_accuracy, precision/recall/f1 _macro and _weighted,
+                     n_videos, correct; per run: provenance
                      (config, code version, checkpoint, shards with sha256), missing shards/videos.
-* ``per_class.csv``  run, model, strategy, class, n_videos, correct, accuracy.
+* ``per_class.csv``  run, model, strategy, class, n_videos, correct, accuracy, precision, recall, f1.
 * ``confusion/<run>__<strategy>.csv``  counts, rows = true class, columns = predicted class.
 * ``confusion/<run>.png``  the default strategy's row-normalised confusion matrix with class names.
 * ``learning_curves.png``  loss and accuracy per epoch from ``WORK/runs/*/metrics.jsonl``.
@@ -44,6 +45,10 @@ def strategy_summary(confusion: np.ndarray, topk: Mapping[int, int]) -> dict[str
         entry[f"top{k}"] = (topk[k] / n_videos) if (k in topk and n_videos) else None
     entry["topk_hits"] = {str(k): int(v) for k, v in sorted(topk.items())}
     entry["mean_class_accuracy"] = metrics.mean_class_accuracy(confusion) if n_videos else None
+    averages = metrics.averaged_f1(confusion) if n_videos else {}
+    for name in ("precision", "recall", "f1"):
+        for how in ("macro", "weighted"):
+            entry[f"{name}_{how}"] = averages.get(f"{name}_{how}")
     return entry
 
 
@@ -117,7 +122,8 @@ def table_rows(summary: Mapping[str, Any]) -> list[list[str]]:
             numbers = entry["strategies"][strategy]
             mark = " *" if strategy == entry["default_strategy"] else ""
             rows.append([run, strategy + mark, _pct(numbers["top1"]), _pct(numbers["top5"]),
-                         _pct(numbers["top10"]), _pct(numbers["mean_class_accuracy"]), str(numbers["n_videos"])])
+                         _pct(numbers["top10"]), _pct(numbers["mean_class_accuracy"]),
+                         _pct(numbers.get("f1_macro")), str(numbers["n_videos"])])
     return rows
 
 
@@ -128,7 +134,7 @@ def _strategy_order(entry: Mapping[str, Any]) -> list[str]:
     return [default] + [s for s in order if s != default]
 
 
-TABLE_HEADER = ["run", "strategy", "top-1 %", "top-5 %", "top-10 %", "mean class acc %", "videos"]
+TABLE_HEADER = ["run", "strategy", "top-1 %", "top-5 %", "top-10 %", "mean class acc %", "F1 macro %", "videos"]
 
 
 def format_table(summary: Mapping[str, Any]) -> str:
@@ -172,16 +178,19 @@ def _csv_text(rows: Iterable[Sequence[Any]]) -> str:
 
 
 def per_class_rows(reduction: Any) -> list[list[Any]]:
-    rows: list[list[Any]] = [["run", "model", "strategy", "class", "n_videos", "correct", "accuracy"]]
+    rows: list[list[Any]] = [["run", "model", "strategy", "class", "n_videos", "correct", "accuracy", "precision",
+                              "recall", "f1"]]
     for name in ordered_runs(reduction.runs):
         total = reduction.runs[name]
         for strategy in total.strategies:
             confusion = total.confusion[strategy]
             accuracy = metrics.per_class_accuracy(confusion)
+            scores = metrics.precision_recall_f1(confusion)
             for index, class_name in enumerate(total.classes):
                 n = int(confusion[index].sum())
                 rows.append([name, total.model, strategy, class_name, n, int(confusion[index, index]),
-                             "" if math.isnan(accuracy[index]) else f"{accuracy[index]:.4f}"])
+                             "" if math.isnan(accuracy[index]) else f"{accuracy[index]:.4f}",
+                             *(f"{scores[k][index]:.4f}" for k in ("precision", "recall", "f1"))])
     return rows
 
 
