@@ -72,6 +72,8 @@ class DatasetConfig:
     splits_dir: str = option("", help="folder of split files; empty = the dataset root")
     test_fraction: float = option(0.3, check=FRACTION, help="test share of the generated split ('folders')")
     extensions: tuple[str, ...] = option((".avi", ".mp4", ".mkv", ".webm", ".mov", ".mpg", ".mpeg"))
+    follow_symlinks: str = option("inside", choices=("inside", "all", "none"),
+                                  help="symbolic links below the root: only those that stay inside it, all, or none")
 
 
 @dataclass(frozen=True)

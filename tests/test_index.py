@@ -267,3 +267,73 @@ def test_ucf101_class_is_the_folder_not_the_file_name():
     entries = parse_ucf101_list("HandstandPushups/v_HandStandPushups_g08_c01.avi 1\r\n", "trainlist01.txt",
                                 classes, "train")
     assert (entries[0].class_name, entries[0].id) == ("HandstandPushups", "HandstandPushups/v_HandStandPushups_g08_c01")
+
+
+# ----------------------------------------------------------------------------- confinement
+def test_confine_on_literal_entries(tmp_path):
+    from hpcvid.stages.index import confine
+
+    root = tmp_path / "root"
+    (root / "A").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (root / "A" / "inside_link").symlink_to(root / "A")
+    (root / "A" / "escape").symlink_to(tmp_path / "outside")
+    assert confine(root, "A/x.avi") == (root / "A" / "x.avi", "")
+    assert confine(root, "/etc/hostname")[1] == "is an absolute path"
+    assert "'..'" in confine(root, "A/../../outside/x.avi")[1]
+    assert confine(root, "A/inside_link/x.avi")[0] == root / "A" / "inside_link" / "x.avi"
+    assert "points outside the dataset root" in confine(root, "A/escape/x.avi")[1]
+    assert confine(root, "A/escape/x.avi", "all")[0] == root / "A" / "escape" / "x.avi"
+    assert "follow_symlinks = 'none'" in confine(root, "A/inside_link/x.avi", "none")[1]
+
+
+def _secret(tmp_path: Path) -> Path:
+    secret = tmp_path / "outside" / "secret.avi"
+    secret.parent.mkdir()
+    secret.write_bytes(b"not for hpcvid")
+    return secret
+
+
+def test_entries_that_leave_the_root_are_refused_and_never_opened(tiny_synthetic, tmp_path, monkeypatch):
+    """ucf101, hmdb51 and folders: traversal, absolute paths and escaping links are warnings, never probed."""
+    from hpcvid.media import probe
+    from hpcvid.stages import index
+
+    secret = _secret(tmp_path)
+    probed: list[Path] = []
+    real_probe = probe.probe_video
+    monkeypatch.setattr(probe, "probe_video", lambda path, **kw: probed.append(Path(path)) or real_probe(path, **kw))
+
+    root = _ucf_copy(tiny_synthetic, tmp_path)
+    (root / "TriangleExpand" / "linked.avi").symlink_to(secret)
+    with open(root / "trainlist01.txt", "a") as listing:
+        listing.write("TriangleExpand/../../outside/secret.avi 1\nTriangleExpand/linked.avi 1\n")
+    with open(root / "testlist01.txt", "a") as listing:
+        listing.write(f"{secret}\n")
+    manifest = index.build_manifest(_config(root, tmp_path / "w"))
+    refused = [w for w in manifest.warnings if "refused" in w]
+    assert len(refused) == 3 and all("not opened" in w for w in refused)
+    assert any("trainlist01.txt:" in w and "'..'" in w for w in refused)
+    assert any("testlist01.txt:" in w and "absolute path" in w for w in refused)
+    assert any("linked.avi" in w and "points outside the dataset root" in w for w in refused)
+    assert len(manifest.videos) == 24 and not any(p.resolve() == secret for p in probed)
+
+    hmdb, splits = tmp_path / "hmdb", tmp_path / "splits"
+    (hmdb / "climb").mkdir(parents=True)
+    splits.mkdir()
+    shutil.copy(next((tiny_synthetic / "BarExpand").glob("*.avi")), hmdb / "climb" / "a.avi")
+    (splits / "climb_test_split1.txt").write_text("a.avi 1\n../../outside/secret.avi 1\n")
+    manifest = index.build_manifest(_config(hmdb, tmp_path / "w2", format="hmdb51", splits_dir=str(splits)))
+    assert [v.id for v in manifest.videos] == ["climb/a"]
+    assert any("climb_test_split1.txt:2" in w and "'..'" in w for w in manifest.warnings)
+
+    folders = tmp_path / "folders"
+    (folders / "walk").mkdir(parents=True)
+    shutil.copy(next((tiny_synthetic / "BarExpand").glob("*.avi")), folders / "walk" / "a.avi")
+    (folders / "stolen").symlink_to(secret.parent)                  # a linked folder must not become a class
+    manifest = index.build_manifest(_config(folders, tmp_path / "w3", format="folders"))
+    assert manifest.classes == ("walk",) and [v.id for v in manifest.videos] == ["walk/a"]
+    assert any("stolen/secret.avi" in w and "points outside" in w for w in manifest.warnings)
+    assert not any(p.resolve() == secret for p in probed)
+    followed = index.build_manifest(_config(folders, tmp_path / "w4", format="folders", follow_symlinks="all"))
+    assert "stolen" in followed.classes                            # a site that links datasets in, on purpose

@@ -25,7 +25,7 @@ import logging
 import posixpath
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterable, Sequence
 
 from hpcvid.config import Config, write_resolved
@@ -98,6 +98,9 @@ def parse_ucf101_list(text: str, source: str, classes: Sequence[str], split: str
             raise DatasetError(f"{where}: expected 'Class/video.avi' (and a class number), got {line!r}")
         relative = parts[0].replace("\\", "/")
         class_name = relative.split("/", 1)[0]
+        if relative.startswith("/") or ".." in relative.split("/"):
+            entries.append(SplitEntry(relative, class_name, split, where))   # refused by confine(), never read
+            continue
         if class_name not in classes:
             raise DatasetError(f"{where}: class {class_name!r} is not in classInd.txt")
         if len(parts) == 2:
@@ -150,24 +153,73 @@ def read_hmdb51(splits_dir: Path, split: int) -> ParsedSplit:
     return ParsedSplit(classes, tuple(entries), tuple(map(str, files)))
 
 
+# ------------------------------------------------------------------------------------- confinement
+def confine(root: Path, relative: str, follow_symlinks: str = "inside") -> tuple[Path | None, str]:
+    """The file a split entry names, when it lies inside the dataset root; else (None, why it is refused).
+
+    An entry is a path below the root. One that is absolute, climbs out with '..', or passes through a
+    symbolic link that points outside the root (``follow_symlinks = "inside"``, the default; ``"none"``
+    refuses every link, ``"all"`` follows every link, for sites that link datasets in) is refused and never
+    opened: a split file must not make hpcvid read, probe or extract files elsewhere on the machine.
+    """
+    text = relative.replace("\\", "/")
+    pure = PurePosixPath(text)
+    if pure.is_absolute() or re.match(r"^[A-Za-z]:", text):
+        return None, "is an absolute path"
+    if ".." in pure.parts:
+        return None, "climbs out of the dataset root with '..'"
+    path = root.joinpath(*pure.parts)
+    if follow_symlinks == "all":
+        return path, ""
+    inside = root.resolve()
+    current = root
+    for part in pure.parts:
+        current = current / part
+        if not current.is_symlink():
+            continue
+        target = current.resolve()
+        if follow_symlinks == "none":
+            return None, f"goes through the symbolic link {current} (dataset.follow_symlinks = 'none')"
+        if not target.is_relative_to(inside):
+            return None, f"goes through the symbolic link {current}, which points outside the dataset root ({target})"
+    return path, ""
+
+
+def _refusal(source: str, relative: str, why: str) -> str:
+    return (f"{source}: {relative} refused: it {why}; it is not opened (entries must lie below the dataset root; "
+            "dataset.follow_symlinks = 'all' follows links that leave it)")
+
+
 # ---------------------------------------------------------------------------------------- folders
 def stable_fraction(video_id: str) -> float:
     """A number in [0, 1) fixed by the id alone (not by Python's salted hash): the generated split's key."""
     return int.from_bytes(hashlib.sha256(video_id.encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
 
 
-def read_folders(root: Path, extensions: Sequence[str], test_fraction: float) -> tuple[ParsedSplit, list[str]]:
-    """Classes = sub-folders of ROOT holding videos; a video is test when stable_fraction(id) < test_fraction."""
+def read_folders(root: Path, extensions: Sequence[str], test_fraction: float,
+                 follow_symlinks: str = "inside") -> tuple[ParsedSplit, list[str]]:
+    """Classes = sub-folders of ROOT holding videos; a video is test when stable_fraction(id) < test_fraction.
+
+    Videos are confined to ROOT like split entries (:func:`confine`): a linked folder or file that leads
+    outside it is refused with a warning, so it can neither become a class nor be read.
+    """
     suffixes = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
     warnings, entries, classes = [], [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        videos = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes
-                        and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        candidates = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes
+                            and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        videos = []
+        for video in candidates:
+            relative = video.relative_to(root).as_posix()
+            path, why = confine(root, relative, follow_symlinks)
+            if path is None:
+                warnings.append(_refusal(str(folder), relative, why))
+            else:
+                videos.append(relative)
         if not videos:
             continue
         classes.append(folder.name)
-        for video in videos:
-            relative = video.relative_to(root).as_posix()
+        for relative in videos:
             split = "test" if stable_fraction(posixpath.splitext(relative)[0]) < test_fraction else "train"
             entries.append(SplitEntry(relative, folder.name, split, str(folder)))
     loose = [p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in suffixes]
@@ -199,7 +251,7 @@ def parse_split(config: Config) -> tuple[ParsedSplit, list[str]]:
     if not root.is_dir():
         raise DatasetError(f"dataset root {root} is not a folder: fix dataset.root or --dataset")
     if dataset.format == "folders":
-        return read_folders(root, dataset.extensions, dataset.test_fraction)
+        return read_folders(root, dataset.extensions, dataset.test_fraction, dataset.follow_symlinks)
     splits_dir = find_splits_dir(root, dataset.splits_dir, dataset.format, dataset.split)
     reader = read_ucf101 if dataset.format == "ucf101" else read_hmdb51
     return reader(splits_dir, dataset.split), []
@@ -223,8 +275,10 @@ def build_manifest(config: Config, *, progress: bool = False) -> Manifest:
     root = Path(config.dataset.root).resolve()
     present: list[tuple[SplitEntry, Path]] = []
     for entry in parsed.entries:
-        path = root / entry.relative
-        if path.is_file():
+        path, why = confine(root, entry.relative, config.dataset.follow_symlinks)
+        if path is None:
+            warnings.append(_refusal(entry.source, entry.relative, why))
+        elif path.is_file():
             present.append((entry, path))
         else:
             warnings.append(f"{entry.source}: {entry.relative} is listed but {path} does not exist (skipped)")
