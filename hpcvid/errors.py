@@ -56,3 +56,43 @@ class PartialFailure(HpcvidError):
 
 class LockedError(HpcvidError):
     """Another live process is working on the same unit of work (its lock names the holder)."""
+
+
+class ResourceError(HpcvidError):
+    """A fault of the machine, not of the data: a full disk or quota, a read-only folder, no permission to
+    write, an I/O error, no memory. The work stops at once and nothing is recorded as a bad video."""
+
+
+# errno -> (what happened, what to do), for OSErrors that are the machine's fault
+_MACHINE_FAULTS = {
+    28: ("no space is left", "free space (`df -h {folder}`) or use a larger file system (--work), then rerun"),
+    122: ("the disk quota is exceeded", "free space in your quota (`quota -s`), then rerun"),
+    30: ("the file system is read-only", "make it writable, or give another work folder (--work)"),
+    13: ("there is no permission to write", "fix the permissions of {folder}, or give another work folder (--work)"),
+    1: ("the operation is not permitted", "fix the permissions of {folder}, or give another work folder (--work)"),
+    5: ("the storage reported an I/O error", "check the file system (ask the site's admins), then rerun"),
+}
+
+
+def machine_fault(error: BaseException, folder: object, doing: str = "writing") -> ResourceError | None:
+    """The ResourceError for an error that is the machine's fault (None for anything else).
+
+    h5py reports a failed write as an OSError whose message carries the errno ("errno = 28") rather than
+    in ``errno``; both forms are recognised.
+    """
+    if isinstance(error, MemoryError):
+        return ResourceError(f"out of memory while {doing} ({folder}): give the job more memory (launch.mem) or "
+                             "use smaller shards, then rerun")
+    if not isinstance(error, OSError):
+        return None
+    number = error.errno
+    if number is None:
+        import re
+
+        found = re.search(r"errno = (\d+)", str(error))
+        number = int(found.group(1)) if found else None
+    if number not in _MACHINE_FAULTS:
+        return None
+    what, fix = _MACHINE_FAULTS[number]
+    where = getattr(error, "filename", None) or folder
+    return ResourceError(f"{where}: {what} while {doing}: {fix.format(folder=folder)}")

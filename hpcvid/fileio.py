@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from hpcvid.errors import machine_fault
+
 
 def temporary_path_for(final: Path) -> Path:
     """A unique temporary name beside ``final`` (same file system, so the rename is atomic)."""
@@ -50,15 +52,25 @@ def commit_file(temporary: Path, final: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_path(final: Path | str) -> Iterator[Path]:
-    """Yield a temporary path to write to; on success it replaces ``final``, on error it is removed."""
+    """Yield a temporary path to write to; on success it replaces ``final``, on error it is removed.
+
+    A full disk, a read-only folder, a missing permission or an I/O error becomes a ResourceError naming
+    the folder and the fix, whoever writes (h5py, torch, json).
+    """
     final = Path(final)
-    temporary = temporary_path_for(final)
+    try:
+        temporary = temporary_path_for(final)
+    except OSError as error:
+        raise (machine_fault(error, final.parent, f"writing {final.name}") or error) from error
     try:
         yield temporary
         commit_file(temporary, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as error:
+        with contextlib.suppress(OSError):
             temporary.unlink()
+        fault = machine_fault(error, final.parent, f"writing {final.name}")
+        if fault is not None:
+            raise fault from error
         raise
 
 

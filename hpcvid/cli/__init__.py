@@ -17,7 +17,7 @@ from typing import Any, Mapping, NoReturn, Sequence
 
 from hpcvid import __version__
 from hpcvid.config import Config, resolve_config
-from hpcvid.errors import ConfigError, HpcvidError
+from hpcvid.errors import ConfigError, HpcvidError, machine_fault
 
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
@@ -96,6 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HpcvidError as error:
         print(f"hpcvid: error: {error}", file=sys.stderr)
         return error.exit_code
+    except (OSError, MemoryError) as error:
+        fault = machine_fault(error, getattr(error, "filename", None) or "the work folder")
+        if fault is None:
+            raise
+        print(f"hpcvid: error: {fault}", file=sys.stderr)
+        return fault.exit_code
     except KeyboardInterrupt:
         print("hpcvid: interrupted", file=sys.stderr)
         return 130

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hpcvid.config import Config
-from hpcvid.errors import PartialFailure, StoreError, VideoError
+from hpcvid.errors import HpcvidError, PartialFailure, ResourceError, StoreError, VideoError, machine_fault
 from hpcvid.fileio import atomic_write_json, read_json, sha256_file
 from hpcvid.launch.sharding import ShardSpec, all_shards, select
 from hpcvid.storage.manifest import Manifest, VideoEntry, content_digest, load_manifest
@@ -146,9 +147,13 @@ def run_shard(config: Config, spec: ShardSpec) -> dict[str, Any]:
         return read_json(record_file)
     started = time.time()
     videos = select(manifest.videos, spec, key=lambda v: v.id)
+    check_space(config, videos, work.unit_dir(UNIT), spec)
     _prepare_parts(config, parts, shard_file, record_file)
     runner = _VideoRunner(config, manifest, dataset_root(config, manifest))
-    outcomes = runner.run_all(videos, parts, spec)
+    try:
+        outcomes = runner.run_all(videos, parts, spec)
+    except ResourceError as fault:
+        raise ResourceError(f"{fault}; no video was recorded as failed for it") from fault
     ok_parts = [parts / f"{part_key(v)}.h5" for v, outcome in zip(videos, outcomes) if outcome["ok"]]
     from hpcvid.storage.shards import KIND_EXTRACT, assemble_shard
 
@@ -159,6 +164,53 @@ def run_shard(config: Config, spec: ShardSpec) -> dict[str, Any]:
     atomic_write_json(record_file, record)
     shutil.rmtree(parts, ignore_errors=True)
     return read_json(record_file)  # exactly what a later call (or another process) will see
+
+
+# bytes per kept frame of each stored part, on the generous side: an estimate that errs low would let a
+# shard start and stop half-way on a full disk
+_FEATURE_DIMS = {"resnet18": 512, "googlenet": 1024, "none": 0}
+_COMPRESSION = {"none": 1.0, "lzf": 4.0, "gzip": 6.0}
+
+
+def estimate_bytes(config: Config, videos: Sequence[VideoEntry]) -> int:
+    """About how many bytes extracting ``videos`` writes: their parts and the assembled shard, side by side.
+
+    From the manifest's frame counts and sizes and the settings: JPEG frames at a quarter of their raw size
+    (about 1/7 to 1/11 was measured at quality 90), flow at 2 bytes per pixel (uint8) or 4 (float16)
+    divided by its compression's usual ratio, float32 features.
+    """
+    from hpcvid.media.decode import output_size, sample_indices
+
+    cfg = config.extract
+    total = 0.0
+    for entry in videos:
+        if not entry.frames or not entry.width or not entry.height:
+            continue
+        try:
+            kept = len(sample_indices(int(entry.frames), cfg, float(entry.fps or 0.0)))
+        except HpcvidError:
+            kept = int(entry.frames)
+        width, height = output_size(int(entry.width), int(entry.height), cfg)
+        pixels = width * height
+        frame = pixels * 3 * (0.25 if cfg.frame_storage == "jpeg" else 1.0)
+        flow = 0.0 if cfg.flow == "none" else pixels * (2 if cfg.flow_storage == "uint8" else 4) / \
+            _COMPRESSION[cfg.flow_compression]
+        features = 4 * _FEATURE_DIMS.get(cfg.backbone, 2048)
+        total += kept * (frame + flow + features) + 64 * 1024
+    return int(2 * total)
+
+
+def check_space(config: Config, videos: Sequence[VideoEntry], folder: Path, spec: ShardSpec) -> None:
+    """Refuse to start a shard that cannot fit on its file system (the machine's fault, not the videos')."""
+    import shutil as _shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    needed = estimate_bytes(config, videos)
+    free = _shutil.disk_usage(folder).free
+    if needed > free:
+        raise ResourceError(f"{folder}: extract shard {spec.name} needs about {needed / 2**20:.0f} MiB (estimated "
+                            f"from the manifest's frame counts), {free / 2**20:.0f} MiB are free: free space or use "
+                            "a larger file system (--work), then rerun")
 
 
 def _remove_shard_outputs(record_file: Path, shard_file: Path, parts: Path) -> None:
@@ -273,6 +325,7 @@ class _VideoRunner:
             return {"ok": False, "failure": read_json(failed_file)}
         path = video_path(self.root, entry)
         attempts = _count_attempt(parts / f"{key}.attempts.json")
+        writing = False
         try:
             if attempts > self.cfg.max_attempts:
                 raise VideoError(f"the extracting process died {attempts - 1} times while on this video (a crash "
@@ -281,9 +334,16 @@ class _VideoRunner:
             began = time.perf_counter()
             from hpcvid.storage.shards import StorageOptions, write_video_file
 
+            writing = True
+            _check_room(parts, estimate_bytes(self.config, [entry]) // 2, entry)
             summary = write_video_file(part_file, video, StorageOptions.from_config(self.cfg))
             self.seconds["write"] += time.perf_counter() - began
-        except Exception as exc:  # noqa: BLE001 - one bad video must not stop the shard (MemoryError too)
+        except ResourceError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one bad video must not stop the shard
+            fault = _machine_fault(exc, parts.parent, entry, writing)
+            if fault is not None:
+                raise fault from exc
             failure = {"video": entry.id, "path": str(path), "reason": one_line_reason(exc)}
             log.warning("video %s (%s) failed: %s", entry.id, path, failure["reason"])
             atomic_write_json(failed_file, failure)
@@ -383,6 +443,29 @@ def flow_params(cfg: Any) -> dict[str, Any]:
 def video_path(root: Path, entry: VideoEntry) -> Path:
     """The video's file: its manifest path below the dataset root."""
     return root / entry.path
+
+
+def _machine_fault(error: BaseException, folder: Path, entry: VideoEntry, writing: bool) -> ResourceError | None:
+    """The machine's fault behind a video's error, if it is one: then the shard stops and nothing is marked
+    failed. Reading a video that the system forbids (EACCES) is the video's problem; writing is never."""
+    fault = machine_fault(error, folder, f"extracting {entry.id}")
+    if fault is None:
+        return None
+    if not writing and isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM):
+        return None
+    return fault
+
+
+def _check_room(folder: Path, needed: int, entry: VideoEntry) -> None:
+    """Stop before a part that cannot fit is written: HDF5 interrupted by a full disk can leave the process
+    in a state that crashes it later, and the disk is shared with other jobs that may have filled it."""
+    import shutil as _shutil
+
+    free = _shutil.disk_usage(folder).free
+    if free < needed:
+        raise ResourceError(f"{folder}: no space is left while extracting {entry.id} ({free / 2**20:.1f} MiB free, "
+                            f"about {needed / 2**20:.1f} MiB needed): free space or use a larger file system "
+                            "(--work), then rerun")
 
 
 def one_line_reason(exc: BaseException) -> str:
