@@ -69,7 +69,8 @@ class DatasetConfig:
     root: str = option("", help="folder holding the videos (folder per class)")
     format: str = option("ucf101", choices=("ucf101", "hmdb51", "folders"))
     split: int = option(1, choices=(1, 2, 3))
-    splits_dir: str = option("", help="folder of split files; empty = the dataset root")
+    splits_dir: str = option("", help="folder of split files; empty = the root or the folder the official archive "
+                                      "unpacks to (ucfTrainTestlist, testTrainMulti_7030_splits, splits)")
     test_fraction: float = option(0.3, check=FRACTION, help="test share of the generated split ('folders')")
     extensions: tuple[str, ...] = option((".avi", ".mp4", ".mkv", ".webm", ".mov", ".mpg", ".mpeg"))
     follow_symlinks: str = option("inside", choices=("inside", "all", "none"),
@@ -167,10 +168,12 @@ class TrainConfig:
     plateau_factor: float = option(0.5, check=FRACTION, help="reduce-on-plateau: lr multiplier")
     plateau_patience: int = option(2, check=NON_NEGATIVE, help="reduce-on-plateau: epochs without improvement")
     input_norm: bool = option(False, help="lstm: standardise each step's features inside the model")
-    features: str = option("", help="lstm: feature set in WORK/features.h5; empty = the fine-tuned one, else the extracted one")
+    features: str = option("", help="lstm: name of the feature set to train on (finetuned, or a backbone's); "
+                                    "empty = the fine-tuned set when `run features` made one, else extract.backbone's")
     init_from_runs: bool = option(True, help="twostream: start from WORK/runs/frame and WORK/runs/flow when present")
     keep_checkpoints: int = option(2, check=POSITIVE, help="epoch checkpoints kept (best.pt is kept apart)")
-    checkpoint: str = option("", help="`run features`: frame run folder or checkpoint; empty = WORK/runs/frame")
+    checkpoint: str = option("", help="the frame CNN of `run features` (and so the fine-tuned features the lstm "
+                                      "reads): a run folder or checkpoint; empty = WORK/runs/frame")
 
 
 @dataclass(frozen=True)

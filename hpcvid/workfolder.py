@@ -32,10 +32,12 @@ be copied or moved and reads only its own files.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -219,9 +221,18 @@ class WorkFolder:
                              "--force` redoes its shards)") from error
 
     def declare_set(self, unit: Unit, count: int, identity: Mapping[str, Any]) -> ShardSet:
-        """Make (count, identity) the current set of ``unit``; records of any other set become stale."""
+        """Make (count, identity) the current set of ``unit``; records of any other set become stale.
+
+        Inside :func:`dry_run` nothing is written: a ``--dry-run`` must not change what is current.
+        """
         shard_set = ShardSet(int(count), json.loads(json.dumps(dict(identity), sort_keys=True, default=str)))
-        if self.current_set(unit) != shard_set:
+        current = self.current_set(unit)
+        if current != shard_set and not planning_only():
+            stale = self.record_sets(unit).get(current.id, []) if current is not None else []
+            if stale:
+                log.warning("%s: a new set (%d shards) replaces the current one (%s); its %d record(s) stay in %s "
+                            "but are no longer read", unit, shard_set.count,
+                            describe_difference(current, shard_set), len(stale), self.unit_dir(unit))
             atomic_write_json(self.set_file(unit), {"schema_version": SET_SCHEMA_VERSION, "unit": str(unit),
                                                      "count": shard_set.count, "identity": shard_set.identity,
                                                      "id": shard_set.id})
@@ -251,14 +262,15 @@ class WorkFolder:
         """Declare (count, identity) the unit's current set; return its shards to run now.
 
         All shards (or shard ``only``) except those that already have a record of this set; with ``force``
-        every one. "It has a record of the current set" means "this shard is done", for every stage.
+        every one. "It has a record of the current set" means "this shard is done", for every stage. The
+        shards asked for are checked before anything is declared.
         """
-        self.declare_set(unit, count, identity)
         specs = [ShardSpec(only, count, force)] if only is not None else [ShardSpec(i, count, force)
                                                                            for i in range(count)]
+        shard_set = self.declare_set(unit, count, identity)
         todo = []
         for spec in specs:
-            if not force and self.is_current(unit, spec):
+            if not force and _record_set_id(self.record_file(unit, spec)) == shard_set.id:
                 log.info("%s shard %s is done (%s); skipped - --force redoes it", unit, spec.name,
                          self.record_file(unit, spec))
             else:
@@ -369,6 +381,24 @@ class WorkFolder:
             pass
 
 
+_PLANNING = threading.local()
+
+
+@contextlib.contextmanager
+def dry_run() -> Iterator[None]:
+    """Plan without changing the work folder (``--dry-run``): sets are computed, not declared."""
+    _PLANNING.only = True
+    try:
+        yield
+    finally:
+        _PLANNING.only = False
+
+
+def planning_only() -> bool:
+    """True inside :func:`dry_run`: a plan may compute but must not change files."""
+    return bool(getattr(_PLANNING, "only", False))
+
+
 def merge_unit(source: Unit) -> Unit:
     """The merge unit of a features unit: ``merge`` for the extraction, ``merge/<run>`` for features/<run>."""
     return Unit("merge") if source.stage == "extract" else Unit("merge", source.run)
@@ -382,9 +412,13 @@ def _fills_pending(current: ShardSet, wanted: ShardSet) -> bool:
 
 
 def redo_hint(unit: Unit, index: int) -> str:
-    """What a user types to make shard ``index`` of ``unit`` again (for messages about a corrupt file)."""
+    """What a user types to make shard ``index`` of ``unit`` again (for messages about a corrupt file).
+
+    With the job file the set was made with: other settings would make another set current instead.
+    """
     model = f" --model {unit.run}" if unit.stage == "eval" else ""
-    return f"redo shard {index} with `hpcvid run {unit.stage}{model} --shard {index} --force`"
+    return (f"redo shard {index} with `hpcvid run {unit.stage}{model} --config JOB --shard {index} --force` "
+            "(JOB: the job file this work folder was made with)")
 
 
 def describe_difference(current: ShardSet, wanted: ShardSet) -> str:

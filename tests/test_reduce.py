@@ -65,7 +65,7 @@ def test_a_shard_changed_after_its_record_is_refused(tmp_path):
         handle.write(b"\0")
     with pytest.raises(StoreError, match=r"pred-0000-of-0002\.h5 does not match the sha256 in its record"):
         reduce_files(tmp_path)
-    with pytest.raises(StoreError, match=r"redo shard 0 with `hpcvid run eval --model lstm --shard 0 --force`"):
+    with pytest.raises(StoreError, match=r"redo shard 0 with `hpcvid run eval --model lstm --config JOB --shard 0 --force`"):
         reduce_files(tmp_path, allow_partial=True)   # corrupt is not missing: never reported over
 
 

@@ -19,6 +19,7 @@ from hpcvid.cli import main
 from hpcvid.errors import ConfigError, LockedError, StoreError
 from hpcvid.launch.sharding import ShardSpec
 from hpcvid.workfolder import Unit, WorkFolder
+from slurm_helpers import toy_stages  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,6 +63,43 @@ def test_only_records_of_the_current_set_count(tmp_path):
     new = work.declare_set(unit, 2, {"settings": "b"})
     assert new.id != old.id and not work.is_current(unit, ShardSpec(0, 2))
     assert len(work.plan(unit, 2, {"settings": "b"})) == 2
+
+
+def test_planning_checks_the_shard_first_and_a_dry_run_changes_nothing(tmp_path):
+    from hpcvid.workfolder import dry_run
+
+    work, unit = WorkFolder(tmp_path), Unit("extract")
+    current = work.declare_set(unit, 3, {"settings": "a"})
+    with pytest.raises(ConfigError, match="shard index 5 is out of range"):
+        work.plan(unit, 2, {"settings": "b"}, only=5)
+    with dry_run():
+        assert len(work.plan(unit, 4, {"settings": "b"})) == 4
+    assert work.current_set(unit) == current
+
+
+def test_a_dry_run_submission_leaves_the_current_set_alone(tmp_path, toy_stages, capsys):
+    from slurm_helpers import hpcvid
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "toy.json").write_text(json.dumps({"items": 1}))
+    assert hpcvid("submit", "toy", "--work", work, "--shards", "3", "--executor", "slurm", "--dry-run") == 0
+    assert "#SBATCH --array=0-2%3" in capsys.readouterr().out
+    assert WorkFolder(work).current_set(Unit("toy")) is None
+
+
+def test_train_force_sets_the_old_run_aside(tmp_path):
+    from hpcvid.config import resolve_config
+    from hpcvid.stages import train
+
+    run = tmp_path / "runs" / "frame"
+    run.mkdir(parents=True)
+    (run / "best.pt").write_bytes(b"weeks of training")
+    config = resolve_config(overrides={"work": str(tmp_path), "train.model": "frame"})
+    assert train.plan(config) == [ShardSpec(0, 1)] and (run / "best.pt").exists()
+    assert train.plan(config, force=True) == [ShardSpec(0, 1, force=True)]
+    [aside] = (tmp_path / "runs").glob("frame.replaced-*")
+    assert (aside / "best.pt").read_bytes() == b"weeks of training" and not run.exists()
 
 
 def test_a_shard_never_joins_a_set_planned_otherwise_but_fills_a_pending_input(tmp_path):

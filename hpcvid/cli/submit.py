@@ -108,7 +108,8 @@ def submit_stage(stage: Stage, config: Config, *, only: int | None = None, force
     launch.validate_launch(config.launch, check_cluster=not dry_run)
     module = stage.load()
     unit = module.unit(config)
-    specs = module.plan(config, only, force)
+    with planning(dry_run):
+        specs = module.plan(config, only, force)
     specs = _without_active(config, str(unit), specs, force)
     if not specs:
         print(f"{unit}: nothing to submit: every shard has a record or a queued job (use --force to redo)")
@@ -120,6 +121,15 @@ def submit_stage(stage: Stage, config: Config, *, only: int | None = None, force
         return None
     write_resolved(config, argv=sys.argv)
     return _report(launch.submit_shards(config, stage, specs, resources, sys.argv))
+
+
+def planning(dry: bool) -> Any:
+    """A dry run plans without changing the work folder."""
+    import contextlib
+
+    from hpcvid.workfolder import dry_run
+
+    return dry_run() if dry else contextlib.nullcontext()
 
 
 def _without_active(config: Config, unit: str, specs: list[ShardSpec], force: bool) -> list[ShardSpec]:

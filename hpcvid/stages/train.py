@@ -49,7 +49,7 @@ from hpcvid.launch.distributed import DistEnv, detect
 from hpcvid.errors import CheckpointError, ConfigError, StoreError
 from hpcvid.fileio import atomic_path, atomic_write_json, atomic_write_text, remove_stale_partials
 from hpcvid.launch.sharding import ShardSpec
-from hpcvid.workfolder import Unit, WorkFolder
+from hpcvid.workfolder import Unit, WorkFolder, planning_only
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +93,22 @@ def plan(config: Config, only: int | None = None, force: bool = False) -> list[S
     Checked here, on the login node, so a job never waits in the queue to fail on them: the work folder
     exists and a weights file given exists.
     """
-    WorkFolder.of(config).require("train")
+    work = WorkFolder.of(config).require("train")
     if config.train.weights:
         from hpcvid.learn.backbones import require_weights_file
 
         require_weights_file(config.train.weights, config.train.backbone)
+    if force and not planning_only():
+        _set_aside(work.run_dir(config.train.model))
     return [ShardSpec(0, 1, force)]
+
+
+def _set_aside(run: Path) -> None:
+    """--force starts a run over: the old run folder is renamed (never deleted: weeks of training)."""
+    if run.is_dir() and any(run.iterdir()):
+        aside = run.with_name(f"{run.name}.replaced-{time.strftime('%Y%m%dT%H%M%S')}")
+        run.rename(aside)
+        log.warning("--force: %s moved to %s; the run starts over", run, aside)
 
 
 def run_shard(config: Config, spec: ShardSpec) -> dict[str, Any]:
@@ -415,7 +425,7 @@ def _video_data(config: Config) -> DataBundle:
 def feature_source(config: Config) -> tuple[Any, str, Unit]:
     """The LSTM's features and their name, in this order of preference:
 
-    1. the fine-tuned set (``run features``, unit ``features/frame``): its merged file when it was merged
+    1. the fine-tuned set (``run features``, unit ``features/<frame run>``): its merged file when it was merged
        from the current set, else its shards;
     2. the extracted set (``extract.backbone``, or ``train.features``): WORK/features.h5 when it was merged
        from the current extraction, else the extraction shards.
@@ -424,17 +434,19 @@ def feature_source(config: Config) -> tuple[Any, str, Unit]:
     """
     from hpcvid.learn.datasets import MergedFeatureSource, ShardFeatureSource
 
+    from hpcvid.stages import features
+
     work = WorkFolder.of(config)
     wanted = config.train.features
-    fine = Unit("features", "frame")
+    fine = features.unit(config)          # the features of the frame run that train.checkpoint names
     if wanted in ("", FINETUNED_FEATURES) and work.current_set(fine) is not None:
         merged = _current_merged(work, fine)
         if merged is not None:
             return MergedFeatureSource(merged, FINETUNED_FEATURES), FINETUNED_FEATURES, fine
         return ShardFeatureSource(_shard_files(config, fine), FINETUNED_FEATURES), FINETUNED_FEATURES, fine
     if wanted == FINETUNED_FEATURES:
-        raise StoreError(f"no fine-tuned features in {work.unit_dir(fine)}: run `hpcvid run features --checkpoint "
-                         f"{work.run_dir('frame')}` first")
+        raise StoreError(f"no fine-tuned features in {work.unit_dir(fine)}: run `hpcvid run features` (with the "
+                         "same train.checkpoint) first")
     name = wanted or config.extract.backbone
     extract = Unit("extract")
     merged = _current_merged(work, extract)
