@@ -221,7 +221,11 @@ class LaunchConfig:
                                  help="ranks per node of a distributed job; 0 = one per GPU, or 1 without GPUs")
     gpus_per_node: int = option(0, check=NON_NEGATIVE, help="GPUs per node (per array task for shard stages)")
     mem: str = option("", help="per node, e.g. 16G; empty = the cluster default")
-    walltime: str = option("01:00:00", check=WALLTIME)
+    walltime: str = option("01:00:00", check=WALLTIME,
+                           help="per job; `submit extract` predicts it from measured rates when none is given")
+    max_walltime: str = option("", check=Check(lambda v: not v or bool(_WALLTIME.match(v)),
+                                               "empty or a walltime like HH:MM:SS or D-HH:MM:SS"),
+                               help="the partition's limit: `hpcvid plan` warns above it and fits shards to it")
     array_parallelism: int = option(64, check=POSITIVE)
     signal_delay_s: int = option(90, check=POSITIVE, help="seconds before the walltime to checkpoint")
     max_requeues: int = option(3, check=NON_NEGATIVE)

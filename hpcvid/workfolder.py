@@ -129,6 +129,11 @@ class WorkFolder:
         return self.root / RESOLVED_CONFIG_NAME
 
     @property
+    def rates(self) -> Path:
+        """Extraction rates measured with this folder's settings (``hpcvid plan`` and ``submit extract``)."""
+        return self.root / "bench.json"
+
+    @property
     def jobs_dir(self) -> Path:
         return self.root / "jobs"
 

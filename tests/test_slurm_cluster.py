@@ -271,3 +271,27 @@ def test_two_models_evaluate_side_by_side_and_merge_writes_where_asked(slurm_clu
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert sorted(summary["runs"]) == ["frame", "lstm"]
     assert all(entry["n_videos"] == 6 for entry in summary["runs"].values())
+
+
+def test_submit_extract_asks_slurm_for_the_planned_walltime_and_refuses_less(slurm_cluster, tiny_synthetic, tmp_path):
+    from hpcvid.config import resolve_config
+    from hpcvid.workfolder import WorkFolder
+    from test_planning import _tiny_job, slow_rates
+
+    work = tmp_path / "work"
+    job = _tiny_job(tmp_path, tiny_synthetic, work)
+    site = tmp_path / "site.toml"          # a profile that leaves the walltime to the plan
+    site.write_text('[launch]\nexecutor = "slurm"\npartition = "debug"\ncpus_per_task = 1\n')
+    assert hpcvid("index", "--config", job) == 0
+    WorkFolder(work).rates.write_text(json.dumps(slow_rates(resolve_config(job)).to_dict()))
+    assert hpcvid("submit", "extract", "--config", job, "--profile", site, "--walltime", "00:05:00") == 2
+    assert not (work / "jobs").exists()
+    assert hpcvid("submit", "extract", "--config", job, "--profile", site) == 0
+    ids = _last_submission(work, "extract")["job_ids"]
+    base = ids[0].split("_")[0]
+    try:
+        shown = subprocess.run(["scontrol", "show", "job", base], capture_output=True, text=True, check=True).stdout
+        limits = {field for field in shown.split() if field.startswith("TimeLimit=")}
+        assert limits == {"TimeLimit=00:10:00"}, limits
+    finally:
+        subprocess.run(["scancel", base], check=False)

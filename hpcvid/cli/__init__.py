@@ -23,6 +23,7 @@ from hpcvid.errors import ConfigError, HpcvidError, machine_fault
 VERBS: dict[str, tuple[str, str]] = {
     "synth": ("hpcvid.stages.synth", "generate the synthetic action dataset (UCF-101 layout)"),
     "index": ("hpcvid.stages.index", "index a dataset and its split into WORK/manifest.json"),
+    "plan": ("hpcvid.cli.plan", "predict each extraction shard's time, the walltime to ask and the shard count"),
     "run": ("hpcvid.cli.run", "run a stage on this machine and wait"),
     "submit": ("hpcvid.cli.submit", "queue a stage (or the whole pipeline) on SLURM and return at once"),
     "status": ("hpcvid.cli.status", "per-shard SLURM state, progress, failures and ETA of a work folder"),

@@ -57,13 +57,24 @@ def launch_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _files_name_executor(args: argparse.Namespace) -> bool:
+    return _files_name(args, "executor")
+
+
+def _files_name(args: argparse.Namespace, key: str) -> bool:
+    """True when the profile or the job file sets ``launch.<key>``."""
     from hpcvid.config import load_toml
 
     for attribute, what in (("profile", "cluster profile"), ("config", "job file"), ("job_file", "job file")):
         path = getattr(args, attribute, None)
-        if path and "executor" in load_toml(path, what).get("launch", {}):
+        if path and key in load_toml(path, what).get("launch", {}):
             return True
     return False
+
+
+def walltime_given(args: argparse.Namespace) -> bool:
+    """Did the user choose a walltime (flag, profile or job file)? Otherwise a stage that can predict one
+    asks for its prediction rather than for the default."""
+    return getattr(args, "walltime", None) is not None or _files_name(args, "walltime")
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
@@ -95,12 +106,12 @@ def main(args: argparse.Namespace) -> int:
     overrides = {**stage.load().overrides(args), **launch_overrides(args)}
     config = config_from_args(args, overrides)
     submit_stage(stage, config, only=getattr(args, "shard", None), force=bool(args.force),
-                 dry_run=bool(args.dry_run), dependency="")
+                 dry_run=bool(args.dry_run), dependency="", walltime_chosen=walltime_given(args))
     return 0
 
 
 def submit_stage(stage: Stage, config: Config, *, only: int | None = None, force: bool = False,
-                 dry_run: bool = False, dependency: str = "") -> Any:
+                 dry_run: bool = False, dependency: str = "", walltime_chosen: bool = True) -> Any:
     """Validate and queue one stage; print what was queued; return the Submission (None: nothing queued)."""
     from hpcvid.launch import executors as launch
     from hpcvid.workfolder import WorkFolder
@@ -114,6 +125,9 @@ def submit_stage(stage: Stage, config: Config, *, only: int | None = None, force
     if not specs:
         print(f"{unit}: nothing to submit: every shard has a record or a queued job (use --force to redo)")
         return None
+    if stage.plans_walltime and config.launch.executor == "slurm":
+        config = _checked_walltime(config, module.walltime_needed(config, specs), str(unit), walltime_chosen, force)
+        launch.validate_launch(config.launch, check_cluster=False)
     resources = launch.resources_for(stage, config.launch, dependency, name=f"hpcvid-{unit.slug}")
     if dry_run:
         folder = WorkFolder.of(launch.absolute_work(config)).logs_dir / "%j"
@@ -121,6 +135,23 @@ def submit_stage(stage: Stage, config: Config, *, only: int | None = None, force
         return None
     write_resolved(config, argv=sys.argv)
     return _report(launch.submit_shards(config, stage, specs, resources, sys.argv))
+
+
+def _checked_walltime(config: Config, needed_s: float, unit: str, chosen: bool, force: bool) -> Config:
+    """The predicted walltime when none was chosen; a chosen one below the prediction is refused (--force
+    queues anyway): a job that is sure to time out wastes the allocation and requeues without end."""
+    from hpcvid.config import replace, walltime_minutes
+    from hpcvid.launch.planning import format_walltime
+
+    if not chosen:
+        walltime = format_walltime(needed_s)
+        print(f"{unit}: --walltime {walltime} (predicted from the measured rates; `hpcvid plan` shows how)")
+        return replace(config, **{"launch.walltime": walltime})
+    if walltime_minutes(config.launch.walltime) * 60 < needed_s and not force:
+        raise ConfigError(f"launch.walltime = {config.launch.walltime} is below what the largest {unit} shard is "
+                          f"predicted to need ({format_walltime(needed_s)} with the margin; `hpcvid plan` shows "
+                          "it): give at least that, use more shards (--shards), or pass --force")
+    return config
 
 
 def planning(dry: bool) -> Any:
@@ -199,7 +230,8 @@ def submit_pipeline(args: argparse.Namespace) -> int:
     dependency = ""
     queued = 0
     for name in chosen:  # the order given (default: the pipeline's)
-        submission = submit_stage(STAGES[name], config, force=args.force, dependency=dependency)
+        submission = submit_stage(STAGES[name], config, force=args.force, dependency=dependency,
+                                  walltime_chosen=walltime_given(args))
         if submission is not None:
             dependency = "afterok:" + ":".join(base_ids(submission.job_ids))
             queued += 1

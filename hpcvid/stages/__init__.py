@@ -29,6 +29,8 @@ class Stage:
 
     ``sharded``: an array of independent shards (one SLURM array task each); otherwise one job.
     ``distributed``: one job whose tasks are the ranks of a torch.distributed group (nodes x tasks per node).
+    ``plans_walltime``: the module's ``walltime_needed(config, specs)`` predicts the walltime its shards need
+    from measured rates; ``submit`` asks for it when no walltime is given and refuses one below it.
     """
 
     name: str
@@ -36,6 +38,7 @@ class Stage:
     help: str
     sharded: bool = True
     distributed: bool = False
+    plans_walltime: bool = False
 
     def load(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -43,7 +46,7 @@ class Stage:
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("extract", "hpcvid.stages.extract",
-          "decode, optical flow and CNN features per shard into WORK/extract/shard-*.h5"),
+          "decode, optical flow and CNN features per shard into WORK/extract/shard-*.h5", plans_walltime=True),
     Stage("merge", "hpcvid.stages.merge",
           "merge the shards' features into one file with train-split mean/std (WORK/features.h5)", sharded=False),
     Stage("train", "hpcvid.stages.train", "train a model into WORK/runs/<model>/", sharded=False,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -32,11 +33,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hpcvid.config import Config
-from hpcvid.errors import HpcvidError, PartialFailure, ResourceError, StoreError, VideoError, machine_fault
+from hpcvid.errors import PartialFailure, ResourceError, StoreError, VideoError, machine_fault
 from hpcvid.fileio import atomic_write_json, read_json, sha256_file
 from hpcvid.launch.sharding import ShardSpec, all_shards, select
 from hpcvid.storage.manifest import Manifest, VideoEntry, content_digest, load_manifest
-from hpcvid.workfolder import Unit, WorkFolder
+from hpcvid.workfolder import Unit, WorkFolder, digest
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,85 @@ _FEATURE_DIMS = {"resnet18": 512, "googlenet": 1024, "none": 0}
 _COMPRESSION = {"none": 1.0, "lzf": 4.0, "gzip": 6.0}
 
 
+def settings_digest(config: Config) -> str:
+    """Which settings rates were measured with: those that change the work per frame, and the device."""
+    return digest({"settings": _settings_fingerprint(config), "device": config.extract.device})
+
+
+def rates(config: Config, manifest: Manifest, *, recalibrate: bool = False, log_to: Any = None) -> Any:
+    """This job's extraction rates: WORK/bench.json when it was measured with these settings, else a
+    calibration on a few of the dataset's own videos (written to WORK/bench.json for the next time)."""
+    from hpcvid.launch.planning import Rates
+
+    work = WorkFolder.of(config)
+    if work.rates.is_file() and not recalibrate:
+        try:
+            stored = Rates.from_dict(read_json(work.rates))
+        except (OSError, ValueError, TypeError, KeyError):
+            stored = None
+        if stored is not None and stored.settings == settings_digest(config):
+            return stored
+    measured = calibrate(config, manifest, log_to=log_to)
+    atomic_write_json(work.rates, measured.to_dict())
+    return measured
+
+
+def calibrate(config: Config, manifest: Manifest, videos: int = 3, log_to: Any = None) -> Any:
+    """Extract ``videos`` of the dataset's own videos (short, median and long ones) with the job's settings
+    in a scratch folder, and time it: frames per second of the per-video work, and the start-up around it."""
+    import tempfile
+
+    from hpcvid.config import replace
+    from hpcvid.launch.planning import Rates
+    from hpcvid.storage.manifest import write_manifest
+
+    readable = sorted((v for v in manifest.videos if v.frames and not v.probe_error), key=lambda v: (v.frames, v.id))
+    if not readable:
+        raise StoreError(f"{WorkFolder.of(config).manifest} has no readable video to measure extraction on")
+    picks = sorted({readable[round(i * (len(readable) - 1) / max(1, videos - 1))] for i in range(videos)},
+                   key=lambda v: v.id)
+    if log_to is not None:
+        print(f"calibrating on {len(picks)} of the dataset's videos with the job's settings ...", file=log_to)
+    root = dataset_root(config, manifest)
+    with tempfile.TemporaryDirectory(prefix="hpcvid-calibrate-") as scratch:
+        mini = dataclasses.replace(manifest, videos=tuple(picks),
+                                   dataset={**manifest.dataset, "root": str(root)})
+        write_manifest(mini, scratch)
+        trial = replace(config, work=scratch, **{"extract.shards": 1, "dataset.root": str(root)})
+        began = time.perf_counter()
+        record = run_shard(trial, ShardSpec(0, 1))
+        wall = time.perf_counter() - began
+    busy = sum(record["timings"]["stage_seconds"].values())
+    frames = record["timings"]["frames_processed"]
+    if not frames or busy <= 0:
+        raise StoreError("the calibration extracted nothing (see the warnings above): fix the dataset first")
+    return Rates(frames_per_s=frames / busy, per_video_s=0.0, startup_s=max(0.0, wall - busy),
+                 settings=settings_digest(config), host=socket.gethostname(),
+                 measured=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), videos=len(picks))
+
+
+def make_walltime_plan(config: Config, target_s: float | None = None, *, recalibrate: bool = False,
+                       log_to: Any = None) -> tuple[Any, Any, Manifest]:
+    """(plan, rates, manifest) of this extraction: per-shard frames and predicted times, the walltime to ask."""
+    from hpcvid.launch.planning import kept_frames, make_plan
+
+    manifest = ensure_manifest(config)
+    measured = rates(config, manifest, recalibrate=recalibrate, log_to=log_to)
+    plan = make_plan(kept_frames(manifest.videos, config.extract), config.extract.shards, measured, target_s)
+    return plan, measured, manifest
+
+
+def walltime_needed(config: Config, specs: Sequence[ShardSpec]) -> float:
+    """Seconds of walltime the largest of ``specs`` needs (its predicted time with the margin)."""
+    import sys
+
+    from hpcvid.launch.planning import with_margin
+
+    plan, _, _ = make_walltime_plan(config, log_to=sys.stdout)
+    wanted = {spec.index for spec in specs}
+    return with_margin(max(load.seconds for load in plan.loads if load.index in wanted))
+
+
 def estimate_bytes(config: Config, videos: Sequence[VideoEntry]) -> int:
     """About how many bytes extracting ``videos`` writes: their parts and the assembled shard, side by side.
 
@@ -179,17 +259,16 @@ def estimate_bytes(config: Config, videos: Sequence[VideoEntry]) -> int:
     (about 1/7 to 1/11 was measured at quality 90), flow at 2 bytes per pixel (uint8) or 4 (float16)
     divided by its compression's usual ratio, float32 features.
     """
-    from hpcvid.media.decode import output_size, sample_indices
+    from hpcvid.launch.planning import kept_frames
+    from hpcvid.media.decode import output_size
 
     cfg = config.extract
     total = 0.0
+    frames_of = kept_frames(videos, cfg)
     for entry in videos:
         if not entry.frames or not entry.width or not entry.height:
             continue
-        try:
-            kept = len(sample_indices(int(entry.frames), cfg, float(entry.fps or 0.0)))
-        except HpcvidError:
-            kept = int(entry.frames)
+        kept = frames_of[entry.id]
         width, height = output_size(int(entry.width), int(entry.height), cfg)
         pixels = width * height
         frame = pixels * 3 * (0.25 if cfg.frame_storage == "jpeg" else 1.0)
