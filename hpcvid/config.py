@@ -75,6 +75,12 @@ class DatasetConfig:
     extensions: tuple[str, ...] = option((".avi", ".mp4", ".mkv", ".webm", ".mov", ".mpg", ".mpeg"))
     follow_symlinks: str = option("inside", choices=("inside", "all", "none"),
                                   help="symbolic links below the root: only those that stay inside it, all, or none")
+    classes: tuple[str, ...] = option((), help="keep only these classes (labels renumbered in this order)")
+    class_map: tuple[tuple[str, tuple[str, ...]], ...] = option(
+        (), help="new class -> list of the dataset's classes it is made of, or \"*\" for all the others "
+                 "(a TOML table [dataset.class_map])")
+    extra_roots: tuple[str, ...] = option((), help="folders of one's own clips (a folder per class) added to the "
+                                                  "dataset; their split is generated like the 'folders' format")
 
 
 @dataclass(frozen=True)
@@ -313,6 +319,8 @@ def _coerce(dotted: str, value: Any, source: str) -> Any:
     fld = _field_of(dotted)
     annotation = fld.type if not isinstance(fld.type, str) else _resolve_annotation(dotted)
     origin = typing.get_origin(annotation)
+    if dotted == "dataset.class_map":
+        return _coerce_class_map(value, source)
     if origin is tuple:
         item_type = typing.get_args(annotation)[0]
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
@@ -328,6 +336,22 @@ def _coerce(dotted: str, value: Any, source: str) -> Any:
     if check is not None and not check.predicate(coerced):
         raise ConfigError(f"{source}: {dotted} = {value!r} is not valid; it must be {check.description}")
     return coerced
+
+
+def _coerce_class_map(value: Any, source: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """A TOML table {new: [source classes] or "*"} (or its saved form, a list of pairs) -> pairs, in order."""
+    pairs = value.items() if isinstance(value, Mapping) else value
+    try:
+        result = []
+        for name, sources in pairs:
+            sources = (sources,) if isinstance(sources, str) else tuple(sources)
+            if not isinstance(name, str) or not name or not all(isinstance(s, str) and s for s in sources):
+                raise ValueError
+            result.append((name, sources))
+    except (TypeError, ValueError):
+        raise ConfigError(f'{source}: dataset.class_map must be a table of new class = ["source class", ...] or '
+                          f'"*", got {value!r}') from None
+    return tuple(result)
 
 
 def _resolve_annotation(dotted: str) -> Any:

@@ -337,3 +337,49 @@ def test_entries_that_leave_the_root_are_refused_and_never_opened(tiny_synthetic
     assert not any(p.resolve() == secret for p in probed)
     followed = index.build_manifest(_config(folders, tmp_path / "w4", format="folders", follow_symlinks="all"))
     assert "stolen" in followed.classes                            # a site that links datasets in, on purpose
+
+
+# ----------------------------------------------------------------------------- class subsets and maps
+def test_a_subset_keeps_its_classes_renumbered_and_names_kept(tiny_synthetic, tmp_path):
+    config = _config(tiny_synthetic, tmp_path / "w", classes=("BarRotateLeft", "TriangleExpand"))
+    manifest = build_manifest(config)
+    assert manifest.classes == ("BarRotateLeft", "TriangleExpand")
+    assert {(v.class_name, v.label) for v in manifest.videos} == {("BarRotateLeft", 0), ("TriangleExpand", 1)}
+    assert len(manifest.videos) == 8 and all(v.source_class == v.class_name for v in manifest.videos)
+    assert any("16 video(s) of classes outside the task" in w for w in manifest.warnings)
+    with pytest.raises(DatasetError, match=r"dataset.classes: 'Circle' is not a class of the dataset; its classes: "):
+        build_manifest(_config(tiny_synthetic, tmp_path / "w", classes=("Circle",)))
+
+
+def test_a_class_map_merges_classes_into_a_new_task(tiny_synthetic, tmp_path):
+    config = _config(tiny_synthetic, tmp_path / "w",
+                     class_map=(("grows", ("TriangleExpand", "BarExpand")), ("other", ("*",))))
+    manifest = build_manifest(config)
+    assert manifest.classes == ("grows", "other")
+    by_class = {name: sorted({v.source_class for v in manifest.videos if v.class_name == name})
+                for name in manifest.classes}
+    assert by_class == {"grows": ["BarExpand", "TriangleExpand"],
+                        "other": ["BarContract", "BarRotateLeft", "TriangleContract", "TriangleRotateLeft"]}
+    assert manifest.dataset["task"]["grows"] == ["BarExpand", "TriangleExpand"]
+    assert len(manifest.videos) == 24 and {v.label for v in manifest.videos} == {0, 1}
+    cases = [((("a", ("TriangleExpand",)), ("b", ("TriangleExpand",))), "is in both"),
+             ((("a", ("*",)), ("b", ("*",))), "both 'a' and 'b' take"),
+             ((("a", ("Circle",)),), "dataset.class_map.a: 'Circle' is not a class")]
+    for bad, message in cases:
+        with pytest.raises(DatasetError, match=message):
+            build_manifest(_config(tiny_synthetic, tmp_path / "w", class_map=bad))
+
+
+def test_one_s_own_clips_join_a_standard_dataset(tiny_synthetic, tmp_path):
+    mine = tmp_path / "my_clips"
+    (mine / "slipping").mkdir(parents=True)
+    for i, source in enumerate(sorted((tiny_synthetic / "BarContract").glob("*.avi"))[:3]):
+        shutil.copy(source, mine / "slipping" / f"phone{i}.avi")
+    config = _config(tiny_synthetic, tmp_path / "w", extra_roots=(str(mine),), test_fraction=0.34,
+                     class_map=(("slipping", ("slipping", "BarContract")), ("not_slipping", ("*",))))
+    manifest = build_manifest(config)
+    own = [v for v in manifest.videos if v.root == 1]
+    assert [v.id for v in own] == ["my_clips/slipping/phone0", "my_clips/slipping/phone1", "my_clips/slipping/phone2"]
+    assert all(v.class_name == "slipping" and v.path.startswith("slipping/") for v in own)
+    assert manifest.dataset["extra_roots"] == [str(mine.resolve())]
+    assert sum(v.class_name == "slipping" for v in manifest.videos) == 7

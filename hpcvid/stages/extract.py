@@ -150,7 +150,7 @@ def run_shard(config: Config, spec: ShardSpec) -> dict[str, Any]:
     videos = select(manifest.videos, spec, key=lambda v: v.id)
     check_space(config, videos, work.unit_dir(UNIT), spec)
     _prepare_parts(config, parts, shard_file, record_file)
-    runner = _VideoRunner(config, manifest, dataset_root(config, manifest))
+    runner = _VideoRunner(config, manifest, dataset_roots(config, manifest))
     try:
         outcomes = runner.run_all(videos, parts, spec)
     except ResourceError as fault:
@@ -212,12 +212,13 @@ def calibrate(config: Config, manifest: Manifest, videos: int = 3, log_to: Any =
                    key=lambda v: v.id)
     if log_to is not None:
         print(f"calibrating on {len(picks)} of the dataset's videos with the job's settings ...", file=log_to)
-    root = dataset_root(config, manifest)
+    roots = dataset_roots(config, manifest)
     with tempfile.TemporaryDirectory(prefix="hpcvid-calibrate-") as scratch:
         mini = dataclasses.replace(manifest, videos=tuple(picks),
-                                   dataset={**manifest.dataset, "root": str(root)})
+                                   dataset={**manifest.dataset, "root": str(roots[0]),
+                                            "extra_roots": [str(r) for r in roots[1:]]})
         write_manifest(mini, scratch)
-        trial = replace(config, work=scratch, **{"extract.shards": 1, "dataset.root": str(root)})
+        trial = replace(config, work=scratch, **{"extract.shards": 1, "dataset.root": str(roots[0])})
         began = time.perf_counter()
         record = run_shard(trial, ShardSpec(0, 1))
         wall = time.perf_counter() - began
@@ -334,24 +335,26 @@ def _store_schema() -> int:
     return SCHEMA_VERSION
 
 
-def dataset_root(config: Config, manifest: Manifest) -> Path:
+def dataset_roots(config: Config, manifest: Manifest) -> list[Path]:
     """Where the videos are now: ``dataset.root`` (a job file or --dataset) when given, else where they were
-    indexed. Video paths in the manifest are relative to it, so a moved dataset needs only --dataset."""
+    indexed; then the folders of ``dataset.extra_roots``, likewise. Video paths in the manifest are relative
+    to their root, so a moved dataset needs only --dataset."""
     root = config.dataset.root or str(manifest.dataset.get("root", ""))
     if not root:
         raise StoreError(f"{WorkFolder.of(config).manifest} names no dataset root: pass --dataset DIR")
-    return Path(root)
+    extra = list(config.dataset.extra_roots) or list(manifest.dataset.get("extra_roots", []))
+    return [Path(root), *(Path(folder) for folder in extra)]
 
 
 # --------------------------------------------------------------------------------------- per video
 class _VideoRunner:
     """Runs decode -> flow -> features -> part file for each video, reusing finished parts."""
 
-    def __init__(self, config: Config, manifest: Manifest, root: Path) -> None:
+    def __init__(self, config: Config, manifest: Manifest, roots: list[Path]) -> None:
         self.config = config
         self.cfg = config.extract
         self.manifest = manifest
-        self.root = root
+        self.roots = roots
         self._extractor: Any = None
         self.feature_info: dict[str, Any] | None = None
         self.seconds = {"decode": 0.0, "flow": 0.0, "features": 0.0, "write": 0.0}
@@ -402,7 +405,7 @@ class _VideoRunner:
         if failed_file.is_file():
             self.reused += 1
             return {"ok": False, "failure": read_json(failed_file)}
-        path = video_path(self.root, entry)
+        path = video_path(self.roots, entry)
         attempts = _count_attempt(parts / f"{key}.attempts.json")
         writing = False
         try:
@@ -519,9 +522,12 @@ def flow_params(cfg: Any) -> dict[str, Any]:
     return {}
 
 
-def video_path(root: Path, entry: VideoEntry) -> Path:
-    """The video's file: its manifest path below the dataset root."""
-    return root / entry.path
+def video_path(roots: Sequence[Path], entry: VideoEntry) -> Path:
+    """The video's file: its manifest path below its root (the dataset's, or one of dataset.extra_roots)."""
+    if entry.root >= len(roots):
+        raise VideoError(f"its root #{entry.root} of dataset.extra_roots is not configured: give the job file "
+                         "that indexed this work folder")
+    return roots[entry.root] / entry.path
 
 
 def _machine_fault(error: BaseException, folder: Path, entry: VideoEntry, writing: bool) -> ResourceError | None:

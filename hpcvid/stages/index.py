@@ -26,7 +26,7 @@ import posixpath
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from hpcvid.config import Config, write_resolved
 from hpcvid.errors import DatasetError, VideoError
@@ -42,17 +42,24 @@ HMDB_CODES = {"0": "unused", "1": "train", "2": "test"}
 
 @dataclass(frozen=True)
 class SplitEntry:
-    """One listed video: its path below the root ('/'-separated), class, split and where it was listed."""
+    """One listed video: its path below its root ('/'-separated), class, split and where it was listed.
+
+    ``root`` 0 is the dataset root; 1, 2, ... the folders of ``dataset.extra_roots``, whose ids carry the
+    folder's name as a prefix so that they can never collide with the dataset's own.
+    """
 
     relative: str
     class_name: str
     split: str
     source: str  # "file:line" (or the folder, for generated splits)
+    root: int = 0
+    prefix: str = ""
 
     @property
     def id(self) -> str:
-        """The stable id: the path below the root without its extension."""
-        return posixpath.splitext(self.relative)[0]
+        """The stable id: the path below the root without its extension (behind the extra root's name)."""
+        stem = posixpath.splitext(self.relative)[0]
+        return f"{self.prefix}/{stem}" if self.prefix else stem
 
 
 @dataclass(frozen=True)
@@ -257,6 +264,65 @@ def parse_split(config: Config) -> tuple[ParsedSplit, list[str]]:
     return reader(splits_dir, dataset.split), []
 
 
+def read_extra_roots(config: Config) -> tuple[list[SplitEntry], list[str], list[Path]]:
+    """The videos of ``dataset.extra_roots`` (a folder per class each), with their roots' index and prefix."""
+    dataset = config.dataset
+    entries: list[SplitEntry] = []
+    warnings: list[str] = []
+    roots = []
+    for number, folder in enumerate(dataset.extra_roots, start=1):
+        root = Path(folder).expanduser()
+        if not root.is_dir():
+            raise DatasetError(f"dataset.extra_roots: {root} is not a folder: fix the path in the job file")
+        roots.append(root.resolve())
+        parsed, found = read_folders(root.resolve(), dataset.extensions, dataset.test_fraction, dataset.follow_symlinks)
+        warnings += found
+        entries += [SplitEntry(e.relative, e.class_name, e.split, e.source, number, root.name) for e in parsed.entries]
+    return entries, warnings, roots
+
+
+def select_classes(classes: Sequence[str], dataset: Any) -> tuple[tuple[str, ...], dict[str, str]]:
+    """(the task's classes, source class -> task class) for ``dataset.classes`` or ``dataset.class_map``.
+
+    Videos of a source class that maps to nothing are left out. Without either setting the task is the
+    dataset's own classes.
+    """
+    known = list(classes)
+
+    def check(name: str, key: str) -> None:
+        if name not in known:
+            shown = ", ".join(known[:12]) + (f", ... ({len(known)} in all)" if len(known) > 12 else "")
+            raise DatasetError(f"{key}: {name!r} is not a class of the dataset; its classes: {shown}")
+
+    if dataset.classes and dataset.class_map:
+        raise DatasetError("set dataset.classes (a subset) or dataset.class_map (a relabelling), not both")
+    if dataset.classes:
+        for name in dataset.classes:
+            check(name, "dataset.classes")
+        if len(set(dataset.classes)) != len(dataset.classes):
+            raise DatasetError("dataset.classes names a class twice")
+        return tuple(dataset.classes), {name: name for name in dataset.classes}
+    if not dataset.class_map:
+        return tuple(known), {name: name for name in known}
+    mapping: dict[str, str] = {}
+    rest = None
+    for new, sources in dataset.class_map:
+        for source in sources:
+            if source == "*":
+                if rest is not None:
+                    raise DatasetError(f"dataset.class_map: both {rest!r} and {new!r} take \"*\" (all the other "
+                                       "classes): give it to one")
+                rest = new
+                continue
+            check(source, f"dataset.class_map.{new}")
+            if source in mapping:
+                raise DatasetError(f"dataset.class_map: {source!r} is in both {mapping[source]!r} and {new!r}")
+            mapping[source] = new
+    if rest is not None:
+        mapping.update({name: rest for name in known if name not in mapping})
+    return tuple(new for new, _ in dataset.class_map), mapping
+
+
 def check_unique_ids(entries: Sequence[SplitEntry]) -> None:
     seen: dict[str, SplitEntry] = {}
     for entry in entries:
@@ -271,19 +337,33 @@ def build_manifest(config: Config, *, progress: bool = False) -> Manifest:
     from hpcvid.media.probe import probe_video
 
     parsed, warnings = parse_split(config)
-    check_unique_ids(parsed.entries)
-    root = Path(config.dataset.root).resolve()
-    present: list[tuple[SplitEntry, Path]] = []
-    for entry in parsed.entries:
-        path, why = confine(root, entry.relative, config.dataset.follow_symlinks)
+    extra, extra_warnings, extra_roots = read_extra_roots(config)
+    warnings += extra_warnings
+    entries = list(parsed.entries) + extra
+    source_classes = list(parsed.classes) + sorted({e.class_name for e in extra} - set(parsed.classes))
+    classes, task_class = select_classes(source_classes, config.dataset)
+    relabelled = bool(config.dataset.classes or config.dataset.class_map)
+    roots = [Path(config.dataset.root).resolve(), *extra_roots]
+    inside: list[tuple[SplitEntry, Path]] = []
+    for entry in entries:
+        path, why = confine(roots[entry.root], entry.relative, config.dataset.follow_symlinks)
         if path is None:
             warnings.append(_refusal(entry.source, entry.relative, why))
-        elif path.is_file():
+        else:
+            inside.append((entry, path))
+    left_out = sum(1 for entry, _ in inside if entry.class_name not in task_class)
+    if left_out:
+        warnings.append(f"{left_out} video(s) of classes outside the task (dataset.classes / class_map) left out")
+    inside = [(entry, path) for entry, path in inside if entry.class_name in task_class]
+    check_unique_ids([entry for entry, _ in inside])
+    present: list[tuple[SplitEntry, Path]] = []
+    for entry, path in inside:
+        if path.is_file():
             present.append((entry, path))
         else:
             warnings.append(f"{entry.source}: {entry.relative} is listed but {path} does not exist (skipped)")
     if not present:
-        raise DatasetError(f"empty dataset: no video listed in the split of {root} exists "
+        raise DatasetError(f"empty dataset: no video listed in the split of {roots[0]} exists "
                            f"(format {config.dataset.format}, split {config.dataset.split}); check dataset.root")
     iterator: Iterable = present
     if progress and len(present) > 50:
@@ -291,11 +371,13 @@ def build_manifest(config: Config, *, progress: bool = False) -> Manifest:
 
         iterator = tqdm(present, desc="index", unit="video")
     videos = []
-    label_of = {name: i for i, name in enumerate(parsed.classes)}
+    label_of = {name: i for i, name in enumerate(classes)}
     for entry, path in iterator:
         stat = path.stat()
-        fields = dict(id=entry.id, path=entry.relative, label=label_of[entry.class_name], class_name=entry.class_name,
-                      split=entry.split, size=stat.st_size, mtime=stat.st_mtime)
+        name = task_class[entry.class_name]
+        fields = dict(id=entry.id, path=entry.relative, label=label_of[name], class_name=name,
+                      split=entry.split, size=stat.st_size, mtime=stat.st_mtime, root=entry.root,
+                      source_class=entry.class_name if relabelled else None)
         try:
             info = probe_video(path)
             fields.update(fps=info.fps, frames=info.frames, width=info.width, height=info.height)
@@ -303,9 +385,13 @@ def build_manifest(config: Config, *, progress: bool = False) -> Manifest:
             warnings.append(f"unreadable video (kept, frames=None): {error}")
             fields.update(probe_error=str(error))
         videos.append(VideoEntry(**fields))
-    dataset = {"root": str(root), "format": config.dataset.format, "split": config.dataset.split,
+    dataset = {"root": str(roots[0]), "format": config.dataset.format, "split": config.dataset.split,
                "split_files": list(parsed.files)}
-    return Manifest(classes=parsed.classes, videos=tuple(videos), dataset=dataset, warnings=tuple(warnings))
+    if extra_roots:
+        dataset["extra_roots"] = [str(root) for root in extra_roots]
+    if relabelled:
+        dataset["task"] = {name: sorted(s for s, t in task_class.items() if t == name) for name in classes}
+    return Manifest(classes=classes, videos=tuple(videos), dataset=dataset, warnings=tuple(warnings))
 
 
 def index_dataset(config: Config, *, argv: list[str] | None = None, progress: bool = False) -> Manifest:

@@ -431,6 +431,12 @@ def _report_markdown(summary: Mapping[str, Any], pictures: Sequence[tuple[str, s
     if summary["partial"]:
         lines += ["**PARTIAL**: some shards or videos are missing (listed below); the numbers cover only "
                   "the videos that were counted.", ""]
+    if dataset.get("task"):
+        lines += ["## Classes of the task", "", "The dataset's classes were selected or merged "
+                  "(`dataset.classes` / `dataset.class_map`):", "", "| class | made of the dataset's classes |",
+                  "|---|---|"]
+        lines += [f"| {name} | {', '.join(sources)} |" for name, sources in dataset["task"].items()]
+        lines.append("")
     lines += ["## Accuracy by model and inference strategy", "",
               "`*` marks each model's default strategy. Top-k is empty where the dataset has fewer than k "
               "classes.", "", markdown_table(summary), ""]

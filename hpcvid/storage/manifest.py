@@ -44,6 +44,8 @@ class VideoEntry:
     width: int | None = None
     height: int | None = None
     probe_error: str | None = None
+    root: int = 0                      # 0: dataset.root; i: the i-th of dataset.extra_roots
+    source_class: str | None = None    # the dataset's own class, when the task relabels or selects classes
 
 
 @dataclass(frozen=True)
