@@ -169,6 +169,7 @@ class TrainConfig:
     init_from_runs: bool = option(True, help="twostream: start from WORK/runs/frame and WORK/runs/flow when present")
     keep_checkpoints: int = option(2, check=POSITIVE, help="epoch checkpoints kept (best.pt is kept apart)")
     checkpoint: str = option("", help="`run features`: frame run folder or checkpoint; empty = WORK/runs/frame")
+    tensorboard: bool = option(False, help="rank 0 also writes TensorBoard event files into WORK/runs/<model>/")
 
 
 @dataclass(frozen=True)
@@ -479,17 +480,19 @@ def resolve_config(
 ) -> Config:
     """The one precedence: defaults < job file < cluster profile < command-line ``overrides``.
 
-    Inside one file a stage's table ([launch.train]) wins over [launch]; a later layer wins over both (a
-    profile's [launch] walltime replaces a job file's [launch.train] walltime, and a flag replaces either).
+    Per stage, the launch settings are, lowest first: [launch] of the job file, [launch] of the profile,
+    [launch.<stage>] of the job file, [launch.<stage>] of the profile, then the flags. A stage's own table
+    wins over the defaults of any file (a site profile's [launch] cpus do not undo a job file's
+    [launch.train] cpus), and a flag (``--walltime``) wins over every table.
 
     ``overrides`` maps dotted keys (``"extract.shards"``, ``"launch.sbatch.constraint"``) to values; ``None``
     values mean "flag not given" and are skipped, so argparse defaults of ``None`` never mask the files.
     """
     layered: dict[str, tuple[Any, str]] = {}
     if job_file is not None:
-        _layer(layered, _flatten(load_toml(job_file, "job file"), f"job file {job_file}"))
+        layered.update(_flatten(load_toml(job_file, "job file"), f"job file {job_file}"))
     if profile is not None:
-        _layer(layered, _flatten(load_toml(profile, "cluster profile"), f"cluster profile {profile}"))
+        layered.update(_flatten(load_toml(profile, "cluster profile"), f"cluster profile {profile}"))
     flags: dict[str, tuple[Any, str]] = {}
     for dotted, value in (overrides or {}).items():
         if value is None:
@@ -498,15 +501,15 @@ def resolve_config(
         if dotted != "work" and (section not in _SECTION_CLASSES or (dotted.count(".") != 1 and section != "launch")):
             raise ConfigError(f"the command line: unknown setting {dotted!r}")
         flags.update(_flatten(_nest({dotted: value}), "the command line"))
-    _layer(layered, flags)
+    _override(layered, flags)
     values = {dotted: _coerce(dotted, value, source) for dotted, (value, source) in layered.items()}
     config = _build(values)
     _validate_sections(config, layered)
     return config
 
 
-def _layer(layered: dict[str, tuple[Any, str]], layer: Mapping[str, tuple[Any, str]]) -> None:
-    """Put one layer over the ones below: a general launch key also replaces the stage values of lower layers."""
+def _override(layered: dict[str, tuple[Any, str]], layer: Mapping[str, tuple[Any, str]]) -> None:
+    """Put flags (or a caller's changes) over everything: a general launch key replaces every stage's value."""
     general = {key for key in layer if _general_key(key) == key and key.startswith("launch.")}
     for key in [k for k in layered if k not in layer and _general_key(k) != k and _general_key(k) in general]:
         del layered[key]
@@ -570,7 +573,7 @@ def _validate_sections(config: Config, layered: Mapping[str, tuple[Any, str]]) -
 def replace(config: Config, **changes: Any) -> Config:
     """A copy of ``config`` with dotted-key changes, validated like command-line overrides."""
     merged = _flatten({k: v for k, v in config.to_dict().items()}, "the defaults")
-    _layer(merged, _flatten(_nest(changes), "the caller"))
+    _override(merged, _flatten(_nest(changes), "the caller"))
     values = {k: _coerce(k, v, s) for k, (v, s) in merged.items()}
     result = _build(values)
     _validate_sections(result, merged)

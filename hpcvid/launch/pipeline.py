@@ -279,7 +279,8 @@ def _print_dry_run(planned: Sequence[Planned], site: Site) -> None:
                                                                                     len(pieces)))
         for number, piece in enumerate(pieces, start=1):
             of = f", array {number} of {len(pieces)}" if len(pieces) > 1 else ""
-            print(f"# {p.unit}: shards {piece[0].name} .. {piece[-1].name}{of}")
+            shards = piece[0].name if len(piece) == 1 else f"{piece[0].name} .. {piece[-1].name}"
+            print(f"# {p.unit}: shard(s) {shards}{of}")
             print(launch.sbatch_text(shown, resources, folder, array=len(piece) if len(piece) > 1 else 0))
     for note in site.notes:
         print(f"# note: {note}")
