@@ -298,3 +298,63 @@ def test_queued_shard_jobs_are_capped_at_the_allocation_s_cpus(tmp_path, monkeyp
                                            "launch.cpus_per_task": 3})
         launch.submit_shards(config, STAGES["extract"], all_shards(2), launch.Resources(name="x"), ["t"])
         assert [job.threads for job in submitted] == [expected, expected]
+
+
+# ------------------------------------------------------------------------------------------ site profiles
+def _site_stage(stage: str, array: int = 0, **overrides) -> str:
+    """The sbatch text of one stage under slurm/example.toml (every key of the profile shows in it)."""
+    from hpcvid.config import resolve_config
+    from hpcvid.launch.executors import resources_for, sbatch_text
+    from hpcvid.stages import STAGES
+
+    root = Path(__file__).resolve().parents[1]
+    config = resolve_config(profile=root / "slurm" / "example.toml",
+                            overrides={"work": "/W", "dataset.root": "/D", **overrides}).for_stage(stage)
+    resources = resources_for(STAGES[stage], config, "afterok:41", name=f"hpcvid-{stage}")
+    return sbatch_text(config.launch, resources, Path("/W/jobs/logs/%j"), array=array).replace(sys.executable,
+                                                                                              "<PYTHON>")
+
+
+def test_sbatch_text_of_the_example_profile_s_extract_stage_matches_the_golden_file():
+    """[launch] defaults (account, setup lines, mail options) with [launch.extract]'s cpus, memory, walltime."""
+    assert _site_stage("extract", array=12) == (GOLDEN / "sbatch_example_extract.txt").read_text()
+
+
+def test_sbatch_text_of_the_example_profile_s_training_stage_matches_the_golden_file():
+    """[launch.train]: GPU partition, an Apptainer image with --nv and the folders bound, its own setup line,
+    and sbatch options merged into [launch]'s option by option."""
+    assert _site_stage("train") == (GOLDEN / "sbatch_example_train.txt").read_text()
+
+
+def test_the_reduce_stage_of_the_example_profile_asks_for_one_core_outside_the_container():
+    text = _site_stage("reduce")
+    assert "#SBATCH --cpus-per-task=1\n" in text and "#SBATCH --mem=4G\n" in text and "apptainer" not in text
+    assert "#SBATCH --partition=cpu\n" in text and "#SBATCH --mail-type=END,FAIL\n" in text
+
+
+def test_a_flag_wins_over_every_stage_table():
+    assert "#SBATCH --time=15\n" in _site_stage("train", **{"launch.walltime": "00:15:00"})
+    assert "#SBATCH --time=15\n" in _site_stage("extract", **{"launch.walltime": "00:15:00"})
+
+
+def test_a_typo_in_an_sbatch_option_is_refused_before_sbatch_runs(tmp_path, toy_stages, capsys, monkeypatch):
+    from hpcvid.launch import external
+
+    asked = []
+
+    def only_sbatch_help(argv, **kwargs):   # nothing but `sbatch --help` may run: no job is queued
+        asked.append(list(argv))
+        assert list(argv) == ["sbatch", "--help"], f"ran {argv}"
+        return subprocess.CompletedProcess(argv, 0, "      --constraint=list   specify a list of constraints\n", "")
+
+    monkeypatch.setattr(external, "run_command", only_sbatch_help)
+    profile = tmp_path / "site.toml"
+    profile.write_text('[launch]\nexecutor = "slurm"\n[launch.toy]\nsbatch = {constrant = "a100"}\n')
+    work = _toy_work(tmp_path)
+    assert hpcvid("submit", "toy", "--work", work, "--shards", "2", "--profile", profile) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "toy: launch.sbatch.constrant: sbatch has no option --constrant" in err
+    assert "did you mean constraint" in err and "valid options: " in err
+    assert asked == [["sbatch", "--help"]] and not (work / "jobs").exists()
+    assert hpcvid("submit", "toy", "--work", work, "--shards", "2", "--sbatch", "reservaton=r1") == 2
+    assert "did you mean reservation" in capsys.readouterr().err

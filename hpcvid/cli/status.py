@@ -249,6 +249,8 @@ def _row(folder: WorkFolder, unit: Unit, spec: ShardSpec, task: _Task, states: d
                 row.eta_s = (row.total - done) / (done_here / elapsed)
         row.best_val_acc = progress.get("best_val_acc")
         row.stopped_early = bool(progress.get("stopped_early"))
+    if unit.stage == "train":
+        row.failed = None    # epochs, not videos: nothing fails one at a time
     if known is None and record is None:
         row.state = _state_from_files(task, progress)
     if row.requeues and row.state == "PENDING":

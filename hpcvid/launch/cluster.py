@@ -143,9 +143,9 @@ def check_sbatch_options(options: Mapping[str, Any], valid: frozenset[str], wher
         if name in MANAGED:
             raise ConfigError(f"{where}.{raw}: hpcvid sets --{name} itself; use {MANAGED[name]} instead")
         if name not in valid:
-            close = difflib.get_close_matches(name, sorted(valid), n=3)
-            hint = f"did you mean {' or '.join(close)}? " if close else ""
             passable = sorted(valid - set(MANAGED))
+            close = difflib.get_close_matches(name, passable, n=3)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
             raise ConfigError(f"{where}.{raw}: sbatch has no option --{name}; {hint}valid options: "
                               f"{', '.join(passable)}")
         if value is not False:

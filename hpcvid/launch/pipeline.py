@@ -14,8 +14,10 @@ is queued when anything is wrong: every node's settings are checked (its own ``[
 resources, its sbatch options), every node is planned (the shards without a record), and only then is
 anything queued, in the graph's order.
 
-Picking up after a failure is a second, identical submit: shards with a record are done and skipped; jobs
-still running or waiting are kept (their dependants wait for them); a job that waits for a failed one
+Picking up after a failure is a second, identical submit: shards with a record are done and skipped (and
+so is a unit its stage would plan again, merge, train or reduce, whose last job COMPLETED and wrote its
+record, unless something it reads is queued again now); jobs still running or waiting are kept (their
+dependants wait for them); a job that waits for a failed one
 (``DependencyNeverSatisfied``), or for a unit being queued again now, can never start as it is, so it is
 cancelled and queued again behind the new jobs. SLURM is asked about every earlier job once.
 """
@@ -31,6 +33,7 @@ from hpcvid.errors import ConfigError, HpcvidError, SchedulerError
 from hpcvid.launch.cluster import Site, check_job_count, shared_parallelism, split_into_arrays
 from hpcvid.launch.sharding import ShardSpec
 from hpcvid.stages import STAGES, Stage
+from hpcvid.workfolder import Unit, WorkFolder
 
 # SLURM states of a job that may still run (status and the resubmission rule agree on them).
 ACTIVE = frozenset({"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING"})
@@ -105,9 +108,10 @@ class Planned:
     active: dict[int, str] = field(default_factory=dict)    # shard index -> job id, still queued or running
     pending: dict[int, str] = field(default_factory=dict)   # those of ``active`` that have not started
     stuck: dict[int, str] = field(default_factory=dict)     # pending jobs that can never start as they are
+    finished: dict[int, str] = field(default_factory=dict)  # COMPLETED jobs whose record is there
 
     def to_queue(self) -> list[ShardSpec]:
-        return [s for s in self.specs if s.index not in self.active]
+        return [s for s in self.specs if s.index not in self.active and s.index not in self.finished]
 
 
 def plan_nodes(config: Config, nodes: Sequence[Node], *, only: int | None = None, force: bool = False,
@@ -165,10 +169,16 @@ def find_active(planned: Sequence[Planned], work: Path | str, force: bool, also:
         raise SchedulerError(f"{units}: SLURM cannot be asked whether the earlier jobs of these shards still run "
                              f"({error}); nothing queued, so that no shard runs twice: try again, or pass --force "
                              "to queue anyway") from error
+    folder = WorkFolder(work)
     for p in planned:
         for spec in p.specs:
             job_id = wanted.get((p.unit, spec.index, spec.count))
             state = states.get(job_id) if job_id else None
+            if state is not None and state.state == "COMPLETED" and not force \
+                    and folder.record_file(Unit.parse(p.unit), spec).is_file():
+                # a unit its stage plans every time (merge, train, reduce): done, unless its input changes now
+                p.finished[spec.index] = job_id
+                continue
             if state is None or state.state not in ACTIVE:
                 continue
             if state.state == "PENDING" and state.reason == NEVER_STARTS:
@@ -190,6 +200,7 @@ def requeue_behind_new_jobs(planned: Sequence[Planned]) -> None:
     for p in planned:
         if any(up in renewed for up in p.node.after):
             p.stuck.update(p.pending)
+            p.finished.clear()
         for index in p.stuck:
             p.active.pop(index, None)
             p.pending.pop(index, None)
@@ -232,7 +243,9 @@ def submit_graph(config: Config, nodes: Sequence[Node], *, argv: Sequence[str], 
         upstream = [job for up in p.node.after for job in waits.get(up, [])]
         dependency = f"afterok:{':'.join(upstream)}" if upstream and slurm else ""
         if not todo:
-            if not p.active:
+            if p.finished:
+                print(f"{p.unit}: done (job {', '.join(p.finished.values())} completed and wrote its record)")
+            elif not p.active:
                 print(f"{p.unit}: nothing to submit: every shard has a record (use --force to redo)")
             waits[p.node.name] = list(p.active.values())
             continue
