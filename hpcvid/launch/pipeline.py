@@ -260,15 +260,19 @@ def submit_graph(config: Config, nodes: Sequence[Node], *, argv: Sequence[str], 
 
 
 def _report(submission: Any) -> None:
-    shards = ", ".join(t["name"] for t in submission.tasks)
     print(f"{submission.unit}: submitted {len(submission.job_ids)} job(s) on {submission.executor}: "
-          f"{' '.join(submission.job_ids)}")
+          f"{_shortened(submission.job_ids)}")
     if len(submission.arrays) > 1:
         print(f"  as {len(submission.arrays)} job arrays (this cluster's MaxArraySize): {' '.join(submission.arrays)}")
     if submission.dependency:
         print(f"  after: {submission.dependency}")
-    print(f"  shards: {shards}")
+    print(f"  shards: {_shortened([t['name'] for t in submission.tasks], ', ')}")
     print(f"  record: {submission.path}")
+
+
+def _shortened(items: Sequence[str], sep: str = " ") -> str:
+    """A long list as its ends (a thousand-shard array fits on a line; the record lists them all)."""
+    return sep.join(items) if len(items) <= 8 else f"{sep.join(items[:3])}{sep}...{sep}{sep.join(items[-2:])}"
 
 
 def _print_dry_run(planned: Sequence[Planned], site: Site) -> None:
