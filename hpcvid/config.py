@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping
 
 from hpcvid.errors import ConfigError
 from hpcvid.fileio import atomic_write_json
+from hpcvid.stages import PIPELINE_ORDER
 
 # --------------------------------------------------------------------------------------------- checks
 @dataclass(frozen=True)
@@ -213,7 +214,7 @@ class PipelineConfig:
     """What `hpcvid submit pipeline` queues: the models of the study and the stages (hpcvid.launch.pipeline)."""
 
     models: tuple[str, ...] = option(MODELS, check=_MODEL_LIST, help="models trained, evaluated and compared")
-    stages: tuple[str, ...] = option(("extract", "merge", "train", "features", "eval", "reduce"), check=_STAGE_LIST,
+    stages: tuple[str, ...] = option(PIPELINE_ORDER, check=_STAGE_LIST,
                                      help="stages queued; a unit whose stage is left out is taken as done")
 
 

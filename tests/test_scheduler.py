@@ -181,7 +181,7 @@ def test_resubmission_skips_shards_still_queued_and_requeues_jobs_that_never_sta
     monkeypatch.setattr(scheduler, "run_command", fake)
     config = resolve_config(overrides={"work": str(work_with_jobs), "launch.executor": "slurm"})
     extract, merge = _planned(config, "extract", all_shards(5)), _planned(config, "merge", [ShardSpec(0, 1)])
-    find_active([extract, merge], work_with_jobs, force=False)
+    find_active([extract, merge], work_with_jobs, force=False, skip_completed=True)   # a pipeline again
     assert [c[0] for c in fake.calls] == ["sacct", "squeue"], "one query for every unit"
     # 41_0 completed and wrote its record: done; 41_1 cancelled: queued again; 41_2 running, 41_3/41_4
     # pending: not twice
@@ -305,7 +305,7 @@ def test_watch_refreshes_with_one_query_each_until_every_job_ends(work_with_jobs
     monkeypatch.setattr(status.time, "sleep", next_answer)
     assert hpcvid("status", work_with_jobs, "--watch", "5") == 0
     out = capsys.readouterr().out
-    assert sleeps == [5.0] and out.count("UNIT ") == 2
+    assert sleeps == [5] and out.count("UNIT ") == 2
     assert [c[0] for c in fake.calls] == ["sacct", "squeue", "sacct", "squeue"], "one batched query per refresh"
     assert "again in 5 s" in out and out.rstrip().endswith("watch: every job has ended")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import PIPELINE_JOB
 from slurm_helpers import (SCRIPT, extract_job_file, hpcvid, job_states, slurm_cluster, toy_stages, wait_finished,  # noqa: F401
                            wait_until)
 
@@ -213,34 +214,8 @@ def test_dependency_chain_runs_in_order_and_a_failure_is_named_then_picked_up(
     assert json.loads((bad / "toy" / "merged.json").read_text())["shards"] == 2
 
 
-STUDY_JOB = """\
-work = "{work}"
-[dataset]
-root = "{data}"
-format = "ucf101"
-[extract]
-shards = 2
-size = 32
-backbone = "resnet18"
-flow = "farneback"
-device = "cpu"
-[train]
-backbone = "small"
-epochs = 1
-batch_size = 6
-device = "cpu"
-flow_stack = 3
-seq_len = 8
-chunk = 4
-hidden = 16
-layers = 1
-val_fraction = 0.2
-[eval]
-shards = 1
-device = "cpu"
-window_stride = 2
-frame_samples = 4
-"""
+# the session's pipeline job, with 2 extraction shards and 1 eval shard: fewer jobs, the same graph
+STUDY_JOB = PIPELINE_JOB.replace("shards = 3", "shards = 2").replace("[eval]\n", "[eval]\nshards = 1\n")
 
 STUDY_PROFILE = """\
 [launch]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hpcvid.cli import positive_int
 from hpcvid.errors import ConfigError, HpcvidError
 from hpcvid.launch.progress import read_progress
 from hpcvid.launch.sharding import ShardSpec
@@ -41,18 +42,8 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("work", metavar="WORK", help="work folder holding jobs/ (the submission records)")
     parser.add_argument("--stage", help="show only this stage's units (e.g. eval), or one unit (eval/lstm)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
-    parser.add_argument("--watch", type=_seconds, nargs="?", const=30.0, metavar="SECONDS",
+    parser.add_argument("--watch", type=positive_int, nargs="?", const=30, metavar="SECONDS",
                         help="print the table again every SECONDS (default 30) until every job has ended")
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"refresh at most once a second (got {value})")
-    return value
 
 
 @dataclass
@@ -343,7 +334,7 @@ def summary(rows: list[ShardRow], resubmit: str = "") -> str:
     if stuck:
         units = ", ".join(dict.fromkeys(r.unit for r in stuck))
         causes = ", ".join(dict.fromkeys(r.blocked_by for r in stuck if r.blocked_by)) or "a failed job"
-        text += (f"\n{len(stuck)} job(s) will never start (DependencyNeverSatisfied): {units} wait for {causes}. "
+        text += (f"\n{len(stuck)} job(s) will never start: {units} wait for {causes}. "
                  "Fix the cause (its log is in WORK/jobs/logs) and submit again to pick up from there: finished "
                  "work is kept, the failed job and what waits for it are queued again")
         if resubmit:
@@ -402,4 +393,4 @@ def _print_table(work: Path, rows: list[ShardRow], args: argparse.Namespace) -> 
         if ended(rows):
             print("watch: every job has ended")
         else:
-            print(f"watch: {time.strftime('%H:%M:%S')}, again in {args.watch:g} s (Ctrl-C stops)", flush=True)
+            print(f"watch: {time.strftime('%H:%M:%S')}, again in {args.watch} s (Ctrl-C stops)", flush=True)

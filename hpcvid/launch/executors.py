@@ -145,10 +145,10 @@ def validate_launch(launch: LaunchConfig, *, check_cluster: bool = True, site: S
         raise ConfigError(f"launch.container = {launch.container!r} does not exist: give the path of an "
                           "Apptainer/Singularity image (.sif) that the compute nodes can read")
     if launch.executor == "slurm" and check_cluster:
-        _check_partition(launch.partition)
+        check_partitions(launch.partition)
 
 
-def _check_partition(*partitions: str) -> None:
+def check_partitions(*partitions: str) -> None:
     """Each named partition must exist on this cluster (one sinfo call for all of them)."""
     from hpcvid.launch.external import run_command
     from hpcvid.errors import CommandError

@@ -32,13 +32,13 @@ from hpcvid.config import MODELS, Config, replace, write_resolved
 from hpcvid.errors import ConfigError, HpcvidError, SchedulerError
 from hpcvid.launch.cluster import Site, check_job_count, shared_parallelism, split_into_arrays
 from hpcvid.launch.sharding import ShardSpec
-from hpcvid.stages import STAGES, Stage
+from hpcvid.stages import PIPELINE_ORDER, STAGES, Stage
 from hpcvid.workfolder import Unit, WorkFolder
 
 # SLURM states of a job that may still run (status and the resubmission rule agree on them).
 ACTIVE = frozenset({"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING"})
 NEVER_STARTS = "DependencyNeverSatisfied"
-STUDY_STAGES = ("extract", "merge", "train", "features", "eval", "reduce")
+STUDY_STAGES = PIPELINE_ORDER
 
 
 @dataclass(frozen=True)
@@ -128,9 +128,9 @@ def plan_nodes(config: Config, nodes: Sequence[Node], *, only: int | None = None
         except ConfigError as error:
             raise ConfigError(f"{node.name}: {error}") from None
     if config.launch.executor == "slurm" and not dry_run:
-        from hpcvid.launch.executors import _check_partition
+        from hpcvid.launch.executors import check_partitions
 
-        _check_partition(*dict.fromkeys(c.launch.partition for c in configs))
+        check_partitions(*dict.fromkeys(c.launch.partition for c in configs))
     planned = []
     for node, node_cfg in zip(nodes, configs):
         stage = STAGES[node.stage]
@@ -140,10 +140,14 @@ def plan_nodes(config: Config, nodes: Sequence[Node], *, only: int | None = None
     return planned
 
 
-def find_active(planned: Sequence[Planned], work: Path | str, force: bool, also: Iterable[str] = ()) -> dict[str, list[str]]:
+def find_active(planned: Sequence[Planned], work: Path | str, force: bool, also: Iterable[str] = (),
+                skip_completed: bool = False) -> dict[str, list[str]]:
     """Fill each node's active, pending and stuck jobs from ONE scheduler query; return the still active
     job ids of the units in ``also`` (units a node waits for that are not queued now).
 
+    ``skip_completed`` (a pipeline submitted again): a shard whose last job COMPLETED and whose record is
+    there is finished, even for a stage that plans its one unit every time (merge, train, reduce). A stage
+    submitted alone is queued as its stage plans it (a training continued to more epochs).
     When SLURM cannot be asked nothing is queued (a shard might run twice), unless ``force``.
     """
     from hpcvid.launch import scheduler
@@ -174,9 +178,8 @@ def find_active(planned: Sequence[Planned], work: Path | str, force: bool, also:
         for spec in p.specs:
             job_id = wanted.get((p.unit, spec.index, spec.count))
             state = states.get(job_id) if job_id else None
-            if state is not None and state.state == "COMPLETED" and not force \
+            if skip_completed and state is not None and state.state == "COMPLETED" and not force \
                     and folder.record_file(Unit.parse(p.unit), spec).is_file():
-                # a unit its stage plans every time (merge, train, reduce): done, unless its input changes now
                 p.finished[spec.index] = job_id
                 continue
             if state is None or state.state not in ACTIVE:
@@ -223,7 +226,7 @@ def submit_graph(config: Config, nodes: Sequence[Node], *, argv: Sequence[str], 
         return []
     names = {p.node.name for p in planned}
     outside = {up for p in planned for up in p.node.after if up not in names}
-    alive = find_active(planned, config.work, force, outside) if slurm else {}
+    alive = find_active(planned, config.work, force, outside, skip_completed=len(nodes) > 1) if slurm else {}
     requeue_behind_new_jobs(planned)
     if slurm:
         check_job_count(sum(len(p.to_queue()) for p in planned), site.limits, "submit")
