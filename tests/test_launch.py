@@ -326,10 +326,25 @@ def test_sbatch_text_of_the_example_profile_s_training_stage_matches_the_golden_
     assert _site_stage("train") == (GOLDEN / "sbatch_example_train.txt").read_text()
 
 
-def test_the_reduce_stage_of_the_example_profile_asks_for_one_core_outside_the_container():
-    text = _site_stage("reduce")
-    assert "#SBATCH --cpus-per-task=1\n" in text and "#SBATCH --mem=4G\n" in text and "apptainer" not in text
-    assert "#SBATCH --partition=cpu\n" in text and "#SBATCH --mail-type=END,FAIL\n" in text
+@pytest.mark.parametrize("stage, lines", [
+    ("merge", ["--cpus-per-task=2", "--time=60", "--partition=cpu", "--mem=16G"]),
+    ("features", ["--cpus-per-task=4", "--time=120", "--partition=gpu", "--gpus-per-node=1"]),
+    ("eval", ["--cpus-per-task=4", "--time=60", "--partition=gpu", "--gpus-per-node=1"]),
+    ("reduce", ["--cpus-per-task=1", "--time=30", "--partition=cpu", "--mem=4G"]),
+])
+def test_every_stage_table_of_the_example_profile_reaches_its_script(stage, lines):
+    text = _site_stage(stage)
+    for line in lines + ["--mail-type=END,FAIL", "--signal=USR2@120", "--account=my-project"]:
+        assert f"#SBATCH {line}\n" in text, (stage, line)
+    assert "apptainer" not in text and "module load python/3.11" in text, "only [launch.train] has the container"
+    assert "--constraint" not in text and "--exclusive" not in text
+
+
+def test_the_example_profile_s_requeue_and_executor_settings():
+    from hpcvid.config import resolve_config
+
+    launch = resolve_config(profile=Path(__file__).resolve().parents[1] / "slurm" / "example.toml").launch
+    assert (launch.executor, launch.max_requeues, launch.qos, launch.container_runtime) == ("slurm", 3, "", "apptainer")
 
 
 def test_a_flag_wins_over_every_stage_table():
