@@ -25,7 +25,6 @@ from typing import Any, Callable, Mapping
 
 from hpcvid.errors import ConfigError
 from hpcvid.fileio import atomic_write_json
-from hpcvid.stages import PIPELINE_ORDER
 
 # --------------------------------------------------------------------------------------------- checks
 @dataclass(frozen=True)
@@ -214,7 +213,8 @@ class PipelineConfig:
     """What `hpcvid submit pipeline` queues: the models of the study and the stages (hpcvid.launch.pipeline)."""
 
     models: tuple[str, ...] = option(MODELS, check=_MODEL_LIST, help="models trained, evaluated and compared")
-    stages: tuple[str, ...] = option(PIPELINE_ORDER, check=_STAGE_LIST,
+    # the stage table (hpcvid.stages) is not imported here: it may come to import this module
+    stages: tuple[str, ...] = option(("extract", "merge", "train", "features", "eval", "reduce"), check=_STAGE_LIST,
                                      help="stages queued; a unit whose stage is left out is taken as done")
 
 

@@ -69,6 +69,13 @@ def test_the_study_graph_for_four_models():
     assert graph["reduce"] == ("eval/frame", "eval/flow", "eval/twostream", "eval/lstm")
 
 
+def test_the_study_s_stages_are_the_stage_table_s_order():
+    from hpcvid.launch.pipeline import STUDY_STAGES
+    from hpcvid.stages import PIPELINE_ORDER, STAGES
+
+    assert STUDY_STAGES == PIPELINE_ORDER and set(STUDY_STAGES) <= set(STAGES)
+
+
 def test_smaller_studies_and_stage_subsets():
     from hpcvid.errors import ConfigError
     from hpcvid.launch.pipeline import study_graph

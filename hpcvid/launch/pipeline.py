@@ -28,17 +28,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from hpcvid.config import MODELS, Config, replace, write_resolved
+from hpcvid.config import MODELS, Config, PipelineConfig, replace, write_resolved
 from hpcvid.errors import ConfigError, HpcvidError, SchedulerError
 from hpcvid.launch.cluster import Site, check_job_count, shared_parallelism, split_into_arrays
 from hpcvid.launch.sharding import ShardSpec
-from hpcvid.stages import PIPELINE_ORDER, STAGES, Stage
+from hpcvid.stages import STAGES, Stage
 from hpcvid.workfolder import Unit, WorkFolder
 
 # SLURM states of a job that may still run (status and the resubmission rule agree on them).
 ACTIVE = frozenset({"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING"})
 NEVER_STARTS = "DependencyNeverSatisfied"
-STUDY_STAGES = PIPELINE_ORDER
+STUDY_STAGES = PipelineConfig().stages
 
 
 @dataclass(frozen=True)
