@@ -180,6 +180,7 @@ class TrainConfig:
     keep_checkpoints: int = option(2, check=POSITIVE, help="epoch checkpoints kept (best.pt is kept apart)")
     checkpoint: str = option("", help="the frame CNN of `run features` (and so the fine-tuned features the lstm "
                                       "reads): a run folder or checkpoint; empty = WORK/runs/frame")
+    tensorboard: bool = option(False, help="rank 0 also writes TensorBoard event files into WORK/runs/<model>/")
 
 
 @dataclass(frozen=True)
@@ -212,9 +213,35 @@ class ReportConfig:
     runs: tuple[str, ...] = option((), help="only these runs of WORK/eval; empty = all")
 
 
+MODELS = ("frame", "flow", "twostream", "lstm")
+_MODEL_LIST = Check(lambda v: len(v) > 0 and all(m in MODELS for m in v) and len(set(v)) == len(v),
+                    f"a list of distinct models from: {', '.join(MODELS)}")
+_STAGE_LIST = Check(lambda v: len(v) > 0 and len(set(v)) == len(v), "a non-empty list of distinct stages")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """What `hpcvid submit pipeline` queues: the models of the study and the stages (hpcvid.launch.pipeline)."""
+
+    models: tuple[str, ...] = option(MODELS, check=_MODEL_LIST, help="models trained, evaluated and compared")
+    # the stage table (hpcvid.stages) is not imported here: it may come to import this module
+    stages: tuple[str, ...] = option(("extract", "merge", "train", "features", "eval", "reduce"), check=_STAGE_LIST,
+                                     help="stages queued; a unit whose stage is left out is taken as done")
+
+
+def _mapping(help: str) -> Any:
+    """A field holding a table (``launch.sbatch``, the per-stage tables): a dict, left out of hashing."""
+    return field(default_factory=dict, hash=False, metadata={"choices": None, "check": None, "help": help})
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Where shards run: the cluster profile (slurm/*.toml) fills this section."""
+    """Where shards run: the cluster profile (slurm/*.toml) fills this section.
+
+    ``[launch]`` holds the defaults of every stage; ``[launch.extract]``, ``[launch.train]``, ... (any stage of
+    hpcvid.stages.STAGES) override them for that stage (kept in ``stages``; :meth:`for_stage` applies them).
+    ``sbatch`` passes any other sbatch option through (checked against sbatch's own options at submit time).
+    """
 
     executor: str = option("local", choices=("local", "slurm", "debug"))
     partition: str = option("")
@@ -235,6 +262,19 @@ class LaunchConfig:
     array_parallelism: int = option(64, check=POSITIVE)
     signal_delay_s: int = option(90, check=POSITIVE, help="seconds before the walltime to checkpoint")
     max_requeues: int = option(3, check=NON_NEGATIVE)
+    setup: tuple[str, ...] = option((), help="shell lines the job script runs first (module load ..., source .../activate)")
+    container: str = option("", help="Apptainer/Singularity image the jobs run in; empty = none")
+    container_runtime: str = option("apptainer", choices=("apptainer", "singularity"))
+    container_binds: tuple[str, ...] = option((), help="paths bound into the container besides WORK and the dataset")
+    python: str = option("", help="the interpreter jobs run; empty = this one (python3 inside a container)")
+    sbatch: dict[str, Any] = _mapping("any other sbatch option: {constraint = \"a100\", exclusive = true}")
+    stages: dict[str, dict[str, Any]] = _mapping("per-stage overrides: [launch.extract], [launch.train], ...")
+
+    def for_stage(self, stage: str) -> "LaunchConfig":
+        """The launch settings of one stage: [launch] with [launch.<stage>] over it (sbatch merged by option)."""
+        overrides = dict(self.stages.get(stage, {}))
+        sbatch = {**self.sbatch, **overrides.pop("sbatch", {})}
+        return dataclasses.replace(self, **overrides, sbatch=sbatch)
 
 
 @dataclass(frozen=True)
@@ -249,6 +289,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     @property
@@ -258,11 +299,19 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def for_stage(self, stage: str) -> "Config":
+        """This config with ``launch`` resolved for ``stage`` (its [launch.<stage>] table applied)."""
+        return dataclasses.replace(self, launch=self.launch.for_stage(stage))
+
 
 _SECTION_CLASSES = {
     "dataset": DatasetConfig, "synth": SynthConfig, "extract": ExtractConfig,
-    "train": TrainConfig, "eval": EvalConfig, "merge": MergeConfig, "report": ReportConfig, "launch": LaunchConfig,
+    "train": TrainConfig, "eval": EvalConfig, "merge": MergeConfig, "report": ReportConfig,
+    "pipeline": PipelineConfig, "launch": LaunchConfig,
 }
+# Keys a [launch.<stage>] table may set: every launch key but the executor (one per submission).
+STAGE_LAUNCH_KEYS = tuple(f.name for f in dataclasses.fields(LaunchConfig) if f.name not in ("executor", "stages"))
+_SBATCH_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
 # ----------------------------------------------------------------------------------------- resolving
@@ -285,16 +334,20 @@ def load_toml(path: Path | str, what: str = "job file") -> dict[str, Any]:
 
 
 def _flatten(table: Mapping[str, Any], source: str) -> dict[str, tuple[Any, str]]:
-    """{'extract': {'shards': 3}} -> {'extract.shards': (3, source)}; unknown keys fail here."""
+    """{'extract': {'shards': 3}} -> {'extract.shards': (3, source)}; unknown keys fail here.
+
+    Tables inside [launch] become keys of their own, so that each layer overrides one option at a time:
+    ``launch.sbatch.<option>``, ``launch.<stage>.<key>`` and ``launch.<stage>.sbatch.<option>``.
+    """
     flat: dict[str, tuple[Any, str]] = {}
     for key, value in table.items():
         if key == "work":
             flat["work"] = (value, source)
+        elif key == "launch":
+            flat.update(_flatten_launch(_table(value, "[launch]", source), source))
         elif key in _SECTION_CLASSES:
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{source}: [{key}] must be a table of settings, not {value!r}")
             valid = {f.name for f in dataclasses.fields(_SECTION_CLASSES[key])}
-            for name, item in value.items():
+            for name, item in _table(value, f"[{key}]", source).items():
                 if name not in valid:
                     raise ConfigError(
                         f"{source}: unknown key {key}.{name}; valid keys of [{key}]: {', '.join(sorted(valid))}"
@@ -307,6 +360,59 @@ def _flatten(table: Mapping[str, Any], source: str) -> dict[str, tuple[Any, str]
     return flat
 
 
+def _table(value: Any, what: str, source: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{source}: {what} must be a table of settings, not {value!r}")
+    return value
+
+
+def _stage_names() -> tuple[str, ...]:
+    from hpcvid.stages import STAGES
+
+    return tuple(STAGES)
+
+
+def _flatten_launch(launch: Mapping[str, Any], source: str, stage: str = "") -> dict[str, tuple[Any, str]]:
+    """[launch] (or one [launch.<stage>] table) as dotted keys; unknown keys and stages fail here."""
+    prefix = f"launch.{stage}." if stage else "launch."
+    valid = STAGE_LAUNCH_KEYS if stage else tuple(f.name for f in dataclasses.fields(LaunchConfig))
+    flat: dict[str, tuple[Any, str]] = {}
+    for name, item in launch.items():
+        if name == "sbatch":
+            for option_name, value in _table(item, f"{prefix}sbatch", source).items():
+                if not _SBATCH_NAME.match(str(option_name)):
+                    raise ConfigError(f"{source}: {prefix}sbatch.{option_name} is not an sbatch option name: use "
+                                      "the long option without dashes, e.g. constraint or mail_type")
+                flat[f"{prefix}sbatch.{option_name}"] = (item[option_name], source)
+        elif not stage and name == "stages":    # the form Config.to_dict() writes
+            for stage_name, table in _table(item, "launch.stages", source).items():
+                flat.update(_flatten_launch_stage(stage_name, table, source))
+        elif not stage and name in _stage_names():
+            flat.update(_flatten_launch_stage(name, item, source))
+        elif name in valid:
+            flat[prefix + name] = (item, source)
+        else:
+            where = f"[launch.{stage}]" if stage else "[launch]"
+            tables = "" if stage else f"; stage tables: {', '.join(f'[launch.{s}]' for s in _stage_names())}"
+            raise ConfigError(f"{source}: unknown key {prefix}{name}; valid keys of {where}: "
+                              f"{', '.join(sorted(valid))}{tables}")
+    return flat
+
+
+def _flatten_launch_stage(stage: str, table: Any, source: str) -> dict[str, tuple[Any, str]]:
+    if stage not in _stage_names():
+        raise ConfigError(f"{source}: [launch.{stage}] names no stage; stages: {', '.join(_stage_names())}")
+    return _flatten_launch(_table(table, f"[launch.{stage}]", source), source, stage)
+
+
+def _general_key(dotted: str) -> str:
+    """'launch.train.walltime' -> 'launch.walltime', 'launch.eval.sbatch.x' -> 'launch.sbatch.x'; others as given."""
+    parts = dotted.split(".")
+    if len(parts) >= 3 and parts[0] == "launch" and parts[1] != "sbatch":
+        return ".".join([parts[0], *parts[2:]])
+    return dotted
+
+
 def _field_of(dotted: str) -> dataclasses.Field:
     if dotted == "work":
         return next(f for f in dataclasses.fields(Config) if f.name == "work")
@@ -316,8 +422,11 @@ def _field_of(dotted: str) -> dataclasses.Field:
 
 def _coerce(dotted: str, value: Any, source: str) -> Any:
     """Check and convert ``value`` to the field's declared type (int -> float allowed, list -> tuple)."""
-    fld = _field_of(dotted)
-    annotation = fld.type if not isinstance(fld.type, str) else _resolve_annotation(dotted)
+    general = _general_key(dotted)
+    if general.startswith("launch.sbatch."):
+        return _coerce_sbatch_value(dotted, value, source)
+    fld = _field_of(general)
+    annotation = fld.type if not isinstance(fld.type, str) else _resolve_annotation(general)
     origin = typing.get_origin(annotation)
     if dotted == "dataset.class_map":
         return _coerce_class_map(value, source)
@@ -325,8 +434,9 @@ def _coerce(dotted: str, value: Any, source: str) -> Any:
         item_type = typing.get_args(annotation)[0]
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: {dotted} must be a list of {item_type.__name__}, got {value!r}")
-        return tuple(_coerce_scalar(dotted, item, item_type, source) for item in value)
-    coerced = _coerce_scalar(dotted, value, annotation, source)
+        coerced = tuple(_coerce_scalar(dotted, item, item_type, source) for item in value)
+    else:
+        coerced = _coerce_scalar(dotted, value, annotation, source)
     choices = fld.metadata.get("choices")
     if choices is not None and coerced not in choices:
         raise ConfigError(
@@ -352,6 +462,16 @@ def _coerce_class_map(value: Any, source: str) -> tuple[tuple[str, tuple[str, ..
         raise ConfigError(f'{source}: dataset.class_map must be a table of new class = ["source class", ...] or '
                           f'"*", got {value!r}') from None
     return tuple(result)
+
+
+def _coerce_sbatch_value(dotted: str, value: Any, source: str) -> bool | str:
+    """An sbatch option's value: true (a flag), false (left out) or text (numbers become text)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) or (isinstance(value, str) and value.strip()):
+        return str(value)
+    raise ConfigError(f"{source}: {dotted} = {value!r} is not valid; give text, a number, or true for a flag "
+                      "(false leaves it out)")
 
 
 def _resolve_annotation(dotted: str) -> Any:
@@ -394,34 +514,51 @@ def resolve_config(
 ) -> Config:
     """The one precedence: defaults < job file < cluster profile < command-line ``overrides``.
 
-    ``overrides`` maps dotted keys (``"extract.shards"``) to values; ``None`` values mean "flag not
-    given" and are skipped, so argparse defaults of ``None`` never mask the files.
+    Per stage, the launch settings are, lowest first: [launch] of the job file, [launch] of the profile,
+    [launch.<stage>] of the job file, [launch.<stage>] of the profile, then the flags. A stage's own table
+    wins over the defaults of any file (a site profile's [launch] cpus do not undo a job file's
+    [launch.train] cpus), and a flag (``--walltime``) wins over every table.
+
+    ``overrides`` maps dotted keys (``"extract.shards"``, ``"launch.sbatch.constraint"``) to values; ``None``
+    values mean "flag not given" and are skipped, so argparse defaults of ``None`` never mask the files.
     """
     layered: dict[str, tuple[Any, str]] = {}
     if job_file is not None:
         layered.update(_flatten(load_toml(job_file, "job file"), f"job file {job_file}"))
     if profile is not None:
         layered.update(_flatten(load_toml(profile, "cluster profile"), f"cluster profile {profile}"))
+    flags: dict[str, tuple[Any, str]] = {}
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
-        if dotted != "work" and (dotted.count(".") != 1 or dotted.split(".")[0] not in _SECTION_CLASSES):
+        section = dotted.split(".")[0]
+        if dotted != "work" and (section not in _SECTION_CLASSES or (dotted.count(".") != 1 and section != "launch")):
             raise ConfigError(f"the command line: unknown setting {dotted!r}")
-        layered.update(_flatten(_nest({dotted: value}), "the command line"))
+        flags.update(_flatten(_nest({dotted: value}), "the command line"))
+    _override(layered, flags)
     values = {dotted: _coerce(dotted, value, source) for dotted, (value, source) in layered.items()}
     config = _build(values)
     _validate_sections(config, layered)
     return config
 
 
+def _override(layered: dict[str, tuple[Any, str]], layer: Mapping[str, tuple[Any, str]]) -> None:
+    """Put flags (or a caller's changes) over everything: a general launch key replaces every stage's value."""
+    general = {key for key in layer if _general_key(key) == key and key.startswith("launch.")}
+    for key in [k for k in layered if k not in layer and _general_key(k) != k and _general_key(k) in general]:
+        del layered[key]
+    layered.update(layer)
+
+
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """{'launch.train.walltime': v} -> {'launch': {'train': {'walltime': v}}}."""
     nested: dict[str, Any] = {}
     for dotted, value in flat.items():
-        if "." in dotted:
-            section, name = dotted.split(".", 1)
-            nested.setdefault(section, {})[name] = value
-        else:
-            nested[dotted] = value
+        *parents, name = dotted.split(".")
+        table = nested
+        for part in parents:
+            table = table.setdefault(part, {})
+        table[name] = value
     return nested
 
 
@@ -429,8 +566,28 @@ def _build(values: Mapping[str, Any]) -> Config:
     sections = {}
     for name, cls in _SECTION_CLASSES.items():
         prefix = name + "."
-        sections[name] = cls(**{k[len(prefix):]: v for k, v in values.items() if k.startswith(prefix)})
+        own = {k[len(prefix):]: v for k, v in values.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+        if cls is LaunchConfig:
+            own.update(_launch_tables(values))
+        sections[name] = cls(**own)
     return Config(work=values.get("work", Config.work), **sections)
+
+
+def _launch_tables(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The dotted sbatch and stage keys gathered back into LaunchConfig's ``sbatch`` and ``stages`` tables."""
+    sbatch: dict[str, Any] = {}
+    stages: dict[str, dict[str, Any]] = {}
+    for dotted, value in values.items():
+        parts = dotted.split(".")
+        if parts[0] != "launch" or len(parts) < 3:
+            continue
+        if parts[1] == "sbatch":
+            sbatch[parts[2]] = value
+        elif parts[2] == "sbatch":
+            stages.setdefault(parts[1], {}).setdefault("sbatch", {})[parts[3]] = value
+        else:
+            stages.setdefault(parts[1], {})[parts[2]] = value
+    return {"sbatch": dict(sorted(sbatch.items())), "stages": dict(sorted(stages.items()))}
 
 
 def _validate_sections(config: Config, layered: Mapping[str, tuple[Any, str]]) -> None:
@@ -449,10 +606,8 @@ def _validate_sections(config: Config, layered: Mapping[str, tuple[Any, str]]) -
 
 def replace(config: Config, **changes: Any) -> Config:
     """A copy of ``config`` with dotted-key changes, validated like command-line overrides."""
-    current = {f"{s}.{k}": v for s, sec in config.to_dict().items() if isinstance(sec, dict) for k, v in sec.items()}
-    current["work"] = config.work
-    merged = {k: (v, "the defaults") for k, v in current.items()}
-    merged.update({k: (v, "the caller") for k, v in changes.items()})
+    merged = _flatten({k: v for k, v in config.to_dict().items()}, "the defaults")
+    _override(merged, _flatten(_nest(changes), "the caller"))
     values = {k: _coerce(k, v, s) for k, (v, s) in merged.items()}
     result = _build(values)
     _validate_sections(result, merged)
@@ -470,11 +625,8 @@ def write_resolved(config: Config, folder: Path | str | None = None, argv: list[
 
 def config_from_dict(payload: Mapping[str, Any]) -> Config:
     """Rebuild a Config from :meth:`Config.to_dict` output (e.g. from a checkpoint or record)."""
-    flat = {"work": payload.get("work", Config.work)}
-    for section, values in payload.items():
-        if isinstance(values, Mapping):
-            flat.update({f"{section}.{k}": v for k, v in values.items()})
-    return _build({k: _coerce(k, v, "a saved config") for k, v in flat.items()})
+    flat = _flatten({"work": payload.get("work", Config.work), **payload}, "a saved config")
+    return _build({k: _coerce(k, v, s) for k, (v, s) in flat.items()})
 
 
 def load_resolved(work: Path | str) -> Config:

@@ -103,3 +103,22 @@ def extract_job_file(folder: Path, dataset: Path, work: Path) -> Path:
     job.write_text(f'work = "{work}"\n[dataset]\nroot = "{dataset}"\nformat = "ucf101"\n'
                    '[extract]\nshards = 3\nsize = 32\nbackbone = "none"\nflow = "farneback"\n')
     return job
+
+
+@pytest.fixture
+def fake_sbatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An ``sbatch`` first on PATH that keeps every script it is given (``N.sh``) and answers as sbatch does,
+    with job ids from 100: submitit's own submission code runs, and no job is queued anywhere."""
+    folder = tmp_path / "fake-sbatch"
+    (folder / "bin").mkdir(parents=True)
+    script = folder / "bin" / "sbatch"
+    script.write_text(f"""#!/bin/bash
+set -e
+n=$(( $(cat "{folder}/last" 2>/dev/null || echo 99) + 1 ))
+echo $n > "{folder}/last"
+cp "$1" "{folder}/$n.sh"
+echo "Submitted batch job $n"
+""")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    return folder

@@ -105,6 +105,15 @@ def test_bad_choice_lists_the_choices(tmp_path):
     ("[synth]\nper_class = 4\ntest_per_class = 4\n", "synth.test_per_class must be smaller than synth.per_class"),
     ("[train]\nseq_len = 8\nchunk = 16\n", "train.chunk (16) must not exceed train.seq_len (8)"),
     ("[extract]\n shards = [\n", "is not valid TOML"),
+    ("[launch.trian]\ncpus_per_task = 2\n", "unknown key launch.trian; valid keys of [launch]:"),
+    ("[launch.train]\nexecutor = \"local\"\n", "unknown key launch.train.executor; valid keys of [launch.train]:"),
+    ("[launch.train]\ncpus_per_task = 0\n", "launch.train.cpus_per_task = 0 is not valid; it must be > 0"),
+    ("[launch.eval]\nwalltime = \"1h\"\n", "launch.eval.walltime = '1h' is not valid; it must be a walltime"),
+    ("[launch]\nsbatch = {mail_type = []}\n", "launch.sbatch.mail_type = [] is not valid; give text"),
+    ("[launch]\nsbatch = \"--exclusive\"\n", "launch.sbatch must be a table of settings"),
+    ("[launch]\nsetup = \"module load x\"\n", "launch.setup must be a list of str"),
+    ("[launch]\ncontainer_runtime = \"docker\"\n", "choose one of: apptainer, singularity"),
+    ("[pipeline]\nmodels = [\"frame\", \"c3d\"]\n", "pipeline.models = ['frame', 'c3d'] is not valid; it must be a list"),
 ])
 def test_bad_values_fail_before_any_work_naming_the_file(tmp_path, toml, fragment):
     bad = write(tmp_path / "bad.toml", toml)
@@ -181,3 +190,51 @@ def test_configuration_errors_reach_the_user_as_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert expected in err and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
     assert not missing.exists(), "a stage that reads a work folder must not create it"
+
+
+# ------------------------------------------------------------------------------------------ per-stage launch
+def test_a_stage_table_overrides_launch_for_that_stage_only(tmp_path):
+    job = write(tmp_path / "job.toml", '[launch]\ncpus_per_task = 3\nwalltime = "01:00:00"\n'
+                                       '[launch.train]\ncpus_per_task = 6\ngpus_per_node = 2\n')
+    site = write(tmp_path / "site.toml", '[launch]\ncpus_per_task = 1\nwalltime = "04:00:00"\n'
+                                         '[launch.extract]\nwalltime = "02:00:00"\n')
+    config = resolve_config(job, site)
+    train, extract, merge = (config.launch.for_stage(s) for s in ("train", "extract", "merge"))
+    # the profile's [launch] cpus do not undo the job file's [launch.train] cpus: a stage's table wins
+    assert (train.cpus_per_task, train.gpus_per_node, train.walltime) == (6, 2, "04:00:00")
+    assert (extract.cpus_per_task, extract.gpus_per_node, extract.walltime) == (1, 0, "02:00:00")
+    assert (merge.cpus_per_task, merge.walltime) == (1, "04:00:00")
+    assert config.launch.cpus_per_task == 1 and config.for_stage("train").launch == train
+    # a flag wins over every table
+    flagged = resolve_config(job, site, {"launch.cpus_per_task": 4, "launch.walltime": "00:30:00"})
+    assert {flagged.launch.for_stage(s).cpus_per_task for s in ("train", "extract", "merge")} == {4}
+    assert flagged.launch.for_stage("extract").walltime == "00:30:00"
+    assert flagged.launch.for_stage("train").gpus_per_node == 2, "only the flagged keys are replaced"
+
+
+def test_sbatch_options_merge_option_by_option_across_tables_and_layers(tmp_path):
+    site = write(tmp_path / "site.toml", '[launch]\nsbatch = {mail_type = "END", exclusive = true}\n'
+                                         '[launch.train]\nsbatch = {constraint = "a100"}\n'
+                                         '[launch.reduce]\nsbatch = {exclusive = false}\n')
+    config = resolve_config(None, site, {"launch.sbatch.reservation": "r1", "launch.sbatch.mail_type": "ALL"})
+    assert config.launch.for_stage("train").sbatch == {"constraint": "a100", "exclusive": True, "mail_type": "ALL",
+                                                       "reservation": "r1"}
+    assert config.launch.for_stage("reduce").sbatch["exclusive"] is False
+    assert resolve_config(None, site, {"launch.sbatch.time_min": 30}).launch.sbatch["time_min"] == "30"
+
+
+def test_stage_tables_setup_and_container_round_trip_through_the_work_folder(tmp_path):
+    job = write(tmp_path / "job.toml", f'work = "{tmp_path / "w"}"\n[launch]\nsetup = ["module load x"]\n'
+                                       '[launch.train]\ncontainer = "/img.sif"\nsbatch = {hint = "nomultithread"}\n')
+    config = resolve_config(job)
+    write_resolved(config)
+    again = load_resolved(tmp_path / "w")
+    assert again == config and again.launch.for_stage("train").container == "/img.sif"
+    assert again.launch.setup == ("module load x",) and again.launch.stages["train"]["sbatch"] == {"hint": "nomultithread"}
+    assert replace(again, **{"train.epochs": 2}).launch == config.launch
+
+
+def test_unknown_launch_key_lists_the_stage_tables(tmp_path):
+    bad = write(tmp_path / "bad.toml", "[launch]\ncpu = 2\n")
+    with pytest.raises(ConfigError, match=r"stage tables: \[launch\.extract\], \[launch\.merge\], \[launch\.train\]"):
+        resolve_config(None, bad)

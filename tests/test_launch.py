@@ -298,3 +298,78 @@ def test_queued_shard_jobs_are_capped_at_the_allocation_s_cpus(tmp_path, monkeyp
                                            "launch.cpus_per_task": 3})
         launch.submit_shards(config, STAGES["extract"], all_shards(2), launch.Resources(name="x"), ["t"])
         assert [job.threads for job in submitted] == [expected, expected]
+
+
+# ------------------------------------------------------------------------------------------ site profiles
+def _site_stage(stage: str, array: int = 0, **overrides) -> str:
+    """The sbatch text of one stage under slurm/example.toml (every key of the profile shows in it)."""
+    from hpcvid.config import resolve_config
+    from hpcvid.launch.executors import resources_for, sbatch_text
+    from hpcvid.stages import STAGES
+
+    root = Path(__file__).resolve().parents[1]
+    config = resolve_config(profile=root / "slurm" / "example.toml",
+                            overrides={"work": "/W", "dataset.root": "/D", **overrides}).for_stage(stage)
+    resources = resources_for(STAGES[stage], config, "afterok:41", name=f"hpcvid-{stage}")
+    return sbatch_text(config.launch, resources, Path("/W/jobs/logs/%j"), array=array).replace(sys.executable,
+                                                                                              "<PYTHON>")
+
+
+def test_sbatch_text_of_the_example_profile_s_extract_stage_matches_the_golden_file():
+    """[launch] defaults (account, setup lines, mail options) with [launch.extract]'s cpus, memory, walltime."""
+    assert _site_stage("extract", array=12) == (GOLDEN / "sbatch_example_extract.txt").read_text()
+
+
+def test_sbatch_text_of_the_example_profile_s_training_stage_matches_the_golden_file():
+    """[launch.train]: GPU partition, an Apptainer image with --nv and the folders bound, its own setup line,
+    and sbatch options merged into [launch]'s option by option."""
+    assert _site_stage("train") == (GOLDEN / "sbatch_example_train.txt").read_text()
+
+
+@pytest.mark.parametrize("stage, lines", [
+    ("merge", ["--cpus-per-task=2", "--time=60", "--partition=cpu", "--mem=16G"]),
+    ("features", ["--cpus-per-task=4", "--time=120", "--partition=gpu", "--gpus-per-node=1"]),
+    ("eval", ["--cpus-per-task=4", "--time=60", "--partition=gpu", "--gpus-per-node=1"]),
+    ("reduce", ["--cpus-per-task=1", "--time=30", "--partition=cpu", "--mem=4G"]),
+])
+def test_every_stage_table_of_the_example_profile_reaches_its_script(stage, lines):
+    text = _site_stage(stage)
+    for line in lines + ["--mail-type=END,FAIL", "--signal=USR2@120", "--account=my-project"]:
+        assert f"#SBATCH {line}\n" in text, (stage, line)
+    assert "apptainer" not in text and "module load python/3.11" in text, "only [launch.train] has the container"
+    assert "--constraint" not in text and "--exclusive" not in text
+
+
+def test_the_example_profile_s_requeue_and_executor_settings():
+    from hpcvid.config import resolve_config
+
+    launch = resolve_config(profile=Path(__file__).resolve().parents[1] / "slurm" / "example.toml").launch
+    assert (launch.executor, launch.max_requeues, launch.qos, launch.container_runtime) == ("slurm", 3, "", "apptainer")
+
+
+def test_a_flag_wins_over_every_stage_table():
+    assert "#SBATCH --time=15\n" in _site_stage("train", **{"launch.walltime": "00:15:00"})
+    assert "#SBATCH --time=15\n" in _site_stage("extract", **{"launch.walltime": "00:15:00"})
+
+
+def test_a_typo_in_an_sbatch_option_is_refused_before_sbatch_runs(tmp_path, toy_stages, capsys, monkeypatch):
+    from hpcvid.launch import external
+
+    asked = []
+
+    def only_sbatch_help(argv, **kwargs):   # nothing but `sbatch --help` may run: no job is queued
+        asked.append(list(argv))
+        assert list(argv) == ["sbatch", "--help"], f"ran {argv}"
+        return subprocess.CompletedProcess(argv, 0, "      --constraint=list   specify a list of constraints\n", "")
+
+    monkeypatch.setattr(external, "run_command", only_sbatch_help)
+    profile = tmp_path / "site.toml"
+    profile.write_text('[launch]\nexecutor = "slurm"\n[launch.toy]\nsbatch = {constrant = "a100"}\n')
+    work = _toy_work(tmp_path)
+    assert hpcvid("submit", "toy", "--work", work, "--shards", "2", "--profile", profile) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "toy: launch.sbatch.constrant: sbatch has no option --constrant" in err
+    assert "did you mean constraint" in err and "valid options: " in err
+    assert asked == [["sbatch", "--help"]] and not (work / "jobs").exists()
+    assert hpcvid("submit", "toy", "--work", work, "--shards", "2", "--sbatch", "reservaton=r1") == 2
+    assert "did you mean reservation" in capsys.readouterr().err

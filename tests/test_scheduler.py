@@ -163,17 +163,51 @@ def test_cancel_cancels_only_live_jobs_in_one_call(work_with_jobs, monkeypatch, 
     assert "cancelled 4 job(s)" in capsys.readouterr().out
 
 
-def test_resubmission_skips_shards_still_queued(work_with_jobs, monkeypatch):
-    from hpcvid.launch import scheduler
-    from hpcvid.config import resolve_config
-    from hpcvid.launch.sharding import all_shards
-    from hpcvid.cli.submit import _without_active
+def _planned(config, unit: str, specs):
+    """A node as submit plans it: the unit and the shards without a record."""
+    from hpcvid.launch.pipeline import Node, Planned
+    from hpcvid.stages import STAGES
 
-    monkeypatch.setattr(scheduler, "run_command", FakeSlurm())
+    return Planned(Node(unit), STAGES[unit], config, unit, list(specs))
+
+
+def test_resubmission_skips_shards_still_queued_and_requeues_jobs_that_never_start(work_with_jobs, monkeypatch):
+    from hpcvid.config import resolve_config
+    from hpcvid.launch import scheduler
+    from hpcvid.launch.pipeline import find_active
+    from hpcvid.launch.sharding import ShardSpec, all_shards
+
+    fake = FakeSlurm()
+    monkeypatch.setattr(scheduler, "run_command", fake)
     config = resolve_config(overrides={"work": str(work_with_jobs), "launch.executor": "slurm"})
-    kept = _without_active(config, "extract", all_shards(5), force=False)
-    # 41_0 done, 41_1 cancelled: may be queued again; 41_2 running, 41_3/41_4 pending: not twice
-    assert [s.index for s in kept] == [0, 1]
+    extract, merge = _planned(config, "extract", all_shards(5)), _planned(config, "merge", [ShardSpec(0, 1)])
+    find_active([extract, merge], work_with_jobs, force=False, skip_completed=True)   # a pipeline again
+    assert [c[0] for c in fake.calls] == ["sacct", "squeue"], "one query for every unit"
+    # 41_0 completed and wrote its record: done; 41_1 cancelled: queued again; 41_2 running, 41_3/41_4
+    # pending: not twice
+    assert extract.finished == {0: "41_0"} and [s.index for s in extract.to_queue()] == [1]
+    assert extract.pending == {3: "41_3", 4: "41_4"}
+    # 43 waits for a failed job (DependencyNeverSatisfied): it can never start, so it is queued again
+    assert merge.stuck == {0: "43"} and [s.index for s in merge.to_queue()] == [0]
+
+
+def test_a_unit_queued_again_takes_its_waiting_dependants_with_it(tmp_path):
+    """eval/x waits (PENDING, reason Dependency) for train/x's old job; train/x is queued again now, so the
+    old eval job would wait for the old train job: it must be queued again behind the new one."""
+    from hpcvid.config import resolve_config
+    from hpcvid.launch.pipeline import Node, Planned, requeue_behind_new_jobs
+    from hpcvid.launch.sharding import ShardSpec
+    from hpcvid.stages import STAGES
+
+    config = resolve_config(overrides={"work": str(tmp_path)})
+    train = Planned(Node("train", "x"), STAGES["train"], config, "train/x", [ShardSpec(0, 1)])
+    evaluate = Planned(Node("eval", "x", ("train/x",)), STAGES["eval"], config, "eval/x", [ShardSpec(0, 2)],
+                       active={0: "60_0"}, pending={0: "60_0"})
+    running = Planned(Node("eval", "y", ("train/y",)), STAGES["eval"], config, "eval/y", [ShardSpec(0, 1)],
+                      active={0: "61"}, pending={0: "61"})
+    requeue_behind_new_jobs([train, evaluate, running])
+    assert evaluate.stuck == {0: "60_0"} and [s.index for s in evaluate.to_queue()] == [0]
+    assert running.stuck == {} and running.to_queue() == [], "its upstream is not queued again: it stays"
 
 
 def test_status_shows_shards_run_locally_without_a_submission(tmp_path, monkeypatch, capsys):
@@ -211,8 +245,8 @@ def test_when_slurm_cannot_be_asked_nothing_is_queued_twice(work_with_jobs, monk
     from hpcvid.config import resolve_config
     from hpcvid.errors import CommandError, SchedulerError
     from hpcvid.launch import scheduler
+    from hpcvid.launch.pipeline import find_active
     from hpcvid.launch.sharding import all_shards
-    from hpcvid.cli.submit import _without_active
 
     def unreachable(argv, **kwargs):
         raise CommandError(list(argv), 1, stderr="slurm_load_jobs error: Unable to contact slurm controller")
@@ -221,6 +255,69 @@ def test_when_slurm_cannot_be_asked_nothing_is_queued_twice(work_with_jobs, monk
     config = resolve_config(overrides={"work": str(work_with_jobs), "launch.executor": "slurm"})
     with pytest.raises(SchedulerError, match=r"extract: SLURM cannot be asked .* nothing queued, so that no shard "
                                              r"runs twice: try again, or pass --force"):
-        _without_active(config, "extract", all_shards(5), force=False)
-    assert [s.index for s in _without_active(config, "extract", all_shards(5), force=True)] == [0, 1, 2, 3, 4]
+        find_active([_planned(config, "extract", all_shards(5))], work_with_jobs, force=False)
+    forced = _planned(config, "extract", all_shards(5))
+    find_active([forced], work_with_jobs, force=True)
+    assert [s.index for s in forced.to_queue()] == [0, 1, 2, 3, 4]
     assert "queued anyway (--force)" in capsys.readouterr().out
+
+
+def test_a_training_row_shows_epochs_best_validation_accuracy_and_eta(tmp_path, monkeypatch, capsys):
+    import time
+
+    from hpcvid.launch import scheduler
+    from hpcvid.launch.progress import write_progress
+    from hpcvid.launch.sharding import ShardSpec
+    from hpcvid.workfolder import Unit
+
+    work = tmp_path / "work"
+    _submission(work, "train/lstm", [("70", 0, 1)], "t1")
+    _submission(work, "train/frame", [("71", 0, 1)], "t1")
+    now = time.time()
+    # resumed at epoch 1 (a requeue): 2 epochs in the 60 s since, 7 to go -> 210 s
+    write_progress(work, Unit("train", "lstm"), ShardSpec(0, 1), done=3, total=10, best_val_acc=0.8125,
+                   stopped_early=False, started=now - 60, done_at_start=1)
+    write_progress(work, Unit("train", "frame"), ShardSpec(0, 1), done=4, total=4, best_val_acc=0.5,
+                   stopped_early=True, started=now - 40, done_at_start=0)
+    fake = FakeSlurm(sacct="70|RUNNING|0:0|a|Unknown|00:01:00|n1\n71|COMPLETED|0:0|a|b|00:00:40|n2\n", squeue="")
+    monkeypatch.setattr(scheduler, "run_command", fake)
+    assert hpcvid("status", work) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("train/")}
+    lstm = rows["train/lstm"].split()
+    assert lstm[3:8] == ["RUNNING", "3/10", "-", "2.0", "0:03:30"], rows["train/lstm"]
+    assert "epochs; best val acc 0.812" in rows["train/lstm"]
+    assert "4/4" in rows["train/frame"] and "best val acc 0.500; stopped early" in rows["train/frame"]
+
+
+def test_watch_refreshes_with_one_query_each_until_every_job_ends(work_with_jobs, monkeypatch, capsys):
+    from hpcvid.cli import status
+    from hpcvid.launch import scheduler
+
+    answers = [SACCT, SACCT.replace("RUNNING", "COMPLETED").replace("PENDING", "CANCELLED")]
+    fake = FakeSlurm()
+    sleeps = []
+
+    def next_answer(seconds):
+        sleeps.append(seconds)
+        fake.sacct, fake.squeue = answers[len(sleeps)], ""
+
+    monkeypatch.setattr(scheduler, "run_command", fake)
+    monkeypatch.setattr(status.time, "sleep", next_answer)
+    assert hpcvid("status", work_with_jobs, "--watch", "5") == 0
+    out = capsys.readouterr().out
+    assert sleeps == [5] and out.count("UNIT ") == 2
+    assert [c[0] for c in fake.calls] == ["sacct", "squeue", "sacct", "squeue"], "one batched query per refresh"
+    assert "again in 5 s" in out and out.rstrip().endswith("watch: every job has ended")
+
+
+def test_watch_stops_when_what_is_left_waits_for_a_failed_job(work_with_jobs, monkeypatch, capsys):
+    """A job that waits for a failed one never ends by itself: watching it would never stop."""
+    from hpcvid.cli import status
+    from hpcvid.launch import scheduler
+
+    fake = FakeSlurm(sacct=SACCT.replace("RUNNING", "COMPLETED").replace("41_[3-4]|PENDING", "41_[3-4]|CANCELLED"),
+                     squeue="43|PENDING|DependencyNeverSatisfied\n")
+    monkeypatch.setattr(scheduler, "run_command", fake)
+    monkeypatch.setattr(status.time, "sleep", lambda s: pytest.fail("slept: the watch should have ended"))
+    assert hpcvid("status", work_with_jobs, "--watch") == 0
+    assert "watch: every job has ended" in capsys.readouterr().out

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import PIPELINE_JOB
 from slurm_helpers import (SCRIPT, extract_job_file, hpcvid, job_states, slurm_cluster, toy_stages, wait_finished,  # noqa: F401
                            wait_until)
 
@@ -161,18 +163,26 @@ def test_pre_timeout_signal_requeues_and_the_rerun_redoes_only_the_item_in_fligh
 
 def _chain_job_file(tmp_path: Path, work: Path, shards: int = 2) -> Path:
     job = tmp_path / "chain.toml"
-    job.write_text(f'work = "{work}"\n[extract]\nshards = {shards}\n')
+    job.write_text(f'work = "{work}"\n[extract]\nshards = {shards}\n[launch]\nexecutor = "slurm"\n'
+                   'partition = "debug"\ncpus_per_task = 1\nwalltime = "00:10:00"\nsignal_delay_s = 60\n')
     return job
 
 
-def test_dependency_chain_runs_in_order_and_a_failure_leaves_dependants_pending(
+def _submit_chain(job: Path) -> None:
+    """toy -> toymerge through the graph submission `submit pipeline` uses (the study's own stages are slower)."""
+    from hpcvid.config import resolve_config
+    from hpcvid.launch.pipeline import Node, submit_graph
+
+    submit_graph(resolve_config(job), [Node("toy"), Node("toymerge", after=("toy",))], argv=["hpcvid", "test"])
+
+
+def test_dependency_chain_runs_in_order_and_a_failure_is_named_then_picked_up(
         slurm_cluster, toy_stages, tmp_path, capsys):
     ok = _toy_work(tmp_path / "ok", items=2, sleep=1.0)
-    assert hpcvid("submit", "pipeline", _chain_job_file(tmp_path / "ok", ok), "--stages", "toy,toymerge",
-                  "--profile", ROOT / "slurm" / "local.toml") == 0
+    _submit_chain(_chain_job_file(tmp_path / "ok", ok))
     bad = _toy_work(tmp_path / "bad", items=1, sleep=0.0, fail=[0])
-    assert hpcvid("submit", "pipeline", _chain_job_file(tmp_path / "bad", bad), "--stages", "toy,toymerge",
-                  "--profile", ROOT / "slurm" / "local.toml") == 0
+    bad_job = _chain_job_file(tmp_path / "bad", bad)
+    _submit_chain(bad_job)
     merge_ok = _last_submission(ok, "toymerge")
     toy_ok = _last_submission(ok, "toy")
     assert merge_ok["dependency"] == "afterok:" + toy_ok["job_ids"][0].split("_")[0]
@@ -182,47 +192,137 @@ def test_dependency_chain_runs_in_order_and_a_failure_leaves_dependants_pending(
     assert max(states[j].end for j in toy_ok["job_ids"]) <= states[merge_ok["job_ids"][0]].start
 
     merge_bad = _last_submission(bad, "toymerge")["job_ids"][0]
+    failed_toy = _last_submission(bad, "toy")["tasks"][0]["job_id"]
     wait_until(lambda: job_states([merge_bad]).get(merge_bad) is not None
                and job_states([merge_bad])[merge_bad].reason == "DependencyNeverSatisfied", 120,
                "the merge to wait on a failed dependency")
     table = _status(bad)
     assert "FAILED" in next(line for line in table.splitlines() if line.startswith("toy "))
     row = next(line for line in table.splitlines() if line.startswith("toymerge"))
-    assert "PENDING" in row and "DependencyNeverSatisfied" in row and "will never start" in table
+    assert "PENDING" in row and f"never starts: waits for toy (FAILED, job {failed_toy})" in row, table
+    assert "will never start" in table
+    # the cause fixed, the same submission picks up: the failed shard and the stuck merge are queued again
+    (bad / "toy.json").write_text(json.dumps({"items": 1, "sleep": 0.0, "fail": []}))
     capsys.readouterr()
-    assert hpcvid("cancel", bad) == 0
-    assert merge_bad in capsys.readouterr().out
-    assert wait_finished([merge_bad], timeout=60)[merge_bad].state == "CANCELLED"
-    assert not (bad / "toy" / "merged.json").exists()
+    _submit_chain(bad_job)
+    out = capsys.readouterr().out
+    assert f"cancelled 1 waiting job(s)" in out and merge_bad in out
+    again = [_last_submission(bad, unit)["job_ids"] for unit in ("toy", "toymerge")]
+    assert [t["shard"] for t in _last_submission(bad, "toy")["tasks"]] == [0], "only the failed shard"
+    states = wait_finished(again[0] + again[1] + [merge_bad], timeout=180)
+    assert states[merge_bad].state == "CANCELLED" and states[again[1][0]].state == "COMPLETED"
+    assert json.loads((bad / "toy" / "merged.json").read_text())["shards"] == 2
 
 
-def test_pipeline_of_the_real_stages_runs_in_order_with_two_node_training(slurm_cluster, tiny_synthetic, tmp_path):
-    """extract -> merge -> train (2 fake nodes, gloo DDP) -> eval -> reduce, each afterok on the previous."""
-    built = ["extract", "merge", "train", "eval", "reduce"]
-    work, results = tmp_path / "pipe", tmp_path / "results"
-    job = tmp_path / "pipe.toml"
-    job.write_text(f'work = "{work}"\n[dataset]\nroot = "{tiny_synthetic}"\nformat = "ucf101"\n'
-                   '[extract]\nshards = 2\nsize = 32\nbackbone = "resnet18"\nflow = "farneback"\n'
-                   '[train]\nmodel = "lstm"\nepochs = 2\nseq_len = 8\nchunk = 4\nhidden = 16\nlayers = 1\n'
-                   'batch_size = 4\n')
-    assert hpcvid("submit", "pipeline", job, "--stages", ",".join(built), "--nodes", "2", "--results", results,
-                  "--profile", ROOT / "slurm" / "local.toml") == 0
-    chain = [_last_submission(work, stage) for stage in built]
-    for before, after in zip(chain, chain[1:]):
-        assert after["dependency"] == "afterok:" + before["job_ids"][0].split("_")[0]
-    ids = [j for sub in chain for j in sub["job_ids"]]
-    states = wait_finished(ids, timeout=300)
+# the session's pipeline job, with 2 extraction shards and 1 eval shard: fewer jobs, the same graph
+STUDY_JOB = PIPELINE_JOB.replace("shards = 3", "shards = 2").replace("[eval]\n", "[eval]\nshards = 1\n")
+
+STUDY_PROFILE = """\
+[launch]
+executor = "slurm"
+partition = "debug"
+cpus_per_task = 1
+walltime = "00:20:00"
+array_parallelism = 3
+signal_delay_s = 60
+[launch.train]
+cpus_per_task = 2
+[launch.reduce]
+container = "{image}"
+python = "{python}"
+setup = ["echo setup ran on $(hostname) >> {log}"]
+"""
+
+FAKE_APPTAINER = """#!/bin/bash
+# stands in for apptainer: notes how it was called, then runs what follows the image on the host
+echo "$@" >> "{log}"
+[ "$1" = exec ] || exit 2
+shift
+while [ "$1" != "{image}" ]; do shift; done
+shift
+exec "$@"
+"""
+
+
+def _cpus_per_task(job_id: str) -> int:
+    out = subprocess.run(["scontrol", "show", "job", job_id.split("_")[0]], capture_output=True, text=True,
+                         check=True).stdout
+    return int(re.search(r"CPUs/Task=(\d+)", out).group(1))
+
+
+def test_the_four_model_study_runs_as_one_graph_with_per_stage_resources(slurm_cluster, tiny_synthetic, tmp_path,
+                                                                         monkeypatch):
+    """extract -> merge; frame and flow; twostream after both; features after frame, lstm after them; each eval
+    after its training; one reduce (in a container, after its setup line) that reports all four."""
+    from hpcvid.launch.pipeline import study_graph
+
+    work, results = tmp_path / "study", tmp_path / "results"
+    image, log = tmp_path / "hpcvid.sif", tmp_path / "container.log"
+    image.write_text("an image")
+    shim = tmp_path / "bin" / "apptainer"
+    shim.parent.mkdir()
+    shim.write_text(FAKE_APPTAINER.format(log=log, image=image))
+    shim.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shim.parent}{os.pathsep}{os.environ['PATH']}")   # sbatch passes it to the jobs
+    job, profile = tmp_path / "study.toml", tmp_path / "site.toml"
+    job.write_text(STUDY_JOB.format(work=work, data=tiny_synthetic))
+    profile.write_text(STUDY_PROFILE.format(image=image, python=sys.executable, log=tmp_path / "setup.log"))
+    assert hpcvid("submit", "pipeline", job, "--models", "frame,flow,twostream,lstm", "--profile", profile,
+                  "--results", results) == 0
+    graph = study_graph(("frame", "flow", "twostream", "lstm"))
+    chain = {node.name: _last_submission(work, node.name.replace("/", "-")) for node in graph}
+    assert _cpus_per_task(chain["extract"]["job_ids"][0]) == 1, "extraction: [launch]'s one core"
+    assert _cpus_per_task(chain["train/frame"]["job_ids"][0]) == 2, "training: [launch.train]'s two"
+    ids = [j for sub in chain.values() for j in sub["job_ids"]]
+    states = wait_finished(ids, timeout=600)
     assert {s.state for s in states.values()} == {"COMPLETED"}, states
-    for before, after in zip(chain, chain[1:]):
-        assert max(states[j].end for j in before["job_ids"]) <= min(states[j].start for j in after["job_ids"])
-    assert (work / "features.h5").is_file()
-    train_id = chain[built.index("train")]["job_ids"][0]
-    logs = sorted((work / "jobs" / "logs" / train_id).glob("*_log.out"))
-    assert len(logs) == 2 and all("global_rank=" in p.read_text() for p in logs), "one rank per node"
-    assert states[train_id].nodes.startswith("n["), f"training ran on {states[train_id].nodes}, not 2 nodes"
-    assert (results / "summary.json").is_file()
+    for node in graph:      # every job started after the jobs of everything it reads had ended
+        started = min(states[j].start for j in chain[node.name]["job_ids"])
+        for upstream in node.after:
+            assert max(states[j].end for j in chain[upstream]["job_ids"]) <= started, (upstream, node.name)
+    summary = json.loads((results / "summary.json").read_text())
+    assert sorted(summary["runs"]) == ["flow", "frame", "lstm", "twostream"]
+    assert "setup ran on" in (tmp_path / "setup.log").read_text()
+    called = log.read_text()
+    assert f"exec --bind {work},{tiny_synthetic} {image} {sys.executable} -u -m submitit.core._submit" in called
     table = _status(work)
     assert f"{len(ids)}/{len(ids)} jobs completed" in table
+    frame = next(line for line in table.splitlines() if line.startswith("train/frame"))
+    assert "1/1" in frame and "best val acc" in frame
+
+
+def test_more_shards_than_the_cluster_s_max_array_size_are_several_arrays_status_and_cancel_see_one_unit(
+        slurm_cluster, toy_stages, tmp_path, capsys):
+    """The cluster's own MaxArraySize (the shared test cluster keeps SLURM's 1001): one shard more than it
+    allows, queued held (--sbatch hold) so that no task runs, then shown, cancelled and queued again."""
+    from hpcvid.launch.cluster import Site
+
+    limit = Site().limits.max_array_size
+    if limit > 2000:
+        pytest.skip(f"MaxArraySize is {limit} here: one array more would hold too many held jobs to be cheap")
+    work = _toy_work(tmp_path, items=1)
+    args = ("submit", "toy", "--work", work, "--shards", limit + 1, "--profile", ROOT / "slurm" / "local.toml",
+            "--sbatch", "hold", "--sbatch", "comment=hpcvid-array-test")
+    try:
+        assert hpcvid(*args) == 0
+        record = _last_submission(work, "toy")
+        assert len(record["arrays"]) == 2 and len(record["tasks"]) == limit + 1
+        assert record["tasks"][-1]["job_id"] == record["arrays"][1], "a piece of one shard is a plain job"
+        table = _status(work)
+        rows = [line for line in table.splitlines() if line.startswith("toy ")]
+        assert len(rows) == limit + 1 and all("PENDING" in row for row in rows), rows[:3]
+        assert "JobHeldUser" in rows[0] and "JobHeldUser" in rows[-1]
+        capsys.readouterr()
+        assert hpcvid("cancel", work) == 0
+        assert f"cancelled {limit + 1} job(s)" in capsys.readouterr().out
+        wait_until(lambda: not subprocess.run(["squeue", "-h", "-j", ",".join(record["arrays"])], capture_output=True,
+                                              text=True).stdout.strip(), 60, "the held arrays to leave the queue")
+        assert hpcvid(*args) == 0, "cancelled shards are queued again, in two arrays again"
+        assert len(_last_submission(work, "toy")["arrays"]) == 2
+    finally:    # never leave held jobs in a cluster others use
+        arrays = [a for path in (work / "jobs").glob("toy-*.json") for a in json.loads(path.read_text())["arrays"]]
+        if arrays:
+            subprocess.run(["scancel", *arrays], capture_output=True)
 
 
 def test_a_shard_longer_than_its_walltime_is_requeued_and_completes_without_timeout(walltime_job):

@@ -28,6 +28,8 @@ from typing import Any, Sequence
 from hpcvid.config import Config, LaunchConfig, config_from_dict, replace, walltime_minutes
 from hpcvid.errors import ConfigError, SchedulerError
 from hpcvid.fileio import atomic_write_json, read_json
+from hpcvid.launch.cluster import (ClusterLimits, Site, check_sbatch_options, option_name, shared_parallelism,
+                                   split_into_arrays)
 from hpcvid.launch.sharding import ShardSpec
 from hpcvid.stages import Stage
 from hpcvid.workfolder import Unit, WorkFolder
@@ -121,8 +123,12 @@ class ShardJob:
 
 
 # ------------------------------------------------------------------------------------------ validation
-def validate_launch(launch: LaunchConfig, *, check_cluster: bool = True) -> None:
-    """Refuse, before sbatch runs, what sbatch would refuse later (or worse, accept wrongly)."""
+def validate_launch(launch: LaunchConfig, *, check_cluster: bool = True, site: Site | None = None) -> None:
+    """Refuse, before sbatch runs, what sbatch would refuse later (or worse, accept wrongly).
+
+    ``site`` answers which sbatch options exist (asked once per submit); without one, those of SLURM 22.05
+    and of the local ``sbatch --help``.
+    """
     walltime_minutes(launch.walltime)
     if launch.gres and not _GRES.match(launch.gres):
         raise ConfigError(f"launch.gres = {launch.gres!r} is not valid: use NAME[:TYPE]:COUNT, e.g. gpu:a100:4")
@@ -131,12 +137,19 @@ def validate_launch(launch: LaunchConfig, *, check_cluster: bool = True) -> None
     if launch.signal_delay_s >= walltime_minutes(launch.walltime) * 60:
         raise ConfigError(f"launch.signal_delay_s = {launch.signal_delay_s} must be shorter than the walltime "
                           f"{launch.walltime}: the job would be signalled before it starts")
+    if launch.sbatch:
+        check_sbatch_options(launch.sbatch, (site or Site(offline=True)).sbatch_options)
+    if any("\n" in line for line in launch.setup):
+        raise ConfigError("launch.setup: give one shell line per list item (a line holds no newline)")
+    if launch.container and "://" not in launch.container and not Path(launch.container).expanduser().is_file():
+        raise ConfigError(f"launch.container = {launch.container!r} does not exist: give the path of an "
+                          "Apptainer/Singularity image (.sif) that the compute nodes can read")
     if launch.executor == "slurm" and check_cluster:
-        _check_partition(launch.partition)
+        check_partitions(launch.partition)
 
 
-def _check_partition(partition: str) -> None:
-    """The partition must exist on this cluster (one sinfo call)."""
+def check_partitions(*partitions: str) -> None:
+    """Each named partition must exist on this cluster (one sinfo call for all of them)."""
     from hpcvid.launch.external import run_command
     from hpcvid.errors import CommandError
 
@@ -146,15 +159,17 @@ def _check_partition(partition: str) -> None:
         raise SchedulerError(f"cannot reach SLURM ({error}); is this a login node? For the local test cluster "
                              "run `sudo slurm/local-cluster.sh up`") from error
     names = [p.strip().rstrip("*") for p in out.stdout.split()]
-    if partition and partition not in names:
-        raise ConfigError(f"launch.partition = {partition!r} does not exist on this cluster; "
-                          f"partitions: {', '.join(names) or '(none)'}")
+    for partition in partitions:
+        if partition and partition not in names:
+            raise ConfigError(f"launch.partition = {partition!r} does not exist on this cluster; "
+                              f"partitions: {', '.join(names) or '(none)'}")
 
 
 # ------------------------------------------------------------------------------------------ executors
 @dataclass(frozen=True)
 class Resources:
-    """What one job (array task) needs beyond the launch section: the trainer's nodes x tasks x GPUs."""
+    """What one job (array task) needs beyond the launch section: the trainer's nodes x tasks x GPUs, and
+    the folders a container must see (the work folder and the dataset)."""
 
     nodes: int = 1
     tasks_per_node: int = 1
@@ -162,6 +177,7 @@ class Resources:
     name: str = "hpcvid"
     dependency: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    binds: tuple[str, ...] = ()
 
 
 def slurm_parameters(launch: LaunchConfig, resources: Resources) -> dict[str, Any]:
@@ -181,9 +197,30 @@ def slurm_parameters(launch: LaunchConfig, resources: Resources) -> dict[str, An
     params.update({k: v for k, v in optional.items() if v})
     if resources.gpus_per_node:
         params["gpus_per_node"] = resources.gpus_per_node
+    if launch.setup:
+        params["setup"] = list(launch.setup)
+    passed = {option_name(k): v for k, v in launch.sbatch.items() if v is not False}
     # a requeued job must keep its place in an array and its dependants: SLURM's own requeue flag
-    params["additional_parameters"] = {"requeue": True, **resources.extra}
+    params["additional_parameters"] = {"requeue": True, **resources.extra, **passed}
     return params
+
+
+def job_python(launch: LaunchConfig, resources: Resources) -> str:
+    """The shell words that start Python in a job: this interpreter, or one inside the site's container.
+
+    In a container the work folder and the dataset must be bound (they are, with ``launch.container_binds``),
+    and ``--nv`` makes the node's GPUs visible when the job asks for any.
+    """
+    if not launch.container:
+        return shlex.quote(launch.python or sys.executable)
+    words = [launch.container_runtime, "exec"]
+    if launch.gpus_per_node or resources.gpus_per_node or "gpu" in launch.gres:
+        words.append("--nv")
+    binds = list(dict.fromkeys([*resources.binds, *launch.container_binds]))
+    if binds:
+        words += ["--bind", ",".join(binds)]
+    words += [launch.container, launch.python or "python3"]
+    return " ".join(shlex.quote(word) for word in words)
 
 
 def make_executor(folder: Path, launch: LaunchConfig, resources: Resources):
@@ -191,7 +228,8 @@ def make_executor(folder: Path, launch: LaunchConfig, resources: Resources):
     import submitit
 
     if launch.executor == "slurm":
-        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=launch.max_requeues)
+        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=launch.max_requeues,
+                                          python=job_python(launch, resources))
         executor.update_parameters(**slurm_parameters(launch, resources))
         return executor
     if launch.executor == "local":
@@ -216,7 +254,7 @@ def sbatch_text(launch: LaunchConfig, resources: Resources, folder: Path, *, arr
     params = dict(executor.parameters)
     if array:
         params["map_count"] = array  # what executor.batch() sets for an array of this size
-    return _make_sbatch_string(command=f"{shlex.quote(sys.executable)} -u -m submitit.core._submit "
+    return _make_sbatch_string(command=f"{job_python(launch, resources)} -u -m submitit.core._submit "
                                f"{shlex.quote(str(folder))}", folder=folder, **params)
 
 
@@ -234,6 +272,7 @@ class Submission:
     submitted: str
     dependency: str = ""
     walltime: str = ""
+    arrays: list[str] = field(default_factory=list)   # SLURM job ids of the arrays (several past MaxArraySize)
     path: str = ""
 
     @property
@@ -274,7 +313,7 @@ def read_submissions(work: Path | str) -> list[Submission]:
             fields = {k: payload[k] for k in ("executor", "job_ids", "tasks", "folder", "argv", "submitted")}
             records.append(Submission(unit=payload.get("unit", payload.get("stage", "")), **fields,
                                       dependency=payload.get("dependency", ""), walltime=payload.get("walltime", ""),
-                                      path=str(path)))
+                                      arrays=list(payload.get("arrays", [])), path=str(path)))
         except (ValueError, KeyError, OSError, TypeError) as error:
             raise SchedulerError(f"submission record {path} is unreadable ({error}); move it away") from error
     return records
@@ -286,19 +325,35 @@ def absolute_work(config: Config) -> Config:
     return replace(config, work=str(Path(config.work).expanduser().resolve()))
 
 
-def resources_for(stage: Stage, launch: LaunchConfig, dependency: str = "", name: str = "") -> Resources:
-    """What one job of ``stage`` asks for: a distributed stage spans nodes x tasks; an array task is one task."""
+def resources_for(stage: Stage, config: Config, dependency: str = "", name: str = "") -> Resources:
+    """What one job of ``stage`` asks for: a distributed stage spans nodes x tasks; an array task is one task.
+
+    ``config.launch`` must be the stage's own (:meth:`hpcvid.config.Config.for_stage`).
+    """
+    launch = config.launch
     name = name or f"hpcvid-{stage.name}"
+    binds = container_binds(config) if launch.container else ()
     if not stage.distributed:
-        return Resources(gpus_per_node=launch.gpus_per_node, name=name, dependency=dependency)
+        return Resources(gpus_per_node=launch.gpus_per_node, name=name, dependency=dependency, binds=binds)
     tasks = launch.tasks_per_node or max(1, launch.gpus_per_node)
     return Resources(nodes=launch.nodes, tasks_per_node=tasks, gpus_per_node=launch.gpus_per_node, name=name,
-                     dependency=dependency)
+                     dependency=dependency, binds=binds)
+
+
+def container_binds(config: Config) -> tuple[str, ...]:
+    """The folders a job in a container reads and writes: the work folder and the dataset (absolute)."""
+    paths = [config.work, config.dataset.root, config.dataset.splits_dir]
+    return tuple(dict.fromkeys(str(Path(p).expanduser().resolve()) for p in paths if p))
 
 
 def submit_shards(config: Config, stage: Stage, specs: Sequence[ShardSpec], resources: Resources,
-                  argv: Sequence[str]) -> Submission:
-    """Queue the shards (an array of one task per shard; one job for a single shard) and write the record."""
+                  argv: Sequence[str], limits: ClusterLimits | None = None) -> Submission:
+    """Queue the shards (job arrays of one task per shard; one job for a single shard) and write the record.
+
+    On SLURM, more shards than ``limits.max_array_size`` are queued as several arrays that share the
+    profile's ``array_parallelism``; the record lists every task, so status, cancel and a resubmission treat
+    them as one unit. If sbatch refuses a later array, the record keeps what was queued and the error says so.
+    """
     config = absolute_work(config)
     work = WorkFolder.of(config)
     unit = stage.load().unit(config)
@@ -308,17 +363,39 @@ def submit_shards(config: Config, stage: Stage, specs: Sequence[ShardSpec], reso
     # Without a cap torch and OpenCV start a thread per core of the NODE, not of the allocation.
     threads = config.launch.cpus_per_task if config.launch.executor != "debug" else 0
     shard_jobs = [ShardJob(stage, payload, s.index, s.count, s.force, threads) for s in specs]
-    if config.launch.executor == "slurm" and len(shard_jobs) > 1:
-        with executor.batch():
-            jobs = [executor.submit(job) for job in shard_jobs]
-    else:
-        jobs = [executor.submit(job) for job in shard_jobs]
+    slurm = config.launch.executor == "slurm"
+    pieces = split_into_arrays(shard_jobs, (limits or ClusterLimits()).max_array_size) if slurm else [shard_jobs]
+    jobs: list[Any] = []
+    arrays: list[str] = []
+    failure: Exception | None = None
+    for piece in pieces:
+        try:
+            if slurm and len(piece) > 1:
+                if len(pieces) > 1:
+                    executor.update_parameters(
+                        array_parallelism=shared_parallelism(config.launch.array_parallelism, len(pieces)))
+                with executor.batch():
+                    queued = [executor.submit(job) for job in piece]
+            else:
+                queued = [executor.submit(job) for job in piece]
+        except Exception as error:  # sbatch's refusal, in submitit's words: reported below with what was queued
+            failure = error
+            break
+        jobs.extend(queued)
+        arrays.extend(dict.fromkeys(str(job.job_id).split("_", 1)[0] for job in queued))
+    if failure is not None and not jobs:
+        raise SchedulerError(f"{unit}: sbatch refused the job: {_last_error_line(str(failure))}") from failure
+    done_specs = specs[:len(jobs)]
     tasks = [{"job_id": str(job.job_id), "shard": s.index, "count": s.count, "name": s.name}
-             for job, s in zip(jobs, specs)]
+             for job, s in zip(jobs, done_specs)]
     submission = Submission(str(unit), config.launch.executor, [str(j.job_id) for j in jobs], tasks,
                             work.relative(folder), list(argv), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                            resources.dependency, config.launch.walltime)
+                            resources.dependency, config.launch.walltime, arrays=arrays if slurm else [])
     write_submission(config.work, submission)
+    if failure is not None:
+        raise SchedulerError(f"{unit}: queued {len(jobs)} of {len(specs)} shards (jobs {', '.join(arrays)}), then "
+                             f"sbatch refused the rest: {_last_error_line(str(failure))}; submit again to queue "
+                             "them") from failure
     if config.launch.executor == "debug":  # the debug executor runs only when asked for the result
         for job in jobs:
             job.result()

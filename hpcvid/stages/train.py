@@ -49,6 +49,7 @@ from hpcvid.launch.distributed import DistEnv, detect
 from hpcvid.errors import CheckpointError, ConfigError, StoreError
 from hpcvid.fileio import atomic_path, atomic_write_json, atomic_write_text, remove_stale_partials
 from hpcvid.launch.sharding import ShardSpec
+from hpcvid.tensorboard_log import EpochBoard
 from hpcvid.workfolder import Unit, WorkFolder, planning_only
 
 log = logging.getLogger(__name__)
@@ -74,13 +75,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", metavar="FILE", help="local backbone weights; empty = random init")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to train")
     parser.add_argument("--workers", type=int, metavar="W", help="DataLoader workers per process")
+    parser.add_argument("--tensorboard", action="store_true", default=None,
+                        help="also write TensorBoard event files into the run folder (needs hpcvid[tensorboard])")
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"train.model": args.model, "train.procs": args.procs, "train.epochs": args.epochs,
             "train.batch_size": args.batch_size, "train.lr": args.lr, "train.weight_decay": args.weight_decay,
             "train.dropout": args.dropout, "train.backbone": args.backbone,
-            "train.weights": args.weights, "train.device": args.device, "train.workers": args.workers}
+            "train.weights": args.weights, "train.device": args.device, "train.workers": args.workers,
+            "train.tensorboard": args.tensorboard}
 
 
 def unit(config: Config) -> Unit:
@@ -98,6 +102,10 @@ def plan(config: Config, only: int | None = None, force: bool = False) -> list[S
         from hpcvid.learn.backbones import require_weights_file
 
         require_weights_file(config.train.weights, config.train.backbone)
+    if config.train.tensorboard and not config.launch.container:   # a container brings its own packages
+        from hpcvid.tensorboard_log import require_tensorboard
+
+        require_tensorboard()
     if force and not planning_only():
         _set_aside(work.run_dir(config.train.model))
     return [ShardSpec(0, 1, force)]
@@ -757,6 +765,8 @@ class Trainer:
             write_resolved(self.config, self.run, argv=sys.argv)
         self._build()
         skip = self._resume()
+        self.progress_origin = (time.time(), self.epoch)     # this start's pace, for the ETA in `hpcvid status`
+        self.board = EpochBoard.open(self.config.train.tensorboard and self.env.is_main, self.run, self.epoch)
         if self.env.is_distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.model, device_ids=ids)
@@ -774,6 +784,7 @@ class Trainer:
                 self._maybe_stop()
             finished = True
         finally:
+            self.board.close()
             if self.env.is_distributed and dist.is_initialized():
                 if finished:       # a rank leaving on a signal or an error must not wait for the others
                     dist.barrier()
@@ -797,6 +808,7 @@ class Trainer:
             "data_wait_share": stats.wait / max(stats.elapsed, 1e-9),
             "train_samples": int(stats.count), "world_size": self.env.world_size, "time": time.time(),
         })
+        self.board.epoch(self.history[-1])
         self.save(best=improved)
         stopped = bool(t.early_stopping and self.bad_epochs >= t.early_stopping)
         if self.env.is_main:
@@ -813,7 +825,8 @@ class Trainer:
         accuracies = [h["val_acc"] for h in self.history if h["val_acc"] == h["val_acc"]]
         total = self.epoch if stopped else self.config.train.epochs
         write_progress(self.config.work, Unit("train", self.config.train.model), ShardSpec(0, 1), done=self.epoch,
-                       total=total, best_val_acc=max(accuracies, default=None), stopped_early=stopped)
+                       total=total, best_val_acc=max(accuracies, default=None), stopped_early=stopped,
+                       started=self.progress_origin[0], done_at_start=self.progress_origin[1])
 
     def _loader(self, dataset: Any, sampler: Any) -> Any:
         from torch.utils.data import DataLoader
