@@ -20,7 +20,8 @@ from hpcvid.config import resolve_config
 from hpcvid.errors import PartialFailure
 from hpcvid.storage.predictions import read_prediction_shard, read_record, shard_paths
 from hpcvid.launch.sharding import all_shards
-from hpcvid.stages.train import load_run, train
+from hpcvid.learn.checkpoints import load_run
+from hpcvid.stages.train import train
 
 pytestmark = pytest.mark.slow
 torch.set_num_threads(1)

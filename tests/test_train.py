@@ -8,8 +8,9 @@ import torch
 import trainkit
 from hpcvid.config import resolve_config
 from hpcvid.errors import CheckpointError
-from hpcvid.stages.train import (BEST_NAME, check_compatible, list_checkpoints, load_checkpoint, load_run,
-                          newest_valid_checkpoint, read_metrics, train)
+from hpcvid.learn.checkpoints import (BEST_NAME, check_compatible, list_checkpoints, load_checkpoint, load_run,
+                                      newest_valid_checkpoint, read_metrics)
+from hpcvid.stages.train import train
 
 torch.set_num_threads(1)
 

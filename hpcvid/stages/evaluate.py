@@ -10,7 +10,7 @@ Shard ``I`` of ``N`` takes every N-th test video of the manifest (sorted by id) 
 ``WORK/eval/<model>/pred-IIII-of-NNNN.h5`` and, last, its record (:mod:`hpcvid.storage.predictions`). A shard whose
 record exists is skipped (``--force`` redoes it); a shard killed mid-way leaves no record and is redone.
 
-The model comes from :func:`hpcvid.stages.train.load_run` (``best.pt`` by default, ``eval.checkpoint = "last"``
+The model comes from :func:`hpcvid.learn.checkpoints.load_run` (``best.pt`` by default, ``eval.checkpoint = "last"``
 for the newest) and its inputs from the preparation functions of :mod:`hpcvid.learn.datasets`, the ones training
 used (ImageNet normalisation, camera-compensated flow stacks, standardised and temporally centred
 features). Strategies, reported side by side (``*`` = the default, which is also what validation used):
@@ -113,7 +113,7 @@ def run_shard(config: Config, spec: ShardSpec) -> dict[str, Any]:
 
     from hpcvid.learn.backbones import pick_device
     from hpcvid.launch.progress import write_progress
-    from hpcvid.stages.train import load_run
+    from hpcvid.learn.checkpoints import load_run
 
     if shard_done(config, spec) and not spec.force:
         return read_json(record_path(config, spec))

@@ -19,6 +19,8 @@ It reads top to bottom: data -> model -> optimiser/schedule -> resume -> DDP -> 
   disagrees with the checkpoint after a kill).
 * ``config.resolved.json`` - the resolved config and the command line.
 
+The run folder's files are written and read by :mod:`hpcvid.learn.checkpoints` (also what evaluation uses).
+
 A rerun resumes from the newest valid checkpoint; a corrupt one is skipped with a warning, an incompatible
 one (other model or architecture) is refused with a message that says what differs. Randomness is
 reseeded from ``(seed, epoch, rank)`` at each epoch and data randomness comes from ``(seed, epoch, index)``,
@@ -30,11 +32,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import math
 import os
-import re
 import random
 import signal
 import socket
@@ -44,19 +44,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from hpcvid.config import Config, config_from_dict, write_resolved
+from hpcvid.config import Config, write_resolved
 from hpcvid.launch.distributed import DistEnv, detect
 from hpcvid.errors import CheckpointError, ConfigError, StoreError
-from hpcvid.fileio import atomic_path, atomic_write_text, remove_stale_partials
+from hpcvid.fileio import remove_stale_partials
+from hpcvid.learn.checkpoints import (BEST_NAME, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, check_compatible,
+                                      checkpoint_name, list_checkpoints, newest_valid_checkpoint,
+                                      pick_checkpoint, read_metrics, run_dir, save_checkpoint, write_metrics)
 
 log = logging.getLogger(__name__)
 
 HELP = "train a model (frame, flow, twostream, lstm) into WORK/runs/<model>/"
-CHECKPOINT_FORMAT = "hpcvid.checkpoint"
-CHECKPOINT_VERSION = 1
-CHECKPOINT_RE = re.compile(r"^ckpt-e(\d{4,})-s(\d{7,})\.pt$")
-BEST_NAME = "best.pt"
-METRICS_NAME = "metrics.jsonl"
 FINETUNED_FEATURES = "finetuned"
 
 
@@ -163,131 +161,7 @@ class TrainJob:
         signal.signal(signum, deferred)
 
 
-# ============================================================================== run folders, checkpoints
-def run_dir(config: Config) -> Path:
-    return config.work_dir / "runs" / config.train.model
-
-
-def checkpoint_name(epoch: int, step: int) -> str:
-    return f"ckpt-e{epoch:04d}-s{step:07d}.pt"
-
-
-def list_checkpoints(folder: Path | str) -> list[Path]:
-    """Checkpoints of a run, oldest first by (completed epochs, steps into the next)."""
-    found = []
-    for path in Path(folder).glob("ckpt-*.pt"):
-        match = CHECKPOINT_RE.match(path.name)
-        if match:
-            found.append(((int(match.group(1)), int(match.group(2))), path))
-    return [path for _, path in sorted(found)]
-
-
-def load_checkpoint(path: Path | str) -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True``; anything else than an hpcvid checkpoint is refused."""
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist: train first (`hpcvid run train`) or check --work")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for truncated/garbled files
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file ({first}); delete it to resume "
-                              "from an older one, or retrain") from exc
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not an hpcvid checkpoint (no format={CHECKPOINT_FORMAT!r}); "
-                              "give a file from WORK/runs/<model>/")
-    if payload.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has version {payload.get('version')}, this hpcvid reads "
-                              f"{CHECKPOINT_VERSION}: retrain, or use the hpcvid that wrote it")
-    missing = [k for k in ("kind", "init_args", "model", "config", "epoch", "step") if k not in payload]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: it is incomplete; retrain")
-    return payload
-
-
-def check_compatible(payload: dict[str, Any], path: Path, kind: str, init_args: dict[str, Any]) -> None:
-    """Refuse a checkpoint whose model differs from the one this config builds (naming what differs)."""
-    if payload["kind"] != kind:
-        raise CheckpointError(f"checkpoint {path} holds a {payload['kind']!r} model, not {kind!r}: "
-                              "use another --work or move the run folder away")
-    ignore = {"weights"}
-    diffs = [f"{k}: checkpoint {payload['init_args'].get(k)!r} vs config {v!r}" for k, v in init_args.items()
-             if k not in ignore and payload["init_args"].get(k) != v]
-    if diffs:
-        raise CheckpointError(f"checkpoint {path} was trained with another architecture ({'; '.join(diffs)}): "
-                              f"restore those settings, or move {path.parent} away to start a new run")
-
-
-def newest_valid_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that loads; corrupt newer ones are skipped with a warning naming them."""
-    for path in reversed(list_checkpoints(folder)):
-        try:
-            return path, load_checkpoint(path)
-        except CheckpointError as error:
-            log.warning("skipping %s", error)
-    return None
-
-
-def save_checkpoint(folder: Path, payload: dict[str, Any], name: str, keep: int | None = None) -> Path:
-    """Write atomically (temporary name, fsync, rename); keep only the newest ``keep`` epoch checkpoints."""
-    import torch
-
-    path = folder / name
-    with atomic_path(path) as temporary:
-        torch.save(payload, temporary)
-    if keep is not None:
-        for old in list_checkpoints(folder)[:-keep]:
-            old.unlink(missing_ok=True)
-    return path
-
-
-def read_metrics(folder: Path | str) -> list[dict[str, Any]]:
-    path = Path(folder) / METRICS_NAME
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def load_run(run: Path | str, which: str = "best", device: str = "cpu") -> tuple[Any, Config, dict[str, Any]]:
-    """A trained model, ready for inference: ``(model in eval mode, resolved Config, meta)``.
-
-    ``run`` is a run folder (``WORK/runs/<model>``) or a checkpoint file. ``which`` = "best" (lowest
-    validation loss, falling back to the newest) or "last". ``meta`` holds what input preparation needs
-    (see :func:`hpcvid.learn.datasets.prepare_features` / ``prepare_flow``): kind, classes, centring,
-    feature_mean/feature_std (numpy), feature_set, seq_len, flow_stack, compensation, epoch, checkpoint,
-    code_version.
-    """
-    import numpy as np
-
-    from hpcvid.learn.models import build_from_args
-
-    run = Path(run)
-    if run.is_file():
-        path, payload = run, load_checkpoint(run)
-    else:
-        best = run / BEST_NAME
-        if which == "best" and best.is_file():
-            path, payload = best, load_checkpoint(best)
-        else:
-            found = newest_valid_checkpoint(run)
-            if found is None:
-                raise CheckpointError(f"no valid checkpoint in {run}: train first with "
-                                      f"`hpcvid run train --model {run.name} --work WORK`")
-            path, payload = found
-    model = build_from_args(payload["kind"], payload["init_args"])
-    model.load_state_dict(payload["model"])
-    model.to(device).eval()
-    meta = dict(payload.get("meta", {}))
-    for key in ("feature_mean", "feature_std"):
-        if meta.get(key) is not None:
-            meta[key] = np.asarray(meta[key].numpy() if hasattr(meta[key], "numpy") else meta[key])
-    meta.update({"kind": payload["kind"], "epoch": payload["epoch"], "checkpoint": str(path),
-                 "code_version": payload.get("code_version", "")})
-    return model, config_from_dict(payload["config"]), meta
-
-
+# ============================================================================== provenance
 def _code_version() -> str:
     from hpcvid.storage.predictions import code_version
 
@@ -520,15 +394,12 @@ class Trainer:
         """Start the two streams from trained frame and flow runs of this work folder, when they exist."""
         states = {}
         for kind in ("frame", "flow"):
-            folder = self.config.work_dir / "runs" / kind
-            found = (folder / BEST_NAME) if (folder / BEST_NAME).is_file() else None
-            if found is None:
-                newest = newest_valid_checkpoint(folder) if folder.is_dir() else None
-                found = newest[0] if newest else None
-            if found is None:
+            folder = run_dir(self.config, kind)
+            picked = pick_checkpoint(folder)
+            if picked is None:
                 log.warning("twostream: no trained %s run in %s; that stream starts from scratch", kind, folder)
                 continue
-            payload = load_checkpoint(found)
+            found, payload = picked
             expected = self.model.rgb.init_args if kind == "frame" else self.model.flow.init_args
             check_compatible(payload, found, kind, {k: v for k, v in expected.items()
                                                     if k not in ("dropout", "freeze_trunk")})
@@ -592,7 +463,7 @@ class Trainer:
                         keep=self.config.train.keep_checkpoints)
         if best:
             save_checkpoint(self.run, payload, BEST_NAME)
-        atomic_write_text(self.run / METRICS_NAME, "".join(json.dumps(h, sort_keys=True) + "\n" for h in self.history))
+        write_metrics(self.run, self.history)
         self.saved_position = (self.epoch, self.step_in_epoch)
 
     def save_if_safe(self) -> None:
