@@ -21,7 +21,7 @@ from hpcvid.errors import PartialFailure
 from hpcvid.storage.predictions import read_prediction_shard, read_record, shard_paths
 from hpcvid.launch.sharding import all_shards
 from hpcvid.learn.checkpoints import load_run
-from hpcvid.stages.train import train
+from hpcvid.stages.train import load_data, train
 
 pytestmark = pytest.mark.slow
 torch.set_num_threads(1)
@@ -47,7 +47,7 @@ def trained_work(tiny_work, tmp_path_factory):
     config = resolve_config(overrides=base)
     extract.run_shard(config, all_shards(1)[0])
     for model in ("frame", "flow", "twostream", "lstm"):
-        train(resolve_config(overrides=dict(base, **{"train.model": model})))
+        train(resolve_config(overrides=dict(base, **{"train.model": model})), load_data)
     return work, base
 
 
@@ -89,7 +89,8 @@ def test_default_strategies_see_what_validation_saw(trained_work):
     from hpcvid.learn.datasets import (FeatureDataset, FlowDataset, FrameDataset, ShardFeatureSource, VideoItem)
 
     work, base = trained_work
-    source, info = evaluate.video_source(_config(base, "frame"))
+    videos = evaluate.video_source(_config(base, "frame"))
+    source, info = videos.source, videos.videos
     for model in ("frame", "flow", "lstm"):
         config = _config(base, model, shards=1)
         record = evaluate.run_shard(config, all_shards(1, force=True)[0])

@@ -142,6 +142,7 @@ def load_run(run: Path | str, which: str = "best", device: str = "cpu") -> tuple
     """
     import numpy as np
 
+    from hpcvid.learn.kinds import KINDS
     from hpcvid.learn.models import build_from_args
 
     run = Path(run)
@@ -153,6 +154,9 @@ def load_run(run: Path | str, which: str = "best", device: str = "cpu") -> tuple
             raise CheckpointError(f"no valid checkpoint in {run}: train first with "
                                   f"`hpcvid run train --model {run.name} --work WORK`")
         path, payload = found
+    if payload["kind"] not in KINDS:
+        raise CheckpointError(f"checkpoint {path} holds a {payload['kind']!r} model, which this hpcvid does not "
+                              f"know (it knows {', '.join(KINDS)}): use the hpcvid that wrote it")
     model = build_from_args(payload["kind"], payload["init_args"])
     model.load_state_dict(payload["model"])
     model.to(device).eval()

@@ -1,4 +1,4 @@
-"""The ``train`` stage: one trainer for the four models, on one process or many, surviving walltimes.
+"""The ``train`` stage: which data a model trains on, and how the trainer is started here or on SLURM.
 
 Run manual::
 
@@ -6,9 +6,7 @@ Run manual::
     hpcvid run train --config jobs/synthetic.toml --model flow --procs 2     # 2 local processes, gloo
     hpcvid submit train --config jobs/ucf101.toml --model lstm --nodes 2 ... # SLURM: TrainJob per task
 
-It reads top to bottom: data -> model -> optimiser/schedule -> resume -> DDP -> epoch loop
-(:meth:`Trainer.train_epoch`, :meth:`Trainer.validate`) -> checkpoint + metrics. Everything lands in
-``WORK/runs/<model>/``:
+``--model`` is any kind of :data:`hpcvid.learn.kinds.KINDS`. Everything lands in ``WORK/runs/<model>/``:
 
 * ``ckpt-eEEEE-sSSSSSSS.pt`` - checkpoints written atomically by rank 0 after every epoch (``s`` = 0) and
   on the pre-timeout signal (``s`` = optimiser steps into the epoch). They hold model, optimiser, scheduler,
@@ -19,14 +17,16 @@ It reads top to bottom: data -> model -> optimiser/schedule -> resume -> DDP -> 
   disagrees with the checkpoint after a kill).
 * ``config.resolved.json`` - the resolved config and the command line.
 
-The run folder's files are written and read by :mod:`hpcvid.learn.checkpoints` (also what evaluation uses).
-
 A rerun resumes from the newest valid checkpoint; a corrupt one is skipped with a warning, an incompatible
-one (other model or architecture) is refused with a message that says what differs. Randomness is
-reseeded from ``(seed, epoch, rank)`` at each epoch and data randomness comes from ``(seed, epoch, index)``,
-so a run killed mid-epoch and resumed ends with the same weights as an uninterrupted one.
+one (other model or architecture) is refused with a message that says what differs. A run killed mid-epoch
+and resumed ends with the same weights as an uninterrupted one: randomness is reseeded from ``(seed, epoch,
+rank)`` at each epoch and data randomness comes from ``(seed, epoch, index)``.
 
-This module is also the stage module of ``hpcvid run train``: torch is imported inside functions only.
+This module decides which files a model reads (:func:`load_data`): the extraction shards for frames and
+flow, the fine-tuned or extracted features for feature models. It opens them and hands them to the kind's
+module, which builds the datasets. The trainer below reads top to bottom: data -> model ->
+optimiser/schedule -> resume -> DDP -> epoch loop -> checkpoint + metrics; what differs between models
+comes from the kind's module. torch is imported inside functions only.
 """
 from __future__ import annotations
 
@@ -40,27 +40,29 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from hpcvid.config import Config, write_resolved
-from hpcvid.launch.distributed import DistEnv, detect
 from hpcvid.errors import CheckpointError, ConfigError, StoreError
 from hpcvid.fileio import remove_stale_partials
+from hpcvid.launch.distributed import DistEnv, detect
 from hpcvid.learn.checkpoints import (BEST_NAME, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, check_compatible,
-                                      checkpoint_name, list_checkpoints, newest_valid_checkpoint,
-                                      pick_checkpoint, read_metrics, run_dir, save_checkpoint, write_metrics)
+                                      checkpoint_name, list_checkpoints, newest_valid_checkpoint, pick_checkpoint,
+                                      read_metrics, run_dir, save_checkpoint, write_metrics)
+from hpcvid.learn.kinds import (FEATURES, FLOW, FRAMES, KINDS, DataBundle, StepTools, TrainInputs, get_kind, kind_names,
+                                kinds_help)
 
 log = logging.getLogger(__name__)
 
-HELP = "train a model (frame, flow, twostream, lstm) into WORK/runs/<model>/"
+HELP = f"train a model ({', '.join(KINDS)}) into WORK/runs/<model>/"
 FINETUNED_FEATURES = "finetuned"
 
 
 # ============================================================================== the stage (CLI) part
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=("frame", "flow", "twostream", "lstm"), help="which model to train")
+    parser.add_argument("--model", choices=kind_names(), help=f"which model to train: {kinds_help()}")
     parser.add_argument("--procs", type=int, metavar="N", help="local processes (torch.distributed, gloo)")
     parser.add_argument("--epochs", type=int, metavar="E", help="epochs in total (a resumed run continues to E)")
     parser.add_argument("--batch-size", type=int, metavar="B", help="GLOBAL batch size (split over processes)")
@@ -83,9 +85,9 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 def run_local(config: Config, args: argparse.Namespace | None = None) -> int:
     """``hpcvid run train``: train here, in ``train.procs`` processes, and print where the run is."""
     if config.train.procs > 1:
-        spawn_local(config, config.train.procs)
+        spawn_local(config, config.train.procs, load_data)
     else:
-        train(config, DistEnv())
+        train(config, load_data, DistEnv())
     summary = read_metrics(run_dir(config))
     last = summary[-1] if summary else {}
     print(f"{config.train.model}: {len(summary)} epochs in {run_dir(config)}; last val_loss "
@@ -93,41 +95,18 @@ def run_local(config: Config, args: argparse.Namespace | None = None) -> int:
     return 0
 
 
-def spawn_local(config: Config, procs: int, data_factory: Callable | None = None) -> None:
-    """Start ``procs`` processes on this machine (spawn, gloo) with RANK/WORLD_SIZE/MASTER_* set."""
-    import torch.multiprocessing as mp
-
-    port = _free_port()
-    mp.start_processes(_spawned_rank, args=(procs, port, config, data_factory), nprocs=procs,
-                       start_method="spawn", join=True)
-
-
-def _spawned_rank(rank: int, world: int, port: int, config: Config, data_factory: Callable | None) -> None:
-    import torch
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    env = DistEnv(rank=rank, world_size=world, local_rank=rank, master_addr="127.0.0.1", master_port=port)
-    env.export()
-    train(config, env, data_factory)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 # ============================================================================== submitit entry point
 class TrainJob:
     """What ``hpcvid submit train`` hands to submitit: one instance per SLURM task (= one rank).
 
-    ``__call__`` trains in this process with the rank from :func:`hpcvid.launch.distributed.detect`.
+    ``__call__`` trains in this process with the rank from :func:`hpcvid.launch.distributed.detect`, on
+    :func:`load_data` unless another ``data_factory`` is given (tests).
     ``checkpoint`` is called by submitit on the pre-timeout signal (rank 0 only): the signal is deferred to
     the end of the current optimiser step, a checkpoint of that step is written, and the returned
     DelayedSubmission requeues the job, which then resumes from it.
     """
 
-    def __init__(self, config: Config, data_factory: Callable | None = None) -> None:
+    def __init__(self, config: Config, data_factory: DataFactory | None = None) -> None:
         self.config = config
         self.data_factory = data_factory
         self._trainer: Trainer | None = None
@@ -136,7 +115,7 @@ class TrainJob:
         return {"config": self.config, "data_factory": self.data_factory, "_trainer": None}
 
     def __call__(self) -> dict[str, Any]:
-        trainer = Trainer(self.config, detect(), self.data_factory)
+        trainer = Trainer(self.config, detect(), self.data_factory or load_data)
         self._trainer = trainer
         self._defer_signal(signal.SIGUSR2, trainer)
         return trainer.fit()
@@ -149,7 +128,7 @@ class TrainJob:
         return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.data_factory))
 
     @staticmethod
-    def _defer_signal(signum: int, trainer: "Trainer") -> None:
+    def _defer_signal(signum: int, trainer: Trainer) -> None:
         """Route a handler installed by submitit through the trainer, which calls it between steps."""
         previous = signal.getsignal(signum)
         if not callable(previous):
@@ -161,30 +140,12 @@ class TrainJob:
         signal.signal(signum, deferred)
 
 
-# ============================================================================== provenance
-def _code_version() -> str:
-    from hpcvid.storage.predictions import code_version
-
-    return code_version()
-
-
-# ============================================================================== data
-@dataclass
-class DataBundle:
-    """What a model trains on: train and validation datasets plus what the checkpoint must remember."""
-
-    train: Any                       # torch Dataset with set_epoch(epoch)
-    val: Any | None                  # held out from the TRAIN split; never the test split
-    classes: list[str]
-    model_args: dict[str, Any] = field(default_factory=dict)   # extra constructor args (input_dim, stack)
-    meta: dict[str, Any] = field(default_factory=dict)         # input preparation, stored in checkpoints
-
-
+# ============================================================================== which data a model reads
 def load_data(config: Config) -> DataBundle:
-    """The bundle for ``config.train.model`` from the work folder (shards written by extract/features)."""
-    if config.train.model == "lstm":
-        return _feature_data(config)
-    return _video_data(config)
+    """The data bundle of ``config.train.model``: this stage opens the files, the kind builds the datasets."""
+    kind = get_kind(config.train.model)
+    inputs = train_features(config) if FEATURES in kind.reads else train_videos(config, kind.reads)
+    return kind.implementation().build_data(config, inputs)
 
 
 def _shard_files(folder: Path) -> list[Path]:
@@ -195,40 +156,32 @@ def _shard_files(folder: Path) -> list[Path]:
     return [folder / read_json(record)["file"] for record in find_shard_records(folder)]
 
 
-def _video_data(config: Config) -> DataBundle:
-    from hpcvid.learn.datasets import Augment, FlowDataset, FrameDataset, ShardVideoSource, TwoStreamDataset, VideoItem, hold_out
+def _classes(config: Config) -> list[str]:
     from hpcvid.storage.manifest import load_manifest
+
+    return list(load_manifest(config.work_dir).classes)
+
+
+def train_videos(config: Config, reads: tuple[str, ...]) -> TrainInputs:
+    """The train-split videos of the extraction shards that hold what the model ``reads`` (frames, flow)."""
+    from hpcvid.learn.datasets import ShardVideoSource, VideoItem
     from hpcvid.storage.shards import ShardReader
 
-    t = config.train
-    shards = _shard_files(config.work_dir / "extract")
-    classes = list(load_manifest(config.work_dir).classes)
-    needs_flow = t.model in ("flow", "twostream")
+    folder = config.work_dir / "extract"
+    needed = [flag for part, flag in ((FRAMES, "has_frames"), (FLOW, "has_flow")) if part in reads]
     items, shard_of = [], {}
-    for path in shards:
+    for path in _shard_files(folder):
         with ShardReader(path) as reader:
             for vid in reader.video_ids():
                 info = reader.info(vid)
-                if info.get("split") != "train" or not info["has_frames"] or (needs_flow and not info["has_flow"]):
+                if info.get("split") != "train" or not all(info[flag] for flag in needed):
                     continue
                 items.append(VideoItem(vid, int(info["label"]), int(info["frames"]), "train"))
                 shard_of[vid] = str(path)
     if not items:
-        raise StoreError(f"the shards in {config.work_dir / 'extract'} hold no train-split videos with "
-                         f"{'flow' if needs_flow else 'frames'}: re-extract with extract.flow (and frames) enabled")
-    train_items, val_items = hold_out(items, t.val_fraction, t.seed)
-    source = ShardVideoSource(shard_of)
-    augment = Augment(tuple(t.scale_jitter), t.flip) if t.augment else None
-    meta = {"classes": classes, "flow_stack": t.flow_stack, "compensation": t.flow_camera_compensation,
-            "val_ids": [it.id for it in val_items]}
-    if t.model == "frame":
-        make = lambda items, train: FrameDataset(source, items, train=train, seed=t.seed, augment=augment)  # noqa: E731
-        return DataBundle(make(train_items, True), make(val_items, False) if val_items else None, classes, {}, meta)
-    cls = FlowDataset if t.model == "flow" else TwoStreamDataset
-    make = lambda items, train: cls(source, items, stack=t.flow_stack, train=train, seed=t.seed,  # noqa: E731
-                                    compensation=t.flow_camera_compensation, augment=augment)
-    return DataBundle(make(train_items, True), make(val_items, False) if val_items else None, classes,
-                      {"stack": t.flow_stack}, meta)
+        raise StoreError(f"the shards in {folder} hold no train-split videos with {' and '.join(reads)}: "
+                         "re-extract with extract.flow (and frames) enabled")
+    return TrainInputs(ShardVideoSource(shard_of), items, _classes(config))
 
 
 def refeature_dir(work: Path | str) -> Path:
@@ -237,7 +190,7 @@ def refeature_dir(work: Path | str) -> Path:
 
 
 def feature_source(config: Config) -> tuple[Any, str, Path]:
-    """The LSTM's features and their name, in this order of preference:
+    """The features a feature model reads and their name, in this order of preference:
 
     1. the fine-tuned set (``run features``): merged ``WORK/features/frame/features.h5``, else its shards;
     2. the extracted set (``extract.backbone``, or ``train.features``): merged ``WORK/features.h5``, else
@@ -264,58 +217,46 @@ def feature_source(config: Config) -> tuple[Any, str, Path]:
     return ShardFeatureSource(_shard_files(extracted), name), name, extracted
 
 
-def _feature_data(config: Config) -> DataBundle:
-    import numpy as np
-
-    from hpcvid.learn.datasets import FeatureDataset, feature_input_dim, hold_out
-    from hpcvid.storage.manifest import load_manifest
-
-    t = config.train
+def train_features(config: Config) -> TrainInputs:
+    """The train-split videos of :func:`feature_source`."""
     source, name, folder = feature_source(config)
-    classes = list(load_manifest(config.work_dir).classes)
     items = [it for it in source.items if it.split == "train"]
     if not items:
         raise StoreError(f"no train-split videos with features {name!r} in {config.work}: extract with a backbone")
-    train_items, val_items = hold_out(items, t.val_fraction, t.seed)
-    if source.mean is None:
-        source.fit_statistics(train_items)      # the training videos' mean/std, never validation or test
-    dim = int(np.asarray(source.mean).shape[0])
-    make = lambda items, train: FeatureDataset(source, items, seq_len=t.seq_len, train=train, seed=t.seed,  # noqa: E731
-                                               centring=t.temporal_centering)
-    meta = {"classes": classes, "feature_set": name, "feature_dim": dim, "feature_folder": str(folder),
-            "centring": t.temporal_centering, "seq_len": t.seq_len,
-            "feature_mean": np.asarray(source.mean, np.float64), "feature_std": np.asarray(source.std, np.float64),
-            "val_ids": [it.id for it in val_items]}
-    return DataBundle(make(train_items, True), make(val_items, False) if val_items else None, classes,
-                      {"input_dim": feature_input_dim(dim, t.temporal_centering)}, meta)
-
-
-def model_init_args(config: Config, bundle: DataBundle) -> dict[str, Any]:
-    """Constructor arguments of the configured model (what the checkpoint stores to rebuild it)."""
-    t, n = config.train, len(bundle.classes)
-    if t.model == "frame":
-        return {"num_classes": n, "backbone": t.backbone, "weights": t.weights, "freeze_trunk": t.freeze_trunk,
-                "dropout": t.dropout}
-    if t.model == "flow":
-        return {"num_classes": n, "stack": bundle.model_args.get("stack", t.flow_stack),
-                "backbone": _flow_backbone(t.backbone), "weights": t.weights, "dropout": t.dropout}
-    if t.model == "twostream":
-        return {"num_classes": n, "stack": bundle.model_args.get("stack", t.flow_stack),
-                "backbone": _flow_backbone(t.backbone), "weights": t.weights, "dropout": t.dropout}
-    return {"num_classes": n, "input_dim": bundle.model_args["input_dim"], "hidden": t.hidden, "layers": t.layers,
-            "dropout": t.dropout, "input_norm": t.input_norm,
-            "mean_scale": t.mean_scale if t.temporal_centering else 1.0}
-
-
-def _flow_backbone(name: str) -> str:
-    """GoogLeNet has no widened-first-conv variant here: a flow trunk is ResNet-18 or the small CNN."""
-    return "small" if name == "small" else "resnet18"
+    return TrainInputs(source, items, _classes(config), feature_set=name, feature_folder=str(folder))
 
 
 # ============================================================================== the trainer
-def train(config: Config, env: DistEnv | None = None, data_factory: Callable | None = None) -> dict[str, Any]:
-    """Train ``config.train.model`` in this process as rank ``env.rank`` (see the module docstring)."""
+DataFactory = Callable[[Config], DataBundle]
+
+
+def train(config: Config, data_factory: DataFactory, env: DistEnv | None = None) -> dict[str, Any]:
+    """Train ``config.train.model`` on ``data_factory(config)`` in this process as rank ``env.rank``."""
     return Trainer(config, env or detect(), data_factory).fit()
+
+
+def spawn_local(config: Config, procs: int, data_factory: DataFactory) -> None:
+    """Start ``procs`` processes on this machine (spawn, gloo) with RANK/WORLD_SIZE/MASTER_* set."""
+    import torch.multiprocessing as mp
+
+    port = _free_port()
+    mp.start_processes(_spawned_rank, args=(procs, port, config, data_factory), nprocs=procs,
+                       start_method="spawn", join=True)
+
+
+def _spawned_rank(rank: int, world: int, port: int, config: Config, data_factory: DataFactory) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    env = DistEnv(rank=rank, world_size=world, local_rank=rank, master_addr="127.0.0.1", master_port=port)
+    env.export()
+    train(config, data_factory, env)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -328,10 +269,11 @@ class EpochStats:
 
 
 class Trainer:
-    def __init__(self, config: Config, env: DistEnv, data_factory: Callable | None = None) -> None:
+    def __init__(self, config: Config, env: DistEnv, data_factory: DataFactory) -> None:
         self.config = config
         self.env = env
-        self.data_factory = data_factory or load_data
+        self.data_factory = data_factory
+        self.kind = get_kind(config.train.model)
         self.run = run_dir(config)
         self.stop_callback: Callable[[], None] | None = None
         self.at_safe_point = False
@@ -343,206 +285,17 @@ class Trainer:
         self.best_val = math.inf
         self.bad_epochs = 0
 
-    # -------------------------------------------------------------- setup
-    def _setup_distributed(self) -> None:
-        import torch
-        import torch.distributed as dist
-
-        t = self.config.train
-        from hpcvid.learn.backbones import pick_device
-
-        self.device = pick_device(t.device)
-        if self.device.type == "cuda":
-            self.device = torch.device("cuda", self.env.local_rank % max(1, torch.cuda.device_count()))
-            torch.cuda.set_device(self.device)
-        if self.env.is_distributed and not dist.is_initialized():
-            self.env.export()
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, init_method="env://", rank=self.env.rank,
-                                    world_size=self.env.world_size)
-        if t.batch_size % self.env.world_size:
-            raise ConfigError(f"train.batch_size = {t.batch_size} is the GLOBAL batch; it must be divisible by "
-                              f"the {self.env.world_size} processes")
-
-    def _build(self) -> None:
-        import torch
-
-        from hpcvid.learn.models import MODELS
-        from hpcvid.learn.tbptt import loss_weights
-
-        t = self.config.train
-        self.bundle = self.data_factory(self.config)
-        self.init_args = model_init_args(self.config, self.bundle)
-        torch.manual_seed(t.seed)                      # the same initial weights on every rank
-        self.model = MODELS[t.model](**self.init_args)
-        if t.model == "twostream" and t.init_from_runs:
-            self._init_twostream()
-        self.model.to(self.device)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if t.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-        else:
-            self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-        self.per_rank_batch = t.batch_size // self.env.world_size
-        self.steps_per_epoch = self._steps_per_epoch()
-        self.scheduler = self._scheduler()
-        self.use_amp = bool(t.amp and self.device.type == "cuda")
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
-        self.seq_weights = loss_weights(t.seq_len, t.loss_weighting).to(self.device) if t.model == "lstm" else None
-
-    def _init_twostream(self) -> None:
-        """Start the two streams from trained frame and flow runs of this work folder, when they exist."""
-        states = {}
-        for kind in ("frame", "flow"):
-            folder = run_dir(self.config, kind)
-            picked = pick_checkpoint(folder)
-            if picked is None:
-                log.warning("twostream: no trained %s run in %s; that stream starts from scratch", kind, folder)
-                continue
-            found, payload = picked
-            expected = self.model.rgb.init_args if kind == "frame" else self.model.flow.init_args
-            check_compatible(payload, found, kind, {k: v for k, v in expected.items()
-                                                    if k not in ("dropout", "freeze_trunk")})
-            states[kind] = payload["model"]
-            log.info("twostream: %s stream from %s", kind, found)
-        self.model.init_from(states.get("frame"), states.get("flow"))
-
-    def _steps_per_epoch(self) -> int:
-        """Optimiser steps per epoch (TBPTT: one per chunk); what the cyclic schedule counts in."""
-        samples = math.ceil(len(self.bundle.train) / self.env.world_size)
-        batches = math.ceil(samples / self.per_rank_batch)
-        return batches * self._steps_per_batch()
-
-    def _scheduler(self) -> Any:
-        import torch
-
-        t = self.config.train
-        if t.schedule == "cyclic":
-            half = max(1, int(round(t.cycle_epochs * self.steps_per_epoch)))
-            return torch.optim.lr_scheduler.CyclicLR(self.optimizer, base_lr=min(t.lr_min, t.lr), max_lr=t.lr,
-                                                     step_size_up=half, mode="triangular2",
-                                                     cycle_momentum=t.optimizer == "sgd")
-        if t.schedule == "plateau":
-            return torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=t.plateau_factor,
-                                                              patience=t.plateau_patience, eps=0.0)
-        return None
-
-    # -------------------------------------------------------------- checkpoints
-    def _payload(self) -> dict[str, Any]:
-        import numpy as np
-        import torch
-
-        from hpcvid.learn.models import unwrap
-
-        meta = {}
-        for key, value in self.bundle.meta.items():
-            meta[key] = torch.from_numpy(np.asarray(value)) if isinstance(value, np.ndarray) else value
-        np_state = np.random.get_state()
-        return {
-            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-            "kind": self.config.train.model, "init_args": self.init_args,
-            "model": {k: v.detach().cpu() for k, v in unwrap(self.model).state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": self.scaler.state_dict() if self.use_amp else None,
-            "epoch": self.epoch, "step": self.step_in_epoch, "global_step": self.global_step,
-            "best_val": self.best_val, "bad_epochs": self.bad_epochs, "history": self.history,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                    "python": _python_rng_state(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
-            "world_size": self.env.world_size, "meta": meta,
-            "config": self.config.to_dict(), "code_version": self.code_version,
-        }
-
-    def save(self, best: bool = False) -> None:
-        """Rank 0 writes the current position (epoch, step) atomically; metrics.jsonl follows from history."""
-        if not self.env.is_main:
-            return
-        payload = self._payload()
-        save_checkpoint(self.run, payload, checkpoint_name(self.epoch, self.step_in_epoch),
-                        keep=self.config.train.keep_checkpoints)
-        if best:
-            save_checkpoint(self.run, payload, BEST_NAME)
-        write_metrics(self.run, self.history)
-        self.saved_position = (self.epoch, self.step_in_epoch)
-
-    def save_if_safe(self) -> None:
-        """Pre-timeout: write a checkpoint of the last finished step, unless one was just written."""
-        if self.at_safe_point and self.saved_position != (self.epoch, self.step_in_epoch):
-            self.save()
-
-    def request_stop(self, callback: Callable[[], None]) -> None:
-        self.stop_callback = callback
-
-    def _maybe_stop(self) -> None:
-        if self.stop_callback is not None:
-            callback, self.stop_callback = self.stop_callback, None
-            self.save_if_safe()
-            callback()          # submitit's handler: checkpoint() sees the file, requeues and exits
-
-    def _resume(self) -> int:
-        """Load the newest valid checkpoint; returns the samples to skip in the current epoch."""
-        import numpy as np
-        import torch
-
-        existing = list_checkpoints(self.run)
-        found = newest_valid_checkpoint(self.run)
-        if found is None:
-            if existing:
-                raise CheckpointError(f"every checkpoint in {self.run} is corrupt "
-                                      f"({', '.join(p.name for p in existing)}): restore one, or move them away "
-                                      "to start the run over")
-            return 0
-        path, payload = found
-        if self.env.is_main:
-            for newer in existing[existing.index(path) + 1:]:     # corrupt ones: set aside, never pruned into
-                newer.rename(newer.with_name(newer.name + ".corrupt"))
-                log.warning("set aside corrupt checkpoint %s (resuming from %s)", newer, path.name)
-        check_compatible(payload, path, self.config.train.model, self.init_args)
-        self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        if self.scheduler is not None and payload.get("scheduler") is not None:
-            self.scheduler.load_state_dict(payload["scheduler"])
-        if self.use_amp and payload.get("scaler"):
-            self.scaler.load_state_dict(payload["scaler"])
-        self.epoch, self.step_in_epoch = int(payload["epoch"]), int(payload["step"])
-        self.global_step = int(payload.get("global_step", 0))
-        self.best_val, self.bad_epochs = float(payload["best_val"]), int(payload["bad_epochs"])
-        self.history = list(payload.get("history", []))
-        if self.step_in_epoch and payload.get("world_size") != self.env.world_size:
-            raise CheckpointError(f"checkpoint {path} was written mid-epoch by {payload.get('world_size')} "
-                                  f"processes; resume it with the same number (now {self.env.world_size})")
-        if self.step_in_epoch:     # mid-epoch: continue the same random streams
-            rng = payload["rng"]
-            torch.set_rng_state(rng["torch"])
-            if rng.get("cuda") and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
-            random.setstate(_python_state_from(rng["python"]))
-            np.random.set_state((rng["numpy"][0], np.asarray(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
-        self.saved_position = (self.epoch, self.step_in_epoch)
-        if self.env.is_main:
-            log.info("resuming %s from %s (epoch %d, step %d)", self.config.train.model, path, self.epoch,
-                     self.step_in_epoch)
-        return (self.step_in_epoch // self._steps_per_batch()) * self.per_rank_batch
-
-    def _steps_per_batch(self) -> int:
-        """Optimiser steps one batch makes: one, or one per truncated-BPTT chunk."""
-        t = self.config.train
-        return math.ceil(t.seq_len / t.chunk) if t.model == "lstm" else 1
-
-    # -------------------------------------------------------------- the loop
+    # -------------------------------------------------------------- the run, top to bottom
     def fit(self) -> dict[str, Any]:
-        import torch
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel
 
         self._setup_distributed()
-        self.code_version = _code_version()
-        if self.env.is_main:
-            self.run.mkdir(parents=True, exist_ok=True)
-            remove_stale_partials(self.run)
-            write_resolved(self.config, self.run, argv=sys.argv)
-        self._build()
+        self._prepare_run_folder()
+        self.impl = self.kind.implementation()
+        self.bundle = self.data_factory(self.config)
+        self._build_model()
+        self._build_optimiser()
         skip = self._resume()
         if self.env.is_distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -567,34 +320,146 @@ class Trainer:
                 dist.destroy_process_group()
         return {"run": str(self.run), "epochs": self.epoch, "history": self.history, "stopped_early": stopped_early}
 
-    def _end_epoch(self, stats: EpochStats, val_loss: float, val_acc: float) -> bool:
-        t = self.config.train
-        monitored = val_loss if not math.isnan(val_loss) else stats.loss_sum / max(stats.count, 1)
-        improved = monitored < self.best_val - 1e-12
-        self.best_val, self.bad_epochs = (monitored, 0) if improved else (self.best_val, self.bad_epochs + 1)
-        if isinstance(self.scheduler, _plateau_type()):
-            self.scheduler.step(monitored)
-        self.epoch += 1
-        self.step_in_epoch = 0
-        self.history.append({
-            "epoch": self.epoch, "step": self.global_step,
-            "train_loss": stats.loss_sum / max(stats.count, 1), "train_acc": stats.correct / max(stats.count, 1),
-            "val_loss": val_loss, "val_acc": val_acc, "lr": self.optimizer.param_groups[0]["lr"],
-            "samples_per_s": stats.count / max(stats.elapsed, 1e-9),
-            "data_wait_share": stats.wait / max(stats.elapsed, 1e-9),
-            "train_samples": int(stats.count), "world_size": self.env.world_size, "time": time.time(),
-        })
-        self.save(best=improved)
-        if self.env.is_main:
-            h = self.history[-1]
-            log.info("epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f | %.1f samples/s",
-                     self.epoch, t.epochs, h["train_loss"], h["train_acc"], val_loss, val_acc, h["samples_per_s"])
-        return bool(t.early_stopping and self.bad_epochs >= t.early_stopping)
-
-    def _loader(self, dataset: Any, sampler: Any) -> Any:
-        from torch.utils.data import DataLoader
-
+    # -------------------------------------------------------------- setup
+    def _setup_distributed(self) -> None:
         import torch
+        import torch.distributed as dist
+
+        from hpcvid.learn.backbones import pick_device
+
+        t = self.config.train
+        self.device = pick_device(t.device)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.env.local_rank % max(1, torch.cuda.device_count()))
+            torch.cuda.set_device(self.device)
+        if self.env.is_distributed and not dist.is_initialized():
+            self.env.export()
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, init_method="env://", rank=self.env.rank,
+                                    world_size=self.env.world_size)
+        if t.batch_size % self.env.world_size:
+            raise ConfigError(f"train.batch_size = {t.batch_size} is the GLOBAL batch; it must be divisible by "
+                              f"the {self.env.world_size} processes")
+
+    def _prepare_run_folder(self) -> None:
+        from hpcvid.storage.predictions import code_version
+
+        self.code_version = code_version()
+        if self.env.is_main:
+            self.run.mkdir(parents=True, exist_ok=True)
+            remove_stale_partials(self.run)
+            write_resolved(self.config, self.run, argv=sys.argv)
+
+    # -------------------------------------------------------------- model, optimiser, schedule
+    def _build_model(self) -> None:
+        import torch
+
+        self.init_args = self.impl.init_args(self.config, self.bundle)
+        torch.manual_seed(self.config.train.seed)                # the same initial weights on every rank
+        self.model = self.impl.MODEL(**self.init_args)
+        if self.config.train.init_from_runs and self.kind.starts_from:
+            self._warm_start()
+        self.model.to(self.device)
+
+    def _warm_start(self) -> None:
+        """Hand the kind the trained runs it starts from (best.pt, else the newest valid checkpoint)."""
+        found = {}
+        for kind in self.kind.starts_from:
+            folder = run_dir(self.config, kind)
+            picked = pick_checkpoint(folder)
+            if picked is None:
+                log.warning("%s: no trained %s run in %s; its part starts from scratch", self.kind.name, kind, folder)
+            else:
+                found[kind] = picked
+        self.impl.warm_start(self.model, found)
+
+    def _build_optimiser(self) -> None:
+        import torch
+
+        t = self.config.train
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if t.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        self.per_rank_batch = t.batch_size // self.env.world_size
+        self.steps_per_epoch = self._steps_per_epoch()
+        self.scheduler = self._scheduler()
+        self.use_amp = bool(t.amp and self.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.tools = StepTools(backward=lambda loss: self.scaler.scale(loss).backward(),
+                               optimiser_step=self._optimiser_step, autocast=self._autocast)
+
+    def _steps_per_epoch(self) -> int:
+        """Optimiser steps per epoch (what the cyclic schedule counts in)."""
+        samples = math.ceil(len(self.bundle.train) / self.env.world_size)
+        batches = math.ceil(samples / self.per_rank_batch)
+        return batches * self.impl.steps_per_batch(self.config)
+
+    def _scheduler(self) -> Any:
+        import torch
+
+        t = self.config.train
+        if t.schedule == "cyclic":
+            half = max(1, int(round(t.cycle_epochs * self.steps_per_epoch)))
+            return torch.optim.lr_scheduler.CyclicLR(self.optimizer, base_lr=min(t.lr_min, t.lr), max_lr=t.lr,
+                                                     step_size_up=half, mode="triangular2",
+                                                     cycle_momentum=t.optimizer == "sgd")
+        if t.schedule == "plateau":
+            return torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=t.plateau_factor,
+                                                              patience=t.plateau_patience, eps=0.0)
+        return None
+
+    # -------------------------------------------------------------- resume
+    def _resume(self) -> int:
+        """Load the newest valid checkpoint; returns the samples to skip in the current epoch."""
+        import numpy as np
+        import torch
+
+        existing = list_checkpoints(self.run)
+        found = newest_valid_checkpoint(self.run)
+        if found is None:
+            if existing:
+                raise CheckpointError(f"every checkpoint in {self.run} is corrupt "
+                                      f"({', '.join(p.name for p in existing)}): restore one, or move them away "
+                                      "to start the run over")
+            return 0
+        path, payload = found
+        if self.env.is_main:
+            for newer in existing[existing.index(path) + 1:]:     # corrupt ones: set aside, never pruned into
+                newer.rename(newer.with_name(newer.name + ".corrupt"))
+                log.warning("set aside corrupt checkpoint %s (resuming from %s)", newer, path.name)
+        check_compatible(payload, path, self.kind.name, self.init_args)
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        if self.scheduler is not None and payload.get("scheduler") is not None:
+            self.scheduler.load_state_dict(payload["scheduler"])
+        if self.use_amp and payload.get("scaler"):
+            self.scaler.load_state_dict(payload["scaler"])
+        self.epoch, self.step_in_epoch = int(payload["epoch"]), int(payload["step"])
+        self.global_step = int(payload.get("global_step", 0))
+        self.best_val, self.bad_epochs = float(payload["best_val"]), int(payload["bad_epochs"])
+        self.history = list(payload.get("history", []))
+        if self.step_in_epoch and payload.get("world_size") != self.env.world_size:
+            raise CheckpointError(f"checkpoint {path} was written mid-epoch by {payload.get('world_size')} "
+                                  f"processes; resume it with the same number (now {self.env.world_size})")
+        if self.step_in_epoch:     # mid-epoch: continue the same random streams
+            rng = payload["rng"]
+            torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            random.setstate(_python_state_from(rng["python"]))
+            np.random.set_state((rng["numpy"][0], np.asarray(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
+        self.saved_position = (self.epoch, self.step_in_epoch)
+        if self.env.is_main:
+            log.info("resuming %s from %s (epoch %d, step %d)", self.kind.name, path, self.epoch,
+                     self.step_in_epoch)
+        return (self.step_in_epoch // self.impl.steps_per_batch(self.config)) * self.per_rank_batch
+
+    # -------------------------------------------------------------- one epoch
+    def _loader(self, dataset: Any, sampler: Any) -> Any:
+        import torch
+        from torch.utils.data import DataLoader
 
         workers = self.config.train.workers
         # its own generator: creating the iterator must not draw from the global stream (dropout), or a
@@ -607,7 +472,6 @@ class Trainer:
 
     def train_epoch(self, skip: int = 0) -> EpochStats:
         """One pass over this rank's share of the training set (the first ``skip`` samples already done)."""
-        import torch
         from torch.utils.data.distributed import DistributedSampler
 
         dataset = self.bundle.train
@@ -624,7 +488,8 @@ class Trainer:
             stats.wait += time.perf_counter() - waited_since
             *inputs, labels = [b.to(self.device, non_blocking=True) for b in batch]
             self.at_safe_point = False
-            loss, correct = self._step(inputs, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, correct = self.impl.train_step(self.model, inputs, labels, self.config, self.tools)
             self.at_safe_point = True
             stats.loss_sum += loss * len(labels)
             stats.correct += correct
@@ -656,34 +521,9 @@ class Trainer:
         self.global_step += 1
         self.step_in_epoch += 1
 
-    def _step(self, inputs: list[Any], labels: Any) -> tuple[float, float]:
-        """One batch: plain step for the CNNs, one step per chunk (truncated BPTT) for the LSTM."""
-        import torch
-        from torch.nn import functional as F
-
-        from hpcvid.learn.tbptt import train_sequence
-
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.config.train.model == "lstm":
-            result = train_sequence(self.model, inputs[0], labels, chunk=self.config.train.chunk,
-                                    weights=self.seq_weights, after_backward=self._optimiser_step,
-                                    backward=lambda loss: self.scaler.scale(loss).backward(),
-                                    autocast=self._autocast)
-            correct = float((result.logits[:, -1].argmax(-1) == labels).sum())
-            return result.loss, correct
-        with self._autocast():
-            logits = self.model(*inputs)
-            loss = F.cross_entropy(logits.float(), labels)
-        self.scaler.scale(loss).backward()
-        self._optimiser_step()
-        return float(loss.detach()), float((logits.detach().argmax(-1) == labels).sum())
-
     def validate(self) -> tuple[float, float]:
         """Loss and accuracy on the held-out part of the train split, every video counted exactly once."""
         import torch
-        from torch.nn import functional as F
-
-        from hpcvid.learn.tbptt import weighted_sequence_loss
 
         dataset = self.bundle.val
         if dataset is None or len(dataset) == 0:
@@ -697,12 +537,8 @@ class Trainer:
             for batch in loader:
                 *inputs, labels = [b.to(self.device) for b in batch]
                 with self._autocast():
-                    logits = self.model(*inputs)
-                if self.config.train.model == "lstm":
-                    loss = weighted_sequence_loss(logits.float(), labels, self.seq_weights)
-                    logits = logits[:, -1]
-                else:
-                    loss = F.cross_entropy(logits.float(), labels)
+                    output = self.model(*inputs)
+                loss, logits = self.impl.validation_loss(output, labels, self.config)
                 stats.loss_sum += float(loss) * len(labels)
                 stats.correct += float((logits.argmax(-1) == labels).sum())
                 stats.count += len(labels)
@@ -710,6 +546,84 @@ class Trainer:
         if total.count != len(dataset):
             raise RuntimeError(f"validation counted {total.count} videos, expected {len(dataset)}")
         return total.loss_sum / total.count, total.correct / total.count
+
+    # -------------------------------------------------------------- end of an epoch: checkpoint + metrics
+    def _end_epoch(self, stats: EpochStats, val_loss: float, val_acc: float) -> bool:
+        t = self.config.train
+        monitored = val_loss if not math.isnan(val_loss) else stats.loss_sum / max(stats.count, 1)
+        improved = monitored < self.best_val - 1e-12
+        self.best_val, self.bad_epochs = (monitored, 0) if improved else (self.best_val, self.bad_epochs + 1)
+        if isinstance(self.scheduler, _plateau_type()):
+            self.scheduler.step(monitored)
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.history.append({
+            "epoch": self.epoch, "step": self.global_step,
+            "train_loss": stats.loss_sum / max(stats.count, 1), "train_acc": stats.correct / max(stats.count, 1),
+            "val_loss": val_loss, "val_acc": val_acc, "lr": self.optimizer.param_groups[0]["lr"],
+            "samples_per_s": stats.count / max(stats.elapsed, 1e-9),
+            "data_wait_share": stats.wait / max(stats.elapsed, 1e-9),
+            "train_samples": int(stats.count), "world_size": self.env.world_size, "time": time.time(),
+        })
+        self.save(best=improved)
+        if self.env.is_main:
+            h = self.history[-1]
+            log.info("epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f | %.1f samples/s",
+                     self.epoch, t.epochs, h["train_loss"], h["train_acc"], val_loss, val_acc, h["samples_per_s"])
+        return bool(t.early_stopping and self.bad_epochs >= t.early_stopping)
+
+    def _payload(self) -> dict[str, Any]:
+        import numpy as np
+        import torch
+
+        from hpcvid.learn.models import unwrap
+
+        meta = {}
+        for key, value in self.bundle.meta.items():
+            meta[key] = torch.from_numpy(np.asarray(value)) if isinstance(value, np.ndarray) else value
+        np_state = np.random.get_state()
+        return {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+            "kind": self.kind.name, "init_args": self.init_args,
+            "model": {k: v.detach().cpu() for k, v in unwrap(self.model).state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.use_amp else None,
+            "epoch": self.epoch, "step": self.step_in_epoch, "global_step": self.global_step,
+            "best_val": self.best_val, "bad_epochs": self.bad_epochs, "history": self.history,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    "python": _python_rng_state(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
+            "world_size": self.env.world_size, "meta": meta,
+            "config": self.config.to_dict(), "code_version": self.code_version,
+        }
+
+    def save(self, best: bool = False) -> None:
+        """Rank 0 writes the current position (epoch, step) atomically; metrics.jsonl follows from history."""
+        if not self.env.is_main:
+            return
+        payload = self._payload()
+        save_checkpoint(self.run, payload, checkpoint_name(self.epoch, self.step_in_epoch),
+                        keep=self.config.train.keep_checkpoints)
+        if best:
+            save_checkpoint(self.run, payload, BEST_NAME)
+        write_metrics(self.run, self.history)
+        self.saved_position = (self.epoch, self.step_in_epoch)
+
+    # -------------------------------------------------------------- stopping between steps (walltime)
+    def save_if_safe(self) -> None:
+        """Pre-timeout: write a checkpoint of the last finished step, unless one was just written."""
+        if self.at_safe_point and self.saved_position != (self.epoch, self.step_in_epoch):
+            self.save()
+
+    def request_stop(self, callback: Callable[[], None]) -> None:
+        self.stop_callback = callback
+
+    def _maybe_stop(self) -> None:
+        if self.stop_callback is not None:
+            callback, self.stop_callback = self.stop_callback, None
+            self.save_if_safe()
+            callback()          # submitit's handler: checkpoint() sees the file, requeues and exits
 
 
 class _SkipSampler:
