@@ -21,7 +21,8 @@ from hpcvid.errors import PartialFailure
 from hpcvid.storage.predictions import read_prediction_shard, read_record, shard_paths
 from hpcvid.launch.sharding import all_shards
 from hpcvid.learn.checkpoints import load_run
-from hpcvid.stages.train import load_data, train
+from hpcvid.learn.trainer import train
+from hpcvid.stages.train import load_data
 
 pytestmark = pytest.mark.slow
 torch.set_num_threads(1)

@@ -46,9 +46,16 @@ def test_a_kind_missing_a_part_is_refused(monkeypatch):
 
 def test_the_table_and_the_help_import_no_heavy_module():
     code = ("import sys; import hpcvid.learn.kinds, hpcvid.config; from hpcvid.cli import build_parser; build_parser(); "
-            "print(sorted(m for m in ('torch', 'cv2', 'h5py', 'submitit') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'cv2', 'h5py', 'submitit', 'hpcvid.learn.trainer') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_evaluate_and_features_do_not_import_the_trainer():
+    code = ("import sys; import hpcvid.stages.evaluate, hpcvid.stages.features, hpcvid.learn.checkpoints; "
+            "print('hpcvid.learn.trainer' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_a_registered_kind_is_a_choice_of_the_config_and_every_model_flag(toy):
@@ -82,7 +89,7 @@ def test_a_registered_kind_trains_loads_and_gets_its_scorer(toy, tmp_path, monke
     from hpcvid.config import resolve_config
     from hpcvid.learn.checkpoints import load_run
     from hpcvid.learn.kinds import EvalInputs
-    from hpcvid.stages.train import train
+    from hpcvid.learn.trainer import train
     from hpcvid.stages import evaluate
 
     config = resolve_config(overrides={"work": str(tmp_path), "train.model": "toy", "train.epochs": 2,

@@ -10,7 +10,7 @@ from hpcvid.config import resolve_config
 from hpcvid.errors import CheckpointError
 from hpcvid.learn.checkpoints import (BEST_NAME, check_compatible, list_checkpoints, load_checkpoint, load_run,
                                       newest_valid_checkpoint, read_metrics)
-from hpcvid.stages.train import train
+from hpcvid.learn.trainer import train
 
 torch.set_num_threads(1)
 

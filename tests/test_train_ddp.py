@@ -4,7 +4,7 @@ import torch
 import trainkit
 from hpcvid.config import resolve_config
 from hpcvid.learn.checkpoints import load_checkpoint
-from hpcvid.stages.train import spawn_local, train
+from hpcvid.learn.trainer import spawn_local, train
 
 torch.set_num_threads(1)
 

@@ -12,7 +12,7 @@ import torch
 
 import trainkit
 from hpcvid.learn.checkpoints import list_checkpoints, load_checkpoint, read_metrics
-from hpcvid.stages.train import train
+from hpcvid.learn.trainer import train
 
 torch.set_num_threads(1)
 TESTS = Path(__file__).resolve().parent
