@@ -5,8 +5,8 @@ Everything that lists models or acts per model reads this table: ``train.model``
 evaluation. Adding a model is one entry here and one module that implements it; nothing else changes.
 
 This module imports no torch (the CLI and the config read it on a login node). A kind's module, which
-does, is imported by :meth:`ModelKind.implementation` when a model is built, trained or evaluated. It
-provides these parts (a missing one is refused when the module is first used):
+does, is imported by :meth:`ModelKind.implementation` when a model is built, trained or evaluated, and
+refused there if it lacks one of these parts:
 
 ``MODEL``
     the ``nn.Module`` class (defined in :mod:`hpcvid.learn.models`); its ``init_args`` rebuild it.
@@ -28,8 +28,8 @@ provides these parts (a missing one is refused when the module is first used):
     only for kinds with ``starts_from``: ``found`` maps each of those kinds whose trained run exists to
     ``(checkpoint path, payload)``; copy what fits into the new model.
 
-Kind modules never choose files: the train and eval stages select the shards (and the runs a model
-starts from) and pass in opened sources.
+Kind modules never choose files: the train and eval stages select the shards and pass in opened sources,
+and the trainer finds the runs a kind starts from.
 """
 from __future__ import annotations
 
