@@ -21,10 +21,11 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 from hpcvid.errors import ConfigError
 from hpcvid.fileio import atomic_write_json
+from hpcvid.learn.kinds import KINDS
 
 # --------------------------------------------------------------------------------------------- checks
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ def walltime_minutes(text: str) -> int:
     return max(1, -(-total_seconds // 60))
 
 
-def option(default: Any, *, choices: tuple | None = None, check: Check | None = None, help: str = "") -> Any:
+def option(default: Any, *, choices: Collection | None = None, check: Check | None = None, help: str = "") -> Any:
     """A dataclass field with validation metadata (and a help text shown in errors)."""
     metadata = {"choices": choices, "check": check, "help": help}
     if isinstance(default, (list, dict)):
@@ -134,7 +135,7 @@ class ExtractConfig:
 class TrainConfig:
     """Models and the trainer (DESIGN section 5)."""
 
-    model: str = option("lstm", choices=("frame", "flow", "twostream", "lstm"))
+    model: str = option("lstm", choices=KINDS.keys())     # a live view: every kind of the table, when it is read
     backbone: str = option("resnet18", choices=("resnet18", "googlenet", "small"))
     weights: str = option("", help="local weights file for the backbone; empty = random initialisation")
     freeze_trunk: bool = option(False)

@@ -66,7 +66,7 @@ def test_demo_runs_every_stage_and_writes_the_report(demo, capsys):
 
 @pytest.mark.slow
 def test_the_demo_lstm_trains_on_the_fine_tuned_frame_cnn_features(demo):
-    from hpcvid.stages.train import load_checkpoint
+    from hpcvid.learn.checkpoints import load_checkpoint
 
     root, _ = demo
     assert list((root / "work" / "features" / "frame").glob("shard-*.h5"))

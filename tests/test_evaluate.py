@@ -20,7 +20,9 @@ from hpcvid.config import resolve_config
 from hpcvid.errors import PartialFailure
 from hpcvid.storage.predictions import read_prediction_shard, read_record
 from hpcvid.launch.sharding import all_shards
-from hpcvid.stages.train import load_run, train
+from hpcvid.learn.checkpoints import load_run
+from hpcvid.learn.trainer import train
+from hpcvid.stages.train import load_data
 from hpcvid.workfolder import Unit, WorkFolder
 
 pytestmark = pytest.mark.slow
@@ -47,7 +49,7 @@ def trained_work(tiny_work, tmp_path_factory):
     config = resolve_config(overrides=base)
     extract.run_shard(config, all_shards(1)[0])
     for model in ("frame", "flow", "twostream", "lstm"):
-        train(resolve_config(overrides=dict(base, **{"train.model": model})))
+        train(resolve_config(overrides=dict(base, **{"train.model": model})), load_data)
     return work, base
 
 
@@ -86,7 +88,8 @@ def test_default_strategies_see_what_validation_saw(trained_work):
     from hpcvid.learn.datasets import (FeatureDataset, FlowDataset, FrameDataset, ShardFeatureSource, VideoItem)
 
     work, base = trained_work
-    source, info = evaluate.video_source(_config(base, "frame"))
+    videos = evaluate.video_source(_config(base, "frame"))
+    source, info = videos.source, videos.videos
     for model in ("frame", "flow", "lstm"):
         config = _config(base, model, shards=1)
         [spec] = evaluate.plan(config, force=True)    # a 1-shard set replaces the 2-shard one
@@ -131,7 +134,7 @@ def test_a_test_video_missing_from_extraction_is_listed_as_failed(trained_work, 
     cheap = dict(base, **{"work": str(other), "extract.backbone": "none", "extract.flow": "none",
                           "train.model": "frame", "dataset.root": str(Path(manifest.dataset["root"]))})
     extract.run_shard(resolve_config(overrides=cheap), all_shards(1)[0])
-    train(resolve_config(overrides=cheap))
+    train(resolve_config(overrides=cheap), load_data)
     config = resolve_config(overrides=dict(base, **{"work": str(other), "train.model": "frame", "eval.shards": 1}))
     record = evaluate.run_shard(config, all_shards(1)[0])
     assert record["failed"] == [{"video": ghost.id,

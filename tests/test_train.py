@@ -8,8 +8,9 @@ import torch
 import trainkit
 from hpcvid.config import resolve_config
 from hpcvid.errors import CheckpointError
-from hpcvid.stages.train import (BEST_NAME, check_compatible, list_checkpoints, load_checkpoint, load_run,
-                          newest_valid_checkpoint, read_metrics, train)
+from hpcvid.learn.checkpoints import (BEST_NAME, check_compatible, list_checkpoints, load_checkpoint, load_run,
+                                      newest_valid_checkpoint, read_metrics)
+from hpcvid.learn.trainer import train
 
 torch.set_num_threads(1)
 
@@ -142,12 +143,9 @@ def test_cnn_models_train_end_to_end(tmp_path, model):
     assert result["history"][0]["lr"] != result["history"][1]["lr"]           # the cyclic schedule moves
     net, _, meta = load_run(tmp_path / "runs" / model)
     assert meta["kind"] == model
-    if model == "twostream":
-        out = net(torch.zeros(2, 3, 32, 32), torch.zeros(2, 6, 32, 32))
-    elif model == "flow":
-        out = net(torch.zeros(2, 6, 32, 32))
-    else:
-        out = net(torch.zeros(2, 3, 32, 32))
+    *inputs, _label = trainkit.video_data(config).val[0]
+    with torch.no_grad():
+        out = net(*(torch.stack([x, x]) for x in inputs))
     assert out.shape == (2, 3)
 
 

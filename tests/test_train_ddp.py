@@ -3,7 +3,8 @@ import torch
 
 import trainkit
 from hpcvid.config import resolve_config
-from hpcvid.stages.train import load_checkpoint, spawn_local, train
+from hpcvid.learn.checkpoints import load_checkpoint
+from hpcvid.learn.trainer import spawn_local, train
 
 torch.set_num_threads(1)
 
@@ -43,7 +44,8 @@ import pytest  # noqa: E402
 
 from hpcvid.config import replace  # noqa: E402
 from hpcvid.launch.executors import Resources, make_executor  # noqa: E402
-from hpcvid.stages.train import TrainJob, list_checkpoints  # noqa: E402
+from hpcvid.learn.checkpoints import list_checkpoints  # noqa: E402
+from hpcvid.stages.train import TrainJob  # noqa: E402
 from slurm_helpers import slurm_cluster  # noqa: E402,F401 (fixture)
 
 TESTS = Path(__file__).resolve().parent

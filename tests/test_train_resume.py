@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import trainkit
-from hpcvid.stages.train import list_checkpoints, load_checkpoint, read_metrics, train
+from hpcvid.learn.checkpoints import list_checkpoints, load_checkpoint, read_metrics
+from hpcvid.learn.trainer import train
 
 torch.set_num_threads(1)
 TESTS = Path(__file__).resolve().parent

@@ -11,9 +11,9 @@ import time
 import numpy as np
 
 from hpcvid.config import Config
-from hpcvid.learn.datasets import (FeatureDataset, FeatureItem, FrameDataset, MemoryFeatureSource, MemoryVideoSource,
-                             VideoItem, feature_input_dim, hold_out)
-from hpcvid.stages.train import DataBundle
+from hpcvid.learn.datasets import (FeatureDataset, FeatureItem, MemoryFeatureSource, MemoryVideoSource, VideoItem,
+                                   feature_input_dim, hold_out)
+from hpcvid.learn.kinds import DataBundle, TrainInputs, get_kind
 
 CLASSES = ["rise", "fall", "wave"]
 
@@ -83,20 +83,9 @@ def video_clips(n_per_class: int = 6, frames: int = 6, size: int = 32, seed: int
 
 
 def video_data(config: Config) -> DataBundle:
-    from hpcvid.learn.datasets import Augment, FlowDataset, TwoStreamDataset
-
+    """The configured kind's bundle over :func:`video_clips` (what the train stage does with real shards)."""
     source, items = video_clips()
-    train_items, val_items = hold_out(items, config.train.val_fraction, config.train.seed)
-    t = config.train
-    augment = Augment(tuple(t.scale_jitter), t.flip) if t.augment else None
-    if t.model == "frame":
-        make = lambda its, train: FrameDataset(source, its, train=train, seed=t.seed, augment=augment)  # noqa: E731
-    else:
-        cls = FlowDataset if t.model == "flow" else TwoStreamDataset
-        make = lambda its, train: cls(source, its, stack=t.flow_stack, train=train, seed=t.seed,  # noqa: E731
-                                      compensation=t.flow_camera_compensation, augment=augment)
-    return DataBundle(make(train_items, True), make(val_items, False), CLASSES, {"stack": t.flow_stack},
-                      {"classes": CLASSES, "flow_stack": t.flow_stack, "compensation": t.flow_camera_compensation})
+    return get_kind(config.train.model).implementation().build_data(config, TrainInputs(source, items, CLASSES))
 
 
 def resume_config(work: str, epochs: int = 3) -> Config:

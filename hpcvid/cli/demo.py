@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-# Both sizes train and evaluate alike; they differ in the number of clips.
+# Both sizes train and evaluate alike; they differ in the number of clips. A model kind without demo epochs
+# here trains for the job file's (train.epochs).
 _STAGES: dict[str, Any] = {
     "extract": {"shards": 3, "size": 64},
     "epochs": {"frame": 3, "flow": 25, "twostream": 5, "lstm": 40},
@@ -41,8 +42,6 @@ DEMO_SIZES: dict[str, dict[str, Any]] = {
     "default": {"synth": {**_SYNTH, "per_class": 80, "test_per_class": 20}, **_STAGES},
     "ci": {"synth": {**_SYNTH, "per_class": 55, "test_per_class": 15}, **_STAGES},
 }
-MODELS = ("frame", "flow", "twostream", "lstm")
-
 
 def job_toml(work: Path, data: Path, size: str) -> str:
     """The demo's job file (TOML), written to WORK/demo.toml: every setting the demo uses."""
@@ -123,12 +122,14 @@ def _cli(*argv: str) -> int:
 TRAIN_FLAGS: dict[str, tuple[str, ...]] = {"lstm": ("--dropout", "0.3", "--weight-decay", "0.01")}
 
 
-def _train(job: Path, model: str, epochs: int) -> int:
-    return _cli("run", "train", "--config", str(job), "--model", model, "--epochs", str(epochs),
-                *TRAIN_FLAGS.get(model, ()))
+def _train(job: Path, model: str, epochs: int | None) -> int:
+    epoch_flags = ("--epochs", str(epochs)) if epochs else ()
+    return _cli("run", "train", "--config", str(job), "--model", model, *epoch_flags, *TRAIN_FLAGS.get(model, ()))
 
 
 def build_steps(job: Path, work: Path, data: Path, out: Path, size: str) -> list[Step]:
+    from hpcvid.learn.kinds import FEATURES, KINDS
+
     spec = DEMO_SIZES[size]
     steps = [
         Step("synth", lambda: _cli("synth", "--config", str(job), str(data))),
@@ -136,12 +137,13 @@ def build_steps(job: Path, work: Path, data: Path, out: Path, size: str) -> list
         Step("extract", lambda: _cli("run", "extract", "--config", str(job))),
         Step("merge", lambda: _cli("run", "merge", "--config", str(job))),
     ]
-    for model in MODELS:
-        if model == "lstm":   # the LSTM trains on the fine-tuned frame CNN's features (module docstring)
+    for model, kind in KINDS.items():    # table order: a kind comes after the kinds it starts from
+        if FEATURES in kind.reads and not any(step.name == "features" for step in steps):
+            # feature models train on the fine-tuned frame CNN's features (module docstring)
             steps.append(Step("features", lambda: _cli("run", "features", "--config", str(job))))
         steps.append(Step(f"train {model}",
-                          lambda model=model: _train(job, model, spec["epochs"][model])))
-    for model in MODELS:
+                          lambda model=model: _train(job, model, spec["epochs"].get(model))))
+    for model in KINDS:
         steps.append(Step(f"eval {model}",
                           lambda model=model: _cli("run", "eval", "--config", str(job), "--model", model)))
     steps.append(Step("collect", lambda: _collect(work, out)))
@@ -226,10 +228,12 @@ def run_demo(out: Path | str = "results/demo", work: Path | str = "work/demo", d
 
 def format_factors(summary: dict[str, Any]) -> str:
     """Plain text: class, motion and appearance accuracy of each run's default strategy."""
+    from hpcvid.stages.report import ordered_runs
+
     names = list(summary["factors"])
     lines = [f"{'run':<10} {'strategy':<14} {'class %':>8} " + " ".join(f"{n + ' %':>12}" for n in names)]
-    for run, entry in sorted(summary["runs"].items(), key=lambda kv: MODELS.index(kv[1]["model"])
-                             if kv[1]["model"] in MODELS else len(MODELS)):
+    for run in ordered_runs(summary["runs"]):
+        entry = summary["runs"][run]
         numbers = entry["strategies"][entry["default_strategy"]]
         values = " ".join(f"{100 * numbers['factors'][n]:>12.1f}" for n in names)
         lines.append(f"{run:<10} {entry['default_strategy']:<14} {100 * numbers['top1']:>8.1f} {values}")

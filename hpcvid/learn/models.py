@@ -1,4 +1,4 @@
-"""The four models, as a plain dictionary of classes (:data:`MODELS`): no registry, grep finds what runs.
+"""The networks of the model kinds; which kind uses which class is said by its module (:mod:`hpcvid.learn.kinds`).
 
 Forward contracts (shared with evaluation; inputs are prepared by :mod:`hpcvid.learn.datasets`):
 
@@ -241,20 +241,14 @@ def relative_standardise(x: torch.Tensor, dim: int = -1, rel_eps: float = 1e-3) 
     return centred / (std + eps)
 
 
-MODELS: dict[str, type[nn.Module]] = {
-    "frame": FrameModel,
-    "flow": FlowModel,
-    "twostream": TwoStreamModel,
-    "lstm": LSTMModel,
-}
-
-
 def build_from_args(kind: str, init_args: dict[str, Any], *, keep_weights_path: bool = False) -> nn.Module:
-    """Rebuild a model from a checkpoint's ``init_args`` (weights come from the checkpoint, not the file)."""
+    """Rebuild a model of ``kind`` from a checkpoint's ``init_args`` (weights come from the checkpoint, not the file)."""
+    from hpcvid.learn.kinds import get_kind
+
     args = dict(init_args)
     if not keep_weights_path and "weights" in args:
         args["weights"] = ""
-    return MODELS[kind](**args)
+    return get_kind(kind).implementation().MODEL(**args)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

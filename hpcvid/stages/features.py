@@ -76,7 +76,7 @@ def plan(config: Config, only: int | None = None, force: bool = False) -> list[S
 
 def load_frame_cnn(config: Config) -> tuple[Any, dict[str, Any]]:
     """The fine-tuned frame model (eval mode) and its meta; anything but a frame run is refused."""
-    from hpcvid.stages.train import load_run
+    from hpcvid.learn.checkpoints import load_run
 
     model, _, meta = load_run(checkpoint_of(config), which="best")
     if meta["kind"] != "frame":

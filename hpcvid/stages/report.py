@@ -29,10 +29,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from hpcvid.learn import metrics
+from hpcvid.learn.kinds import kind_names
 from hpcvid.fileio import atomic_path, atomic_write_json, atomic_write_text, read_json
 
 SUMMARY_SCHEMA_VERSION = 1
-MODEL_ORDER = ("frame", "flow", "twostream", "lstm")
 IMPROVEMENT_SHOWN = 10
 
 
@@ -98,10 +98,12 @@ def build_summary(reduction: Any, factors: Mapping[str, Sequence[str]] | None = 
 
 
 def ordered_runs(runs: Mapping[str, Any]) -> list[str]:
-    """frame, flow, twostream, lstm first (the report's reading order), then the others by name."""
+    """Runs in the order of the model kinds' table (the report's reading order), then the others by name."""
+    order = kind_names()
+
     def key(name: str) -> tuple[int, str]:
         model = runs[name].model if hasattr(runs[name], "model") else runs[name]["model"]
-        return (MODEL_ORDER.index(model) if model in MODEL_ORDER else len(MODEL_ORDER), name)
+        return (order.index(model) if model in order else len(order), name)
     return sorted(runs, key=key)
 
 

@@ -1,0 +1,100 @@
+"""What the CNN kinds (frame, flow, twostream) share: one prediction per input, trained with cross-entropy.
+
+Their kind modules take these parts as they are (one optimiser step per batch, the plain training step,
+cross-entropy validation) and build their data bundles and scorers with the helpers below.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from hpcvid.config import Config
+from hpcvid.errors import StoreError
+from hpcvid.learn.datasets import Augment, VideoItem, hold_out
+from hpcvid.learn.kinds import FLOW, FRAMES, DataBundle, EvalInputs, StepTools, TrainInputs, get_kind
+from hpcvid.storage.manifest import VideoEntry
+
+
+# ------------------------------------------------------------------------------ training
+def steps_per_batch(config: Config) -> int:
+    return 1
+
+
+def train_step(model: nn.Module, inputs: list[torch.Tensor], labels: torch.Tensor, config: Config,
+               tools: StepTools) -> tuple[float, float]:
+    """Forward, cross-entropy, backward, one optimiser step."""
+    with tools.autocast():
+        logits = model(*inputs)
+        loss = F.cross_entropy(logits.float(), labels)
+    tools.backward(loss)
+    tools.optimiser_step()
+    return float(loss.detach()), float((logits.detach().argmax(-1) == labels).sum())
+
+
+def validation_loss(logits: torch.Tensor, labels: torch.Tensor, config: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    return F.cross_entropy(logits.float(), labels), logits
+
+
+# ------------------------------------------------------------------------------ data
+def video_bundle(config: Config, inputs: TrainInputs, dataset: Callable[..., Any],
+                 model_args: dict[str, Any]) -> DataBundle:
+    """Hold out validation videos and build ``dataset(source, items, train=, seed=, augment=)`` for both parts."""
+    t = config.train
+    train_items, val_items = hold_out(inputs.items, t.val_fraction, t.seed)
+    augment = Augment(tuple(t.scale_jitter), t.flip) if t.augment else None
+
+    def make(items: list[VideoItem], train: bool) -> Any:
+        return dataset(inputs.source, items, train=train, seed=t.seed, augment=augment)
+
+    meta = {"classes": inputs.classes, "flow_stack": t.flow_stack, "compensation": t.flow_camera_compensation,
+            "val_ids": [it.id for it in val_items]}
+    return DataBundle(make(train_items, True), make(val_items, False) if val_items else None, inputs.classes,
+                      model_args, meta)
+
+
+def flow_bundle(config: Config, inputs: TrainInputs, dataset: Callable[..., Any]) -> DataBundle:
+    """:func:`video_bundle` of a dataset of flow stacks (flow, twostream), stacked and compensated as configured."""
+    t = config.train
+    stacked = functools.partial(dataset, stack=t.flow_stack, compensation=t.flow_camera_compensation)
+    return video_bundle(config, inputs, stacked, {"stack": t.flow_stack})
+
+
+def flow_init_args(config: Config, bundle: DataBundle) -> dict[str, Any]:
+    """Constructor arguments of the models with a flow trunk (flow, twostream)."""
+    t = config.train
+    return {"num_classes": len(bundle.classes), "stack": bundle.model_args.get("stack", t.flow_stack),
+            "backbone": flow_backbone(t.backbone), "weights": t.weights, "dropout": t.dropout}
+
+
+def flow_backbone(name: str) -> str:
+    """GoogLeNet has no widened-first-conv variant here: a flow trunk is ResNet-18 or the small CNN."""
+    return "small" if name == "small" else "resnet18"
+
+
+# ------------------------------------------------------------------------------ evaluation
+class VideoScorer:
+    """What the CNN kinds' scorers share: the model, the test videos, and what the kind reads of them."""
+
+    def __init__(self, model: nn.Module, meta: dict[str, Any], inputs: EvalInputs, device: Any) -> None:
+        self.model, self.source, self.videos, self.device = model, inputs.source, inputs.videos, device
+        self.reads = get_kind(meta["kind"]).reads
+
+    def item(self, video: VideoEntry) -> VideoItem:
+        """The test video as the datasets see it; one whose shard lacks what the model reads is refused."""
+        if video.id not in self.videos:
+            raise StoreError("not in the extraction shards (extraction failed or has not run for it)")
+        entry = self.videos[video.id]
+        if FRAMES in self.reads and not entry.get("has_frames", True):
+            raise StoreError("its shard holds no frames: re-extract with frames stored")
+        if FLOW in self.reads and not entry.get("has_flow"):
+            raise StoreError("its shard holds no optical flow: re-extract with extract.flow set")
+        return VideoItem(video.id, video.label, int(entry["frames"]), "test")
+
+
+def softmax(logits: torch.Tensor) -> np.ndarray:
+    return logits.float().softmax(-1).cpu().numpy().astype(np.float32)
