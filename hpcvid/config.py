@@ -214,9 +214,9 @@ class ReportConfig:
     runs: tuple[str, ...] = option((), help="only these runs of WORK/eval; empty = all")
 
 
-MODELS = ("frame", "flow", "twostream", "lstm")
-_MODEL_LIST = Check(lambda v: len(v) > 0 and all(m in MODELS for m in v) and len(set(v)) == len(v),
-                    f"a list of distinct models from: {', '.join(MODELS)}")
+MODELS = tuple(KINDS)   # the study's default: every kind of the table
+_MODEL_LIST = Check(lambda v: len(v) > 0 and all(m in KINDS for m in v) and len(set(v)) == len(v),
+                    f"a list of distinct models from: {', '.join(KINDS)}")
 _STAGE_LIST = Check(lambda v: len(v) > 0 and len(set(v)) == len(v), "a non-empty list of distinct stages")
 
 

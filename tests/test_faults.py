@@ -52,7 +52,7 @@ def _job(folder: Path, dataset: Path, work: Path) -> Path:
 
 
 def _extract(job: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "hpcvid.cli", "run", "extract", "--config", str(job), *CHEAP,
+    return subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "hpcvid.cli", "run", "extract", "--config", str(job), *CHEAP,
                              *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -8,7 +8,8 @@ import torch
 
 import trainkit
 from hpcvid.config import resolve_config
-from hpcvid.stages.train import read_metrics, train
+from hpcvid.learn.checkpoints import read_metrics
+from hpcvid.learn.trainer import train
 
 torch.set_num_threads(1)
 

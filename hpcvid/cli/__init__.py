@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import Any, Mapping, NoReturn, Sequence
 
 from hpcvid import __version__
 from hpcvid.config import Config, resolve_config
-from hpcvid.errors import ConfigError, HpcvidError, machine_fault
+from hpcvid.errors import ConfigError, HpcvidError, ResourceError, machine_fault
 
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
@@ -92,21 +93,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         return error.exit_code
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    global _MACHINE_FAULT
     try:
         return int(args._module.main(args) or 0)
     except HpcvidError as error:
         print(f"hpcvid: error: {error}", file=sys.stderr)
+        _MACHINE_FAULT = isinstance(error, ResourceError)
         return error.exit_code
     except (OSError, MemoryError) as error:
         fault = machine_fault(error, getattr(error, "filename", None) or "the work folder")
         if fault is None:
             raise
         print(f"hpcvid: error: {fault}", file=sys.stderr)
+        _MACHINE_FAULT = True
         return fault.exit_code
     except KeyboardInterrupt:
         print("hpcvid: interrupted", file=sys.stderr)
         return 130
 
 
+_MACHINE_FAULT = False
+
+
 def entry_point() -> None:
-    sys.exit(main())
+    code = main()
+    if _MACHINE_FAULT:
+        # After a full disk refused HDF5 a write, the library's own shutdown can touch the half-closed file and
+        # crash (seen here: SIGSEGV in H5D_close at exit, after the error was reported). The message is out and
+        # every file was written atomically: leave without the library's exit handlers.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)

@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from hpcvid.config import MODELS, Config, PipelineConfig, replace, write_resolved
+from hpcvid.config import Config, PipelineConfig, replace, write_resolved
 from hpcvid.errors import ConfigError, HpcvidError, SchedulerError
 from hpcvid.launch.cluster import Site, check_job_count, shared_parallelism, split_into_arrays
 from hpcvid.launch.sharding import ShardSpec
+from hpcvid.learn.kinds import FEATURES, KINDS
 from hpcvid.stages import STAGES, Stage
 from hpcvid.workfolder import Unit, WorkFolder
 
@@ -69,11 +70,11 @@ def study_graph(models: Sequence[str], stages: Sequence[str] = STUDY_STAGES,
     if unknown:
         raise ConfigError(f"pipeline.stages: unknown stage(s) {', '.join(unknown)}; choose from "
                           f"{', '.join(STUDY_STAGES)}")
-    chosen = [m for m in MODELS if m in models]
+    chosen = [m for m in KINDS if m in models]          # table order: a kind after the kinds it starts from
     nodes = [Node("extract"), Node("merge", after=("extract",))]
     for model in chosen:
-        if model == "lstm" and "frame" in chosen:   # the LSTM reads the fine-tuned frame CNN's features
-            nodes.append(Node("features", "frame", after=("train/frame",)))
+        if FEATURES in KINDS[model].reads and "frame" in chosen and not any(n.stage == "features" for n in nodes):
+            nodes.append(Node("features", "frame", after=("train/frame",)))   # the fine-tuned frame CNN's features
         nodes.append(Node("train", model, _train_inputs(model, chosen), (("train.model", model),)))
     nodes += [Node("eval", m, (f"train/{m}",), (("train.model", m),)) for m in chosen]
     runs = tuple(report_runs) or tuple(chosen)
@@ -82,11 +83,12 @@ def study_graph(models: Sequence[str], stages: Sequence[str] = STUDY_STAGES,
 
 
 def _train_inputs(model: str, chosen: Sequence[str]) -> tuple[str, ...]:
-    if model == "twostream":     # reads the extraction, and starts from the frame and flow runs
-        return ("extract", *(f"train/{m}" for m in ("frame", "flow") if m in chosen))
-    if model == "lstm":
+    """The units a kind's training reads: features (fine-tuned ones when frame is trained too, else the merged
+    extraction's), or the extraction shards and the runs it starts from."""
+    kind = KINDS[model]
+    if FEATURES in kind.reads:
         return ("features/frame",) if "frame" in chosen else ("merge",)
-    return ("extract",)
+    return ("extract", *(f"train/{k}" for k in kind.starts_from if k in chosen))
 
 
 def node_config(config: Config, node: Node) -> Config:

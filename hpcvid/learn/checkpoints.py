@@ -34,7 +34,9 @@ METRICS_NAME = "metrics.jsonl"
 
 def run_dir(config: Config, kind: str | None = None) -> Path:
     """``WORK/runs/<kind>``: the run of ``kind``, by default the configured model's."""
-    return config.work_dir / "runs" / (kind or config.train.model)
+    from hpcvid.workfolder import WorkFolder
+
+    return WorkFolder.of(config).run_dir(kind or config.train.model)
 
 
 def checkpoint_name(epoch: int, step: int) -> str:
@@ -105,6 +107,18 @@ def pick_checkpoint(run: Path, which: str = "best") -> tuple[Path, dict[str, Any
     if which == "best" and best.is_file():
         return best, load_checkpoint(best)
     return newest_valid_checkpoint(run)
+
+
+def checkpoint_file(run: Path | str, which: str = "best") -> Path | None:
+    """The file :func:`load_run` would load (without loading a best.pt): a file given is itself; None when
+    the run has no checkpoint yet. Stages name their inputs' identity by its sha256."""
+    run = Path(run)
+    if run.is_file():
+        return run
+    if which == "best" and (run / BEST_NAME).is_file():
+        return run / BEST_NAME
+    found = newest_valid_checkpoint(run) if run.is_dir() else None
+    return found[0] if found else None
 
 
 def save_checkpoint(folder: Path, payload: dict[str, Any], name: str, keep: int | None = None) -> Path:

@@ -29,6 +29,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from hpcvid.config import Config, write_resolved
+from hpcvid.launch.sharding import ShardSpec
+from hpcvid.tensorboard_log import EpochBoard
+from hpcvid.workfolder import Unit
 from hpcvid.errors import CheckpointError, ConfigError
 from hpcvid.fileio import remove_stale_partials
 from hpcvid.launch.distributed import DistEnv, detect
@@ -109,6 +112,8 @@ class Trainer:
         self._build_model()
         self._build_optimiser()
         skip = self._resume()
+        self.progress_origin = (time.time(), self.epoch)     # this start's pace, for the ETA in `hpcvid status`
+        self.board = EpochBoard.open(self.config.train.tensorboard and self.env.is_main, self.run, self.epoch)
         if self.env.is_distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.model, device_ids=ids)
@@ -126,6 +131,7 @@ class Trainer:
                 self._maybe_stop()
             finished = True
         finally:
+            self.board.close()
             if self.env.is_distributed and dist.is_initialized():
                 if finished:       # a rank leaving on a signal or an error must not wait for the others
                     dist.barrier()
@@ -377,12 +383,25 @@ class Trainer:
             "data_wait_share": stats.wait / max(stats.elapsed, 1e-9),
             "train_samples": int(stats.count), "world_size": self.env.world_size, "time": time.time(),
         })
+        self.board.epoch(self.history[-1])
         self.save(best=improved)
+        stopped = bool(t.early_stopping and self.bad_epochs >= t.early_stopping)
         if self.env.is_main:
             h = self.history[-1]
             log.info("epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f | %.1f samples/s",
                      self.epoch, t.epochs, h["train_loss"], h["train_acc"], val_loss, val_acc, h["samples_per_s"])
-        return bool(t.early_stopping and self.bad_epochs >= t.early_stopping)
+            self._write_progress(stopped)
+        return stopped
+
+    def _write_progress(self, stopped: bool) -> None:
+        """Epochs done of the total, for `hpcvid status` on the login node (an early stop ends the run)."""
+        from hpcvid.launch.progress import write_progress
+
+        accuracies = [h["val_acc"] for h in self.history if h["val_acc"] == h["val_acc"]]
+        total = self.epoch if stopped else self.config.train.epochs
+        write_progress(self.config.work, Unit("train", self.config.train.model), ShardSpec(0, 1), done=self.epoch,
+                       total=total, best_val_acc=max(accuracies, default=None), stopped_early=stopped,
+                       started=self.progress_origin[0], done_at_start=self.progress_origin[1])
 
     def _payload(self) -> dict[str, Any]:
         import numpy as np

@@ -58,7 +58,7 @@ def unit(config: Config) -> Unit:
 
 def identity(config: Config) -> dict[str, Any]:
     """The extraction set the frames come from and the checkpoint (None until it has been trained)."""
-    from hpcvid.stages.train import checkpoint_file
+    from hpcvid.learn.checkpoints import checkpoint_file
 
     extract = WorkFolder.of(config).current_set(Unit("extract"))
     found = checkpoint_file(checkpoint_of(config), "best")

@@ -111,7 +111,7 @@ class TrainInputs:
     items: list[Any]             # the train split's VideoItem / FeatureItem that hold what the kind reads
     classes: list[str]
     feature_set: str = ""        # features: the name of the set in the shards
-    feature_folder: str = ""     # features: the folder of the shards that hold it (evaluation reads there)
+    trained_on: dict[str, str] = field(default_factory=dict)   # the unit and set read: checkpoints keep it
 
 
 @dataclass

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from hpcvid.config import Config
-from hpcvid.errors import StoreError
+from hpcvid.errors import VideoError
 from hpcvid.learn.datasets import Augment, VideoItem, hold_out
 from hpcvid.learn.kinds import FLOW, FRAMES, DataBundle, EvalInputs, StepTools, TrainInputs, get_kind
 from hpcvid.storage.manifest import VideoEntry
@@ -52,7 +52,7 @@ def video_bundle(config: Config, inputs: TrainInputs, dataset: Callable[..., Any
         return dataset(inputs.source, items, train=train, seed=t.seed, augment=augment)
 
     meta = {"classes": inputs.classes, "flow_stack": t.flow_stack, "compensation": t.flow_camera_compensation,
-            "val_ids": [it.id for it in val_items]}
+            "val_ids": [it.id for it in val_items], "trained_on": inputs.trained_on}
     return DataBundle(make(train_items, True), make(val_items, False) if val_items else None, inputs.classes,
                       model_args, meta)
 
@@ -87,12 +87,12 @@ class VideoScorer:
     def item(self, video: VideoEntry) -> VideoItem:
         """The test video as the datasets see it; one whose shard lacks what the model reads is refused."""
         if video.id not in self.videos:
-            raise StoreError("not in the extraction shards (extraction failed or has not run for it)")
+            raise VideoError("not in the extraction shards (extraction failed or has not run for it)")
         entry = self.videos[video.id]
         if FRAMES in self.reads and not entry.get("has_frames", True):
-            raise StoreError("its shard holds no frames: re-extract with frames stored")
+            raise VideoError("its shard holds no frames: re-extract with frames stored")
         if FLOW in self.reads and not entry.get("has_flow"):
-            raise StoreError("its shard holds no optical flow: re-extract with extract.flow set")
+            raise VideoError("its shard holds no optical flow: re-extract with extract.flow set")
         return VideoItem(video.id, video.label, int(entry["frames"]), "test")
 
 

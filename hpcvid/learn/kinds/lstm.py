@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from hpcvid.config import Config
-from hpcvid.errors import StoreError
+from hpcvid.errors import VideoError
 from hpcvid.learn.datasets import (FeatureDataset, feature_input_dim, hold_out, ping_pong_indices, prepare_features,
                                    sequence_indices)
 from hpcvid.learn.kinds import DataBundle, EvalInputs, StepTools, TrainInputs
@@ -44,7 +44,7 @@ def build_data(config: Config, inputs: TrainInputs) -> DataBundle:
         return FeatureDataset(source, items, seq_len=t.seq_len, train=train, seed=t.seed, centring=t.temporal_centering)
 
     meta = {"classes": inputs.classes, "feature_set": inputs.feature_set, "feature_dim": dim,
-            "feature_folder": inputs.feature_folder, "centring": t.temporal_centering, "seq_len": t.seq_len,
+            "trained_on": inputs.trained_on, "centring": t.temporal_centering, "seq_len": t.seq_len,
             "feature_mean": np.asarray(source.mean, np.float64), "feature_std": np.asarray(source.std, np.float64),
             "val_ids": [it.id for it in val_items]}
     return DataBundle(make(train_items, True), make(val_items, False) if val_items else None, inputs.classes,
@@ -108,7 +108,7 @@ class LSTMScorer:
 
     def score(self, video: VideoEntry) -> dict[str, np.ndarray]:
         if video.id not in self.items:
-            raise StoreError("has no features in the feature shards (extraction failed or has not run for it)")
+            raise VideoError("has no features in the feature shards (extraction failed or has not run for it)")
         item = self.items[video.id]
         features = self.source.window(item.index, 0, item.frames)
         if item.frames <= self.seq_len:
