@@ -77,15 +77,15 @@ _MACHINE_FAULTS = {
 def machine_fault(error: BaseException, folder: object, doing: str = "writing") -> ResourceError | None:
     """The ResourceError for an error that is the machine's fault (None for anything else).
 
-    h5py reports a failed write as an OSError whose message carries the errno ("errno = 28") rather than
-    in ``errno``; both forms are recognised.
+    h5py reports a failed write as an OSError, or when it fails while flushing a file as a RuntimeError,
+    whose message carries the errno ("errno = 28") rather than in ``errno``; every form is recognised.
     """
     if isinstance(error, MemoryError):
         return ResourceError(f"out of memory while {doing} ({folder}): give the job more memory (launch.mem) or "
                              "use smaller shards, then rerun")
-    if not isinstance(error, OSError):
+    if not isinstance(error, (OSError, RuntimeError)):
         return None
-    number = error.errno
+    number = error.errno if isinstance(error, OSError) else None
     if number is None:
         import re
 
