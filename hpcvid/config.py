@@ -124,6 +124,7 @@ class ExtractConfig:
     tvl1_inner_iterations: int = option(30, check=POSITIVE, help="TV-L1 primal-dual steps per median filtering")
     tvl1_outer_iterations: int = option(10, check=POSITIVE, help="TV-L1 median filterings per warp")
     tvl1_median_filtering: int = option(5, choices=(1, 3, 5), help="TV-L1 median window between steps; 1 = none")
+    tvl1_compile: bool = option(False, help="tvl1_torch: fuse each step with torch.compile (GPUs; compiles ~1 min first)")
     flow_batch_size: int = option(32, check=POSITIVE, help="frame pairs per call of tvl1_torch / raft (GPU memory)")
     flow_weights: str = option("", help="raft: local .pt/.pth state dict of torchvision's raft_small/raft_large")
     raft_model: str = option("raft_small", choices=("raft_small", "raft_large"), help="raft: the architecture of flow_weights")

@@ -3,6 +3,7 @@ and against OpenCV's TV-L1 on the synthetic set's true motion, batching, the dev
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -178,16 +179,31 @@ def test_a_batch_gives_exactly_the_flow_of_its_pairs_one_by_one(synthetic_pairs)
     np.testing.assert_array_equal(batched, mixed)
 
 
+def close_flows(a: np.ndarray, b: np.ndarray) -> bool:
+    """Flows from the same steps with arithmetic that may differ in the last bits (fused multiply-adds, another
+    summation order): a stopping decision may flip on such a bit, so they are close, not equal."""
+    return bool(np.abs(a - b).mean() < 0.01 and np.abs(a - b).max() < 0.5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible: the GPU path of tvl1_torch is not tested here")
 def test_cuda_gives_the_cpu_flow(synthetic_pairs) -> None:
-    """Same steps on the GPU; float arithmetic may differ in the last bits (fused multiply-adds), and a
-    stopping decision may flip on such a bit, hence a tolerance instead of equality."""
     gray = np.concatenate([g for g, _, _ in synthetic_pairs])
     cpu = compute_flow(gray, "tvl1_torch", device="cpu")
     gpu = compute_flow(gray, "tvl1_torch", device="cuda")
-    assert np.abs(gpu - cpu).mean() < 0.01 and np.abs(gpu - cpu).max() < 0.5
+    assert close_flows(gpu, cpu)
+    assert close_flows(compute_flow(gray, "tvl1_torch", device="cuda", compile=True), cpu)
     first = torch.from_numpy(gray[:-1]).cuda()
     assert tvl1_torch.tvl1_flow(first, torch.from_numpy(gray[1:]).cuda(), **REDUCED).device.type == "cuda"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("gcc") or shutil.which("cc")), reason="torch.compile on the CPU needs a C compiler")
+def test_the_compiled_step_gives_the_plain_steps_flow(synthetic_pairs) -> None:
+    """torch.compile of the primal-dual step (meant for GPUs), checked where it can be: on the CPU, where
+    compiling takes ~30 s."""
+    gray = synthetic_pairs[0][0][:2]
+    assert close_flows(compute_flow(gray, "tvl1_torch", device="cpu", compile=True),
+                       compute_flow(gray, "tvl1_torch", device="cpu"))
 
 
 def test_device_cuda_without_a_gpu_is_refused() -> None:

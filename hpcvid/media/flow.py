@@ -17,8 +17,9 @@ Algorithms (DESIGN §8 timings, 224x224 pairs/s on one core):
   an OpenCV built with CUDA.
 * ``raft`` — torchvision's RAFT (:mod:`hpcvid.media.raft`) with weights from a local file (``weights``).
 
-The torch algorithms take two further options that change how they run, not what they compute:
-``device`` (``auto``: CUDA when visible) and ``batch_size`` (frame pairs per call).
+The torch algorithms take further options that change how they run, not what they compute:
+``device`` (``auto``: CUDA when visible), ``batch_size`` (frame pairs per call) and, for tvl1_torch,
+``compile`` (fuse each step with ``torch.compile``, for GPUs).
 
 Storage (the field's JPEG-flow convention): clip to ±bound, map linearly to 0..255 (128 ≈ zero
 motion), round. The largest error of a value inside ±bound after :func:`dequantise` is half a step,
@@ -47,7 +48,7 @@ TVL1_DEFAULTS: dict[str, Any] = {
 TORCH_OPTIONS: dict[str, Any] = {"device": "auto", "batch_size": 32}
 DEFAULTS: dict[str, dict[str, Any]] = {
     "farneback": FARNEBACK_DEFAULTS, "dis": DIS_DEFAULTS, "tvl1": TVL1_DEFAULTS,
-    "tvl1_torch": {**TVL1_DEFAULTS, **TORCH_OPTIONS},
+    "tvl1_torch": {**TVL1_DEFAULTS, "compile": False, **TORCH_OPTIONS},
     "raft": {"weights": "", "model": "raft_small", "iterations": 12, **TORCH_OPTIONS},
 }
 TORCH_ALGORITHMS = ("tvl1_torch", "raft")
@@ -142,7 +143,9 @@ def _torch_video_flow(algorithm: str, settings: dict[str, Any]) -> VideoFlowFn:
 
         options = {name: settings[name] for name in TVL1_DEFAULTS}
         check_parameters(options)
-        estimate: Callable[[Any, Any], Any] = lambda first, second: tvl1_flow(first, second, **options)
+        compiled = bool(settings["compile"])
+        estimate: Callable[[Any, Any], Any] = lambda first, second: tvl1_flow(first, second, **options,
+                                                                               compile=compiled)
         prepare: Callable[[np.ndarray], np.ndarray] = to_gray
     else:
         from hpcvid.media.raft import RaftFlow

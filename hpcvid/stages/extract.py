@@ -207,7 +207,7 @@ def _prepare_parts(config: Config, parts: Path, shard_file: Path, record_file: P
 def _settings_fingerprint(config: Config) -> dict[str, Any]:
     """The settings that change a video's stored contents (not the shard count: contents do not depend on it)."""
     settings = dict(config.extract.__dict__)
-    for name in ("shards", "batch_size", "flow_batch_size", "device", "max_attempts"):
+    for name in ("shards", "batch_size", "flow_batch_size", "tvl1_compile", "device", "max_attempts"):
         settings.pop(name, None)
     return json.loads(json.dumps(settings, sort_keys=True))
 
@@ -396,7 +396,7 @@ def flow_params(cfg: Any) -> dict[str, Any]:
                 "tau": cfg.tvl1_tau, "lambda_": cfg.tvl1_lambda, "theta": cfg.tvl1_theta, "epsilon": cfg.tvl1_epsilon,
                 "inner_iterations": cfg.tvl1_inner_iterations, "outer_iterations": cfg.tvl1_outer_iterations,
                 "median_filtering": cfg.tvl1_median_filtering}
-        return {**tvl1, **running} if cfg.flow == "tvl1_torch" else tvl1
+        return {**tvl1, **running, "compile": cfg.tvl1_compile} if cfg.flow == "tvl1_torch" else tvl1
     if cfg.flow == "raft":
         return {"weights": cfg.flow_weights, "model": cfg.raft_model, "iterations": cfg.raft_iterations, **running}
     return {}
