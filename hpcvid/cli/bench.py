@@ -7,9 +7,10 @@ gives the median of the repeats. Targets:
 * decode — ``read_video`` (PyAV fast path, 112x112, all frames) vs ``ffmpeg -threads 1 -i clip -f null -``
   on the same clip (ffmpeg's own ``-benchmark`` real time, which leaves out its start-up): >= 0.9.
   The imageio decoder is reported beside it (no target: it is the portable fallback).
-* flow — ``compute_flow`` pairs/s vs the bare OpenCV call on ready grayscale frames, per algorithm:
-  >= 0.95; with the mean end-point error on the moving objects of the synthetic set (and the error of
-  predicting no motion, for scale).
+* flow — ``compute_flow`` pairs/s vs the bare library call (OpenCV's, or the torch function for tvl1_torch
+  and RAFT) on the same frames, per algorithm: >= 0.95; with the mean end-point error on the moving objects
+  of the synthetic set (and the error of predicting no motion, for scale). tvl1_torch is also timed against
+  OpenCV's TV-L1 at the same parameters, alternately in the same run, both on one CPU thread.
 * features — ``FeatureExtractor.extract`` on uint8 frames vs the bare model forward on a ready tensor
   (same batch size, precision and memory layout): >= 0.85.
 * storage — random L=120 windows/s from the merged features file (``hpcvid.stages.merge.MergedFeatures``)
@@ -255,54 +256,132 @@ def synthetic_flow_set(scratch: Path, quick: bool) -> list[tuple[np.ndarray, np.
     return clips
 
 
-def bench_flow(scratch: Path, quick: bool, repeats: int) -> dict[str, Any]:
-    import cv2
+OPENCV_TVL1_DEFAULTS = {"nscales": 5, "warps": 5, "scale_step": 0.8}
+"""What the pipeline's reduced TV-L1 changes back to OpenCV's own defaults."""
 
-    from hpcvid.media.flow import compute_flow, endpoint_error, flow_parameters, make_flow, to_gray
+
+def bench_flow(scratch: Path, quick: bool, repeats: int) -> dict[str, Any]:
+    """Every flow algorithm on the same synthetic clips; the torch ones on the CPU with one thread, like OpenCV."""
+    import torch
 
     clips = synthetic_flow_set(scratch, quick)
-    rows = []
-    variants = [("farneback", {}), ("dis", {"preset": "ultrafast"}), ("dis", {"preset": "fast"}),
-                ("dis", {"preset": "medium"}), ("tvl1", {})]
+    variants: list[tuple[str, dict[str, Any]]] = [
+        ("farneback", {}), ("dis", {"preset": "ultrafast"}), ("dis", {"preset": "fast"}),
+        ("dis", {"preset": "medium"}), ("tvl1", {}), ("tvl1_torch", {"device": "cpu"})]
     if not quick:
-        variants.append(("tvl1", {"nscales": 5, "warps": 5, "scale_step": 0.8}))  # OpenCV's defaults
-    for algorithm, params in variants:
-        subset = clips
-        if algorithm == "tvl1":  # ~20 pairs/s at 112 px: time fewer pairs
-            budget = size("tvl1_pairs", quick)
-            subset = [(f[: budget // len(clips) + 1], t, m) for f, t, m in clips]
-        pairs = sum(len(f) - 1 for f, _, _ in subset)
-        bare_fn = _bare_opencv(cv2, algorithm, flow_parameters(algorithm, **params))
+        variants += [("tvl1", OPENCV_TVL1_DEFAULTS), ("tvl1_torch", {**OPENCV_TVL1_DEFAULTS, "device": "cpu"})]
+    variants.append(("raft", {"weights": str(random_raft_weights(scratch)), "device": "cpu"}))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # per core: run_bench gives OpenCV one thread too
+    try:
+        rows = [_flow_row(clips, algorithm, params, quick, repeats) for algorithm, params in variants]
+    finally:
+        torch.set_num_threads(threads)
+    return {"target": TARGETS["flow"], "what": "compute_flow pairs/s / the bare calls on the same uint8 RGB frames, "
+            "112x112 synthetic clips, one CPU thread each: OpenCV = cv2.cvtColor per frame + one flow object's call "
+            "per pair (results kept); tvl1_torch = cv2.cvtColor per frame + one tvl1_flow call on the clip's pairs "
+            "as a batch; raft = the RAFT module on the clip's pairs as a batch. 'vs OpenCV TV-L1' = tvl1_torch's "
+            "pipeline pairs/s / OpenCV's bare TV-L1 at the same parameters, timed alternately in the same run. "
+            "EPE = mean end-point error in pixels on the moving object's pixels; RAFT has random weights here "
+            "(no trained weights on this machine), so its EPE says nothing of RAFT", "rows": rows}
 
-        def pipeline(sub=subset, a=algorithm, p=params) -> None:
-            for frames, _, _ in sub:
-                compute_flow(frames, a, **p)
 
-        def bare(sub=subset, fn=bare_fn) -> None:
-            for frames, _, _ in sub:  # the OpenCV calls alone: RGB -> gray per frame, flow per pair (kept)
-                gray = [cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) for frame in frames]
-                flows = [fn(gray[t], gray[t + 1]) for t in range(len(gray) - 1)]
-                del flows
+def random_raft_weights(scratch: Path) -> Path:
+    """A state dict of a randomly initialised raft_small (seed 0): RAFT's speed, never its quality."""
+    import torch
+    from torchvision.models.optical_flow import raft_small
 
-        stats = alternate({"bare_opencv": lambda: rate(bare, pairs), "pipeline": lambda: rate(pipeline, pairs)},
-                          repeats)
-        errors, zero = [], []
-        estimate = make_flow(algorithm, **params)
-        for frames, truth, mask in subset:
-            gray = to_gray(frames)
-            flow = np.stack([estimate(gray[t], gray[t + 1]) for t in range(len(gray) - 1)])
-            errors.append(endpoint_error(flow, truth[: len(flow)], mask[: len(flow)]))
-            zero.append(endpoint_error(np.zeros_like(flow), truth[: len(flow)], mask[: len(flow)]))
-        ratio = stats["pipeline"]["median"] / stats["bare_opencv"]["median"]
-        label = algorithm + (f" {params['preset']}" if "preset" in params else "")
-        if algorithm == "tvl1":
-            label += " (OpenCV defaults)" if params else " (reduced: 3 scales x 3 warps)"
-        rows.append({"algorithm": label, "params": flow_parameters(algorithm, **params), "pairs": pairs,
-                     "rates": stats, "ratio": round(ratio, 3), "epe_object": round(float(np.mean(errors)), 3),
-                     "epe_zero_flow": round(float(np.mean(zero)), 3), "verdict": verdict(ratio, TARGETS["flow"])})
-    return {"target": TARGETS["flow"], "what": "compute_flow pairs/s / the bare OpenCV calls on the same uint8 "
-            "RGB frames (cv2.cvtColor per frame + one flow object's call per pair, results kept), 112x112 synthetic clips; "
-            "EPE = mean end-point error in pixels on the moving object's pixels", "rows": rows}
+    path = scratch / "raft_small-random.pt"
+    if not path.exists():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            torch.save(raft_small(weights=None).state_dict(), path)
+    return path
+
+
+def _flow_row(clips: list, algorithm: str, params: dict[str, Any], quick: bool, repeats: int) -> dict[str, Any]:
+    """One row of the flow table: rates of the bare call and of the pipeline (and of OpenCV's TV-L1 beside
+    tvl1_torch), alternately, then the end-point error of the pipeline's own estimator."""
+    import cv2
+
+    from hpcvid.media.flow import compute_flow, endpoint_error, flow_parameters, make_video_flow
+
+    subset = clips
+    if algorithm not in ("farneback", "dis"):  # ~20 pairs/s or fewer at 112 px: time fewer pairs
+        budget = size("tvl1_pairs", quick)
+        subset = [(f[: budget // len(clips) + 1], t, m) for f, t, m in clips]
+    pairs = sum(len(f) - 1 for f, _, _ in subset)
+    settings = flow_parameters(algorithm, **params)
+    bare_clip = _bare_call(cv2, algorithm, settings)
+
+    def over_clips(call: Callable[[np.ndarray], Any]) -> Callable[[], None]:
+        def every_clip() -> None:
+            for frames, _, _ in subset:
+                call(frames)
+        return every_clip
+
+    pipeline = over_clips(lambda frames: compute_flow(frames, algorithm, **params))
+    measures = {"bare": lambda: rate(over_clips(bare_clip), pairs), "pipeline": lambda: rate(pipeline, pairs)}
+    if algorithm == "tvl1_torch":
+        tvl1_params = {k: v for k, v in settings.items() if k in flow_parameters("tvl1")}
+        opencv = over_clips(_bare_call(cv2, "tvl1", flow_parameters("tvl1", **tvl1_params)))
+        measures["opencv_tvl1"] = lambda: rate(opencv, pairs)
+    stats = alternate(measures, repeats)
+    errors, zero = [], []
+    estimate = make_video_flow(algorithm, **params)
+    for frames, truth, mask in subset:
+        flow = estimate(frames)
+        errors.append(endpoint_error(flow, truth[: len(flow)], mask[: len(flow)]))
+        zero.append(endpoint_error(np.zeros_like(flow), truth[: len(flow)], mask[: len(flow)]))
+    ratio = stats["pipeline"]["median"] / stats["bare"]["median"]
+    row = {"algorithm": _flow_label(algorithm, params), "params": settings, "pairs": pairs, "rates": stats,
+           "ratio": round(ratio, 3), "epe_object": round(float(np.mean(errors)), 3),
+           "epe_zero_flow": round(float(np.mean(zero)), 3), "verdict": verdict(ratio, TARGETS["flow"])}
+    if "opencv_tvl1" in stats:
+        row["vs_opencv_tvl1"] = round(stats["pipeline"]["median"] / stats["opencv_tvl1"]["median"], 3)
+    return row
+
+
+def _flow_label(algorithm: str, params: dict[str, Any]) -> str:
+    if algorithm == "dis":
+        return f"dis {params['preset']}"
+    if algorithm in ("tvl1", "tvl1_torch"):
+        defaults = all(params.get(k) == v for k, v in OPENCV_TVL1_DEFAULTS.items())
+        return algorithm + (" (OpenCV defaults)" if defaults else " (reduced: 3 scales x 3 warps)")
+    if algorithm == "raft":
+        return "raft small (random weights)"
+    return algorithm
+
+
+def _bare_call(cv2: Any, algorithm: str, p: dict[str, Any]) -> Callable[[np.ndarray], Any]:
+    """The flow of one clip's uint8 RGB frames with nothing around the library call (the ratio's reference)."""
+    if algorithm in ("tvl1_torch", "raft"):
+        import torch
+
+        if algorithm == "raft":
+            from hpcvid.media.raft import RaftFlow
+
+            network = RaftFlow(p["weights"], p["model"], p["iterations"], p["device"])
+            return lambda frames: network(*_pairs(torch.from_numpy(frames))).numpy()
+        from hpcvid.media.tvl1_torch import tvl1_flow
+
+        options = {k: v for k, v in p.items() if k not in ("device", "batch_size")}
+
+        def torch_tvl1(frames: np.ndarray) -> np.ndarray:
+            gray = torch.from_numpy(np.stack([cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) for frame in frames]))
+            return tvl1_flow(*_pairs(gray), **options).numpy()
+        return torch_tvl1
+    pair = _bare_opencv(cv2, algorithm, p)
+
+    def opencv(frames: np.ndarray) -> list:
+        gray = [cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) for frame in frames]
+        return [pair(gray[t], gray[t + 1]) for t in range(len(gray) - 1)]
+    return opencv
+
+
+def _pairs(frames: Any) -> tuple[Any, Any]:
+    """(frames 0..T-2, frames 1..T-1): every consecutive pair of a clip as one batch."""
+    return frames[:-1], frames[1:]
 
 
 def _bare_opencv(cv2: Any, algorithm: str, p: dict[str, Any]) -> Callable[[np.ndarray, np.ndarray], Any]:
@@ -639,7 +718,9 @@ def _decode_cells(r: dict[str, Any]) -> list[str]:
 
 def _flow_cells(r: dict[str, Any]) -> list[str]:
     s = _medians(r["rates"])
-    return [r["algorithm"], f"{r['pairs']}", f"{s['bare_opencv']:.1f}", f"{s['pipeline']:.1f}", f"{r['ratio']:.2f}",
+    bare = s["bare"] if "bare" in s else s["bare_opencv"]  # results from before the torch flows
+    versus = f"{r['vs_opencv_tvl1']:.2f}x ({s['opencv_tvl1']:.1f} pairs/s)" if "vs_opencv_tvl1" in r else "-"
+    return [r["algorithm"], f"{r['pairs']}", f"{bare:.1f}", f"{s['pipeline']:.1f}", f"{r['ratio']:.2f}", versus,
             f"{r['epe_object']:.3f}", f"{r['epe_zero_flow']:.3f}", r["verdict"]]
 
 
@@ -673,8 +754,8 @@ TABLES: dict[str, tuple[str, tuple[str, ...], Any]] = {
                ("clip", "frames", "ffmpeg -f null f/s", "PyAV decoder f/s", "ratio", "verdict", "ffmpeg same work f/s",
                 "read_video pyav f/s", "ratio", "verdict", "read_video imageio f/s (ratio)"), _decode_cells),
     "flow": ("Optical flow (target >= {target})",
-             ("algorithm", "pairs", "bare OpenCV pairs/s", "pipeline pairs/s", "ratio", "EPE object px",
-              "EPE of zero flow", "verdict"), _flow_cells),
+             ("algorithm", "pairs", "bare call pairs/s", "pipeline pairs/s", "ratio", "vs OpenCV TV-L1 (same params)",
+              "EPE object px", "EPE of zero flow", "verdict"), _flow_cells),
     "features": ("CNN features (target >= {target})",
                  ("backbone", "precision", "bare forward f/s", "pipeline f/s", "ratio", "verdict"), _features_cells),
     "storage": ("Feature storage (target >= {target}x)",
