@@ -40,12 +40,18 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-TARGETS = {"decode": 0.9, "flow": 0.95, "features": 0.85, "storage": 20.0, "scaling": 1.15, "stall": 0.05}
+TARGETS = {"decode": 0.9, "flow": 0.95, "features": 0.85, "storage": 20.0, "scaling": 1.15, "stall": 0.05,
+           "flow_gpu": 100.0}
 SIZES = {  # quick / full
     "decode_frames": (125, 500), "flow_clips": (2, 6), "flow_frames": (16, 32), "tvl1_pairs": (8, 24),
     "feature_frames": (64, 192), "storage_videos": (40, 200), "storage_frames": 150, "storage_windows": (100, 400),
     "scaling_per_class": (2, 8), "scaling_frames": (16, 32), "scaling_workers": 2,
+    "gpu_opencv_pairs": (2, 4),
 }
+GPU_FLOW_SIZES = ((224, 224), (240, 320))
+"""(height, width) of the GPU TV-L1 measurement: the two-stream input side, and UCF-101's frames."""
+GPU_FLOW_BATCHES = {True: (1, 8, 64), False: (1, 2, 4, 8, 16, 32, 64)}
+"""Frame pairs per call, quick / full."""
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +61,8 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=None, metavar="N",
                         help="repeats per measurement; the median is reported (default 3, --quick 2)")
     parser.add_argument("--only", default="decode,flow,features,storage,scaling", metavar="LIST",
-                        help="comma-separated parts to run (decode, flow, features, storage, scaling)")
+                        help="comma-separated parts to run (decode, flow, features, storage, scaling; flow_gpu: "
+                             "TV-L1 in torch on a CUDA GPU vs OpenCV's on one core)")
     parser.add_argument("--scratch", default=None, metavar="DIR",
                         help="folder for temporary clips and files (default: the system temp folder)")
     parser.add_argument("--train-runs", nargs="*", default=(), metavar="RUN",
@@ -72,6 +79,11 @@ def main(args: argparse.Namespace) -> int:
     unknown = sorted(set(parts) - set(TARGETS))
     if unknown:
         raise ConfigError(f"--only: unknown part(s) {unknown}; choose from {', '.join(TARGETS)}")
+    if "flow_gpu" in parts:
+        import torch
+
+        if not torch.cuda.is_available():  # before the other parts spend their minutes
+            raise ConfigError("--only flow_gpu needs a CUDA GPU and none is visible: run it on a GPU node")
     repeats = args.repeats or (2 if args.quick else 3)
     result = run_bench(Path(args.out), parts=parts, quick=args.quick, repeats=repeats,
                        scratch=Path(args.scratch) if args.scratch else None,
@@ -401,6 +413,64 @@ def _bare_opencv(cv2: Any, algorithm: str, p: dict[str, Any]) -> Callable[[np.nd
     return lambda a, b: tvl1.calc(a, b, None)
 
 
+# ------------------------------------------------------------------------------------------ flow on a GPU
+def bench_flow_gpu(scratch: Path, quick: bool, repeats: int, *, device: str = "cuda",
+                   sizes: tuple[tuple[int, int], ...] = GPU_FLOW_SIZES, batches: tuple[int, ...] | None = None,
+                   compile_options: tuple[bool, ...] = (False, True)) -> dict[str, Any]:
+    """tvl1_torch pairs/s on a GPU per frame size, TV-L1 parameters, torch.compile and batch size, against
+    OpenCV's TV-L1 at the same size and parameters on one core of the same host, in the same run.
+
+    The frames are a synthetic clip of 65 frames at each size (64 pairs, real motion, so that the per-pair
+    stopping rule sees what it sees on videos). ``device`` is only for testing this code on a CPU.
+    """
+    import cv2
+    import torch
+
+    from hpcvid.config import ExtractConfig, SynthConfig
+    from hpcvid.errors import ConfigError
+    from hpcvid.media.decode import read_video
+    from hpcvid.media.flow import TVL1_DEFAULTS, to_gray
+    from hpcvid.media.tvl1_torch import tvl1_flow
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("the flow_gpu part needs a CUDA GPU and none is visible: run it on a GPU node")
+    batches = batches or GPU_FLOW_BATCHES[quick]
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    rows = []
+    for height, width in sizes:
+        root = scratch / f"gpu-synth-{width}x{height}"
+        if not (root / "synth.json").exists():
+            from hpcvid.stages.synth import generate
+
+            generate(root, SynthConfig(classes=2, per_class=1, test_per_class=0, frames=max(batches) + 1,
+                                       size=f"{width}x{height}", seed=11))
+        clip = sorted(root.glob("*/*.avi"))[0]
+        gray = to_gray(read_video(clip, ExtractConfig(resize="none")).frames)
+        frames = torch.from_numpy(gray).to(device)
+        for name, params in (("reduced: 3 scales x 3 warps", dict(TVL1_DEFAULTS)),
+                             ("OpenCV defaults", {**TVL1_DEFAULTS, **OPENCV_TVL1_DEFAULTS})):
+            opencv_pair = _bare_opencv(cv2, "tvl1", params)
+            count = min(size("gpu_opencv_pairs", quick), len(gray) - 1)
+            opencv = alternate({"opencv": lambda: rate(lambda: [opencv_pair(gray[t], gray[t + 1])
+                                                                for t in range(count)], count)}, repeats)["opencv"]
+            for compiled in compile_options:
+                for batch in batches:
+                    def call(b=batch, c=compiled) -> None:
+                        tvl1_flow(frames[:b], frames[1:b + 1], **params, compile=c)
+                        synchronize()
+                    call()  # warm-up: CUDA context, cuDNN/cuBLAS handles, torch.compile's compilation
+                    torch_rate = alternate({"torch": lambda b=batch, c=call: rate(c, b)}, repeats)["torch"]
+                    ratio = torch_rate["median"] / opencv["median"]
+                    rows.append({"size": f"{width}x{height}", "params": name, "compile": compiled, "batch": batch,
+                                 "rates": {"tvl1_torch": torch_rate, "opencv_one_core": opencv},
+                                 "ratio": round(ratio, 2), "verdict": verdict(ratio, TARGETS["flow_gpu"])})
+    gpu = torch.cuda.get_device_name() if device == "cuda" else device
+    return {"target": TARGETS["flow_gpu"], "device": gpu, "what": f"tvl1_flow on {gpu}: pairs/s of batches of "
+            "consecutive pairs of a 65-frame synthetic clip (time to the flow on the device, synchronised; the "
+            "first call, which compiles, is not timed) vs cv2.optflow.DualTVL1OpticalFlow on one CPU thread of the "
+            "same host, same frames and parameters; target >= 100x one core", "rows": rows}
+
+
 # ------------------------------------------------------------------------------------------ features
 def bench_features(quick: bool, repeats: int) -> dict[str, Any]:
     import torch
@@ -637,7 +707,8 @@ def run_bench(out: Path, *, parts: list[str], quick: bool, repeats: int, scratch
                    "features": lambda: bench_features(quick, repeats),
                    "storage": lambda: bench_storage(folder, quick, repeats),
                    "scaling": lambda: bench_scaling(folder, quick, repeats),
-                   "stall": lambda: bench_stall(list(train_runs))}
+                   "stall": lambda: bench_stall(list(train_runs)),
+                   "flow_gpu": lambda: bench_flow_gpu(folder, quick, repeats)}
         for part in parts:
             log.info("bench: %s", part)
             started = time.perf_counter()
@@ -645,15 +716,20 @@ def run_bench(out: Path, *, parts: list[str], quick: bool, repeats: int, scratch
             result["parts"][part].update(seconds=round(time.perf_counter() - started, 1), date=result["date"],
                                          commit=result["commit"], repeats=repeats, quick=quick)
     result["machine"]["load_average_at_end"] = list(__import__("os").getloadavg())
-    result["not_measured"] = {}
-    if "stall" not in result["parts"]:
-        result["not_measured"]["training data stall"] = "give --train-runs WORK/runs/<model> of real training runs"
+    result["not_measured"] = {what: how for part, (what, how) in NOT_MEASURED.items() if part not in result["parts"]}
     del torch
     keep_previous_parts(out, result)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "bench.json", result)
     atomic_write_text(out / "bench.md", render_markdown(result))
     return result
+
+
+NOT_MEASURED = {
+    "stall": ("training data stall", "give --train-runs WORK/runs/<model> of real training runs"),
+    "flow_gpu": ("TV-L1 in torch on a GPU", "run `hpcvid bench --only flow_gpu` on a machine with a CUDA GPU"),
+}
+"""Parts a default run leaves out: (what the report lists as not measured, how to measure it)."""
 
 
 def keep_previous_parts(out: Path, result: dict[str, Any]) -> None:
@@ -676,8 +752,9 @@ def keep_previous_parts(out: Path, result: dict[str, Any]) -> None:
     if kept:
         result["parts"] = {**kept, **result["parts"]}
         result["kept_from_previous_runs"] = sorted(kept)
-        if "stall" in result["parts"]:
-            result["not_measured"].pop("training data stall", None)
+        for part, (what, _how) in NOT_MEASURED.items():
+            if part in result["parts"]:
+                result["not_measured"].pop(what, None)
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -724,6 +801,12 @@ def _flow_cells(r: dict[str, Any]) -> list[str]:
             f"{r['epe_object']:.3f}", f"{r['epe_zero_flow']:.3f}", r["verdict"]]
 
 
+def _flow_gpu_cells(r: dict[str, Any]) -> list[str]:
+    s = _medians(r["rates"])
+    return [r["size"], r["params"], "yes" if r["compile"] else "no", f"{r['batch']}", f"{s['tvl1_torch']:.1f}",
+            f"{s['opencv_one_core']:.2f}", f"{r['ratio']:.1f}x", r["verdict"]]
+
+
 def _features_cells(r: dict[str, Any]) -> list[str]:
     s = _medians(r["rates"])
     return [r["backbone"], r["describe"]["precision"], f"{s['bare_forward']:.1f}", f"{s['pipeline']:.1f}",
@@ -756,6 +839,9 @@ TABLES: dict[str, tuple[str, tuple[str, ...], Any]] = {
     "flow": ("Optical flow (target >= {target})",
              ("algorithm", "pairs", "bare call pairs/s", "pipeline pairs/s", "ratio", "vs OpenCV TV-L1 (same params)",
               "EPE object px", "EPE of zero flow", "verdict"), _flow_cells),
+    "flow_gpu": ("TV-L1 in torch on a GPU (target >= {target:.0f}x one CPU core)",
+                 ("size", "TV-L1 parameters", "torch.compile", "batch", "tvl1_torch pairs/s", "OpenCV 1 core pairs/s",
+                  "ratio", "verdict"), _flow_gpu_cells),
     "features": ("CNN features (target >= {target})",
                  ("backbone", "precision", "bare forward f/s", "pipeline f/s", "ratio", "verdict"), _features_cells),
     "storage": ("Feature storage (target >= {target}x)",
