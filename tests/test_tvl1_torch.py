@@ -12,6 +12,7 @@ from hpcvid.config import ExtractConfig
 from hpcvid.errors import ConfigError
 from hpcvid.media.decode import read_video
 from hpcvid.media.flow import TVL1_DEFAULTS, compute_flow, decode_flow, encode_flow, endpoint_error, to_gray
+from test_flow import synthetic_clips  # noqa: F401 - the fixture: one decoded clip per class with its truth
 
 torch = pytest.importorskip("torch")
 cv2 = pytest.importorskip("cv2")
@@ -139,17 +140,9 @@ def test_known_small_rotation() -> None:
 
 # ------------------------------------------------------------------------ against OpenCV, batching
 @pytest.fixture(scope="module")
-def synthetic_pairs(tiny_synthetic):
+def synthetic_pairs(synthetic_clips):
     """The first 4 frames (3 pairs) of one clip per class, gray, with their true motion and object mask."""
-    from hpcvid.stages.synth import load_motion
-
-    clips = []
-    for folder in sorted(p for p in tiny_synthetic.iterdir() if p.is_dir()):
-        video = sorted(folder.glob("*.avi"))[0]
-        motion = load_motion(video)
-        gray = to_gray(read_video(video, ExtractConfig(resize="none")).frames[:4])
-        clips.append((gray, motion["flow"][:3].astype(np.float32), motion["mask"][:3]))
-    return clips
+    return [(to_gray(frames[:4]), truth[:3], mask[:3]) for frames, truth, mask in synthetic_clips]
 
 
 def test_endpoint_error_within_10_percent_of_opencv_tvl1(synthetic_pairs) -> None:
