@@ -157,11 +157,11 @@ def _torch_video_flow(algorithm: str, settings: dict[str, Any]) -> VideoFlowFn:
         frames = np.ascontiguousarray(prepare(frames))
         pairs = max(len(frames) - 1, 0)
         out = np.empty((pairs, frames.shape[1], frames.shape[2], 2), dtype=np.float32)
-        if pairs:
-            on_device = torch.from_numpy(frames).to(device)  # every frame crosses to the device once
-            for start in range(0, pairs, batch):
-                stop = min(start + batch, pairs)
-                out[start:stop] = estimate(on_device[start:stop], on_device[start + 1:stop + 1]).cpu().numpy()
+        for start in range(0, pairs, batch):
+            stop = min(start + batch, pairs)
+            # one batch's frames at a time on the device: a long clip need not fit in its memory
+            chunk = torch.from_numpy(frames[start:stop + 1]).to(device)
+            out[start:stop] = estimate(chunk[:-1], chunk[1:]).cpu().numpy()
         return out
     return video
 

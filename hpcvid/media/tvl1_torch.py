@@ -14,16 +14,17 @@ parameters, so that a flow field computed here can stand in for OpenCV's in the 
   ``u = v + theta * div(p)`` and the dual update ``p = (p + tau/theta * grad u) / (1 + tau/theta * |grad u|)``;
   a ``median_filtering`` x ``median_filtering`` median filter of the flow before each block (OpenCV's
   outlier removal); the warp ends early once a step moves the flow by less than ``epsilon`` pixels
-  (root mean square), exactly when OpenCV's ends.
+  (root mean square), OpenCV's stopping rule.
 
 Batching: every tensor carries the pair as its first dimension and the stopping rule is kept per pair (a
 pair that has converged is frozen while the others go on), so a batch gives the same flow as its pairs one
 by one. Convention and units as OpenCV: ``flow[n, y, x] = (dx, dy)`` in pixels, from frame t to frame t+1.
 
-Where this differs from OpenCV, and why it does not matter: ``cv2.remap`` rounds sampling positions to
-1/32 pixel and OpenCV's thresholding treats ``|grad I1w|^2`` below float epsilon as a third case (the two
-agree wherever the gradient is not ~0, and there the update is ~0 either way); neither moves the result by
-more than float noise on textured input.
+Where this differs from OpenCV: ``cv2.remap`` rounds sampling positions to 1/32 pixel and tabulates its cubic
+weights, and OpenCV's thresholding treats ``|grad I1w|^2`` below float epsilon as a third case (the two agree
+wherever the gradient is not ~0, and there the update is ~0 either way). With float rounding, that leaves the
+two flows ~0.01-0.02 px apart on average (at most ~0.1 px) on the synthetic set and on textured test images,
+far below either method's error against the true motion.
 """
 from __future__ import annotations
 
@@ -135,8 +136,8 @@ def primal_dual_step(u: torch.Tensor, dual: torch.Tensor, gradient: torch.Tensor
 
 @functools.lru_cache(maxsize=1)
 def compiled_step() -> Any:
-    """:func:`primal_dual_step` through ``torch.compile``, compiled on first use (about 30 s here), once for
-    every level size (dynamic shapes)."""
+    """:func:`primal_dual_step` through ``torch.compile``: compiled on its first call (about 30 s on this machine's
+    CPU), for any batch and level size (dynamic shapes), then reused by the whole process."""
     return torch.compile(primal_dual_step, dynamic=True)
 
 
