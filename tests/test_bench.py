@@ -18,10 +18,13 @@ def test_quick_bench_writes_json_and_markdown(tmp_path) -> None:
     result = json.loads((out / "bench.json").read_text())
     assert set(result["parts"]) == {"flow", "storage"}
     flow = result["parts"]["flow"]["rows"]
-    assert {row["algorithm"].split()[0] for row in flow} == {"farneback", "dis", "tvl1"}
+    assert {row["algorithm"].split()[0] for row in flow} == {"farneback", "dis", "tvl1", "tvl1_torch", "raft"}
     for row in flow:
         assert row["verdict"] in ("pass", "FAIL") and row["ratio"] > 0
-        assert row["epe_object"] < row["epe_zero_flow"]  # the flow it timed is also right
+        if not row["algorithm"].startswith("raft"):  # RAFT runs with random weights here: speed only
+            assert row["epe_object"] < row["epe_zero_flow"]  # the flow it timed is also right
+    torch_tvl1 = next(row for row in flow if row["algorithm"].startswith("tvl1_torch"))
+    assert torch_tvl1["vs_opencv_tvl1"] > 0 and set(torch_tvl1["rates"]) == {"bare", "pipeline", "opencv_tvl1"}
     storage = result["parts"]["storage"]["rows"][0]
     assert storage["verdict"] in ("pass", "FAIL") and storage["rates"]["merged_hdf5"]["median"] > 0
     text = (out / "bench.md").read_text()
@@ -54,3 +57,27 @@ def test_scaling_part_runs_both_ways_and_keeps_the_other_parts(tmp_path, monkeyp
     assert row["verdict"] in ("pass", "FAIL") and row["ratio"] > 0 and row["ratio_raw"] > 0
     assert "## Scaling" in (out / "bench.md").read_text()
     assert "scaling" not in result["not_measured"]
+
+
+def test_gpu_flow_part_measures_every_setting_and_renders(tmp_path, one_torch_thread) -> None:
+    """The GPU part's code, run on the CPU at a toy size (a GPU session runs it for real: `--only flow_gpu`)."""
+    from hpcvid.cli import bench
+
+    part = bench.bench_flow_gpu(tmp_path, quick=True, repeats=1, device="cpu", sizes=((32, 48),),
+                                batches=(1, 2), compile_options=(False,))
+    rows = part["rows"]
+    assert [(r["params"].split()[0], r["batch"]) for r in rows] == [("reduced:", 1), ("reduced:", 2),
+                                                                   ("OpenCV", 1), ("OpenCV", 2)]
+    for row in rows:
+        assert row["size"] == "48x32" and row["compile"] is False and row["ratio"] > 0
+        assert set(row["rates"]) == {"tvl1_torch", "opencv_one_core"} and row["verdict"] in ("pass", "FAIL")
+    title, columns, cells = bench.TABLES["flow_gpu"]
+    assert len(cells(rows[0])) == len(columns) and "100x" in title.format(target=part["target"])
+
+
+def test_gpu_flow_part_is_refused_without_a_gpu_before_anything_runs(tmp_path, capsys) -> None:
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible")
+    assert main(["bench", "--only", "flow,flow_gpu", "--out", str(tmp_path / "out")]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -85,11 +85,11 @@ def test_unknown_section_and_unknown_flag_key(tmp_path, profile):
 
 
 def test_bad_choice_lists_the_choices(tmp_path):
-    bad = write(tmp_path / "bad.toml", '[extract]\nflow = "raft"\n')
+    bad = write(tmp_path / "bad.toml", '[extract]\nflow = "pwcnet"\n')
     with pytest.raises(ConfigError) as error:
         resolve_config(bad)
-    assert str(error.value) == (f"job file {bad}: extract.flow = 'raft' is not valid; "
-                                "choose one of: farneback, dis, tvl1, none")
+    assert str(error.value) == (f"job file {bad}: extract.flow = 'pwcnet' is not valid; "
+                                "choose one of: farneback, dis, tvl1, tvl1_torch, raft, none")
     with pytest.raises(ConfigError, match=r"the command line: dataset.format = 'kinetics' is not valid; "
                                           r"choose one of: ucf101, hmdb51, folders"):
         resolve_config(overrides={"dataset.format": "kinetics"})

@@ -7,9 +7,10 @@ gives the median of the repeats. Targets:
 * decode — ``read_video`` (PyAV fast path, 112x112, all frames) vs ``ffmpeg -threads 1 -i clip -f null -``
   on the same clip (ffmpeg's own ``-benchmark`` real time, which leaves out its start-up): >= 0.9.
   The imageio decoder is reported beside it (no target: it is the portable fallback).
-* flow — ``compute_flow`` pairs/s vs the bare OpenCV call on ready grayscale frames, per algorithm:
-  >= 0.95; with the mean end-point error on the moving objects of the synthetic set (and the error of
-  predicting no motion, for scale).
+* flow — ``compute_flow`` pairs/s vs the bare library call (OpenCV's, or the torch function for tvl1_torch
+  and RAFT) on the same frames, per algorithm: >= 0.95; with the mean end-point error on the moving objects
+  of the synthetic set (and the error of predicting no motion, for scale). tvl1_torch is also timed against
+  OpenCV's TV-L1 at the same parameters, alternately in the same run, both on one CPU thread.
 * features — ``FeatureExtractor.extract`` on uint8 frames vs the bare model forward on a ready tensor
   (same batch size, precision and memory layout): >= 0.85.
 * storage — random L=120 windows/s from the merged features file (``hpcvid.stages.merge.MergedFeatures``)
@@ -39,12 +40,18 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-TARGETS = {"decode": 0.9, "flow": 0.95, "features": 0.85, "storage": 20.0, "scaling": 1.15, "stall": 0.05}
+TARGETS = {"decode": 0.9, "flow": 0.95, "features": 0.85, "storage": 20.0, "scaling": 1.15, "stall": 0.05,
+           "flow_gpu": 100.0}
 SIZES = {  # quick / full
     "decode_frames": (125, 500), "flow_clips": (2, 6), "flow_frames": (16, 32), "tvl1_pairs": (8, 24),
     "feature_frames": (64, 192), "storage_videos": (40, 200), "storage_frames": 150, "storage_windows": (100, 400),
     "scaling_per_class": (2, 8), "scaling_frames": (16, 32), "scaling_workers": 2,
+    "gpu_opencv_pairs": (2, 4),
 }
+GPU_FLOW_SIZES = ((224, 224), (240, 320))
+"""(height, width) of the GPU TV-L1 measurement: the two-stream input side, and UCF-101's frames."""
+GPU_FLOW_BATCHES = {True: (1, 8, 64), False: (1, 2, 4, 8, 16, 32, 64)}
+"""Frame pairs per call, quick / full."""
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +61,8 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=None, metavar="N",
                         help="repeats per measurement; the median is reported (default 3, --quick 2)")
     parser.add_argument("--only", default="decode,flow,features,storage,scaling", metavar="LIST",
-                        help="comma-separated parts to run (decode, flow, features, storage, scaling)")
+                        help="comma-separated parts to run (decode, flow, features, storage, scaling; flow_gpu: "
+                             "TV-L1 in torch on a CUDA GPU vs OpenCV's on one core)")
     parser.add_argument("--scratch", default=None, metavar="DIR",
                         help="folder for temporary clips and files (default: the system temp folder)")
     parser.add_argument("--train-runs", nargs="*", default=(), metavar="RUN",
@@ -71,6 +79,11 @@ def main(args: argparse.Namespace) -> int:
     unknown = sorted(set(parts) - set(TARGETS))
     if unknown:
         raise ConfigError(f"--only: unknown part(s) {unknown}; choose from {', '.join(TARGETS)}")
+    if "flow_gpu" in parts:
+        import torch
+
+        if not torch.cuda.is_available():  # before the other parts spend their minutes
+            raise ConfigError("--only flow_gpu needs a CUDA GPU and none is visible: run it on a GPU node")
     repeats = args.repeats or (2 if args.quick else 3)
     result = run_bench(Path(args.out), parts=parts, quick=args.quick, repeats=repeats,
                        scratch=Path(args.scratch) if args.scratch else None,
@@ -255,54 +268,132 @@ def synthetic_flow_set(scratch: Path, quick: bool) -> list[tuple[np.ndarray, np.
     return clips
 
 
-def bench_flow(scratch: Path, quick: bool, repeats: int) -> dict[str, Any]:
-    import cv2
+OPENCV_TVL1_DEFAULTS = {"nscales": 5, "warps": 5, "scale_step": 0.8}
+"""What the pipeline's reduced TV-L1 changes back to OpenCV's own defaults."""
 
-    from hpcvid.media.flow import compute_flow, endpoint_error, flow_parameters, make_flow, to_gray
+
+def bench_flow(scratch: Path, quick: bool, repeats: int) -> dict[str, Any]:
+    """Every flow algorithm on the same synthetic clips; the torch ones on the CPU with one thread, like OpenCV."""
+    import torch
 
     clips = synthetic_flow_set(scratch, quick)
-    rows = []
-    variants = [("farneback", {}), ("dis", {"preset": "ultrafast"}), ("dis", {"preset": "fast"}),
-                ("dis", {"preset": "medium"}), ("tvl1", {})]
+    variants: list[tuple[str, dict[str, Any]]] = [
+        ("farneback", {}), ("dis", {"preset": "ultrafast"}), ("dis", {"preset": "fast"}),
+        ("dis", {"preset": "medium"}), ("tvl1", {}), ("tvl1_torch", {"device": "cpu"})]
     if not quick:
-        variants.append(("tvl1", {"nscales": 5, "warps": 5, "scale_step": 0.8}))  # OpenCV's defaults
-    for algorithm, params in variants:
-        subset = clips
-        if algorithm == "tvl1":  # ~20 pairs/s at 112 px: time fewer pairs
-            budget = size("tvl1_pairs", quick)
-            subset = [(f[: budget // len(clips) + 1], t, m) for f, t, m in clips]
-        pairs = sum(len(f) - 1 for f, _, _ in subset)
-        bare_fn = _bare_opencv(cv2, algorithm, flow_parameters(algorithm, **params))
+        variants += [("tvl1", OPENCV_TVL1_DEFAULTS), ("tvl1_torch", {**OPENCV_TVL1_DEFAULTS, "device": "cpu"})]
+    variants.append(("raft", {"weights": str(random_raft_weights(scratch)), "device": "cpu"}))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # per core: run_bench gives OpenCV one thread too
+    try:
+        rows = [_flow_row(clips, algorithm, params, quick, repeats) for algorithm, params in variants]
+    finally:
+        torch.set_num_threads(threads)
+    return {"target": TARGETS["flow"], "what": "compute_flow pairs/s / the bare calls on the same uint8 RGB frames, "
+            "112x112 synthetic clips, one CPU thread each: OpenCV = cv2.cvtColor per frame + one flow object's call "
+            "per pair (results kept); tvl1_torch = cv2.cvtColor per frame + one tvl1_flow call on the clip's pairs "
+            "as a batch; raft = the RAFT module on the clip's pairs as a batch. 'vs OpenCV TV-L1' = tvl1_torch's "
+            "pipeline pairs/s / OpenCV's bare TV-L1 at the same parameters, timed alternately in the same run. "
+            "EPE = mean end-point error in pixels on the moving object's pixels; RAFT has random weights here "
+            "(no trained weights on this machine), so its EPE says nothing of RAFT", "rows": rows}
 
-        def pipeline(sub=subset, a=algorithm, p=params) -> None:
-            for frames, _, _ in sub:
-                compute_flow(frames, a, **p)
 
-        def bare(sub=subset, fn=bare_fn) -> None:
-            for frames, _, _ in sub:  # the OpenCV calls alone: RGB -> gray per frame, flow per pair (kept)
-                gray = [cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) for frame in frames]
-                flows = [fn(gray[t], gray[t + 1]) for t in range(len(gray) - 1)]
-                del flows
+def random_raft_weights(scratch: Path) -> Path:
+    """A state dict of a randomly initialised raft_small (seed 0): RAFT's speed, never its quality."""
+    import torch
+    from torchvision.models.optical_flow import raft_small
 
-        stats = alternate({"bare_opencv": lambda: rate(bare, pairs), "pipeline": lambda: rate(pipeline, pairs)},
-                          repeats)
-        errors, zero = [], []
-        estimate = make_flow(algorithm, **params)
-        for frames, truth, mask in subset:
-            gray = to_gray(frames)
-            flow = np.stack([estimate(gray[t], gray[t + 1]) for t in range(len(gray) - 1)])
-            errors.append(endpoint_error(flow, truth[: len(flow)], mask[: len(flow)]))
-            zero.append(endpoint_error(np.zeros_like(flow), truth[: len(flow)], mask[: len(flow)]))
-        ratio = stats["pipeline"]["median"] / stats["bare_opencv"]["median"]
-        label = algorithm + (f" {params['preset']}" if "preset" in params else "")
-        if algorithm == "tvl1":
-            label += " (OpenCV defaults)" if params else " (reduced: 3 scales x 3 warps)"
-        rows.append({"algorithm": label, "params": flow_parameters(algorithm, **params), "pairs": pairs,
-                     "rates": stats, "ratio": round(ratio, 3), "epe_object": round(float(np.mean(errors)), 3),
-                     "epe_zero_flow": round(float(np.mean(zero)), 3), "verdict": verdict(ratio, TARGETS["flow"])})
-    return {"target": TARGETS["flow"], "what": "compute_flow pairs/s / the bare OpenCV calls on the same uint8 "
-            "RGB frames (cv2.cvtColor per frame + one flow object's call per pair, results kept), 112x112 synthetic clips; "
-            "EPE = mean end-point error in pixels on the moving object's pixels", "rows": rows}
+    path = scratch / "raft_small-random.pt"
+    if not path.exists():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            torch.save(raft_small(weights=None).state_dict(), path)
+    return path
+
+
+def _flow_row(clips: list, algorithm: str, params: dict[str, Any], quick: bool, repeats: int) -> dict[str, Any]:
+    """One row of the flow table: rates of the bare call and of the pipeline (and of OpenCV's TV-L1 beside
+    tvl1_torch), alternately, then the end-point error of the pipeline's own estimator."""
+    import cv2
+
+    from hpcvid.media.flow import compute_flow, endpoint_error, flow_parameters, make_video_flow
+
+    subset = clips
+    if algorithm not in ("farneback", "dis"):  # ~20 pairs/s or fewer at 112 px: time fewer pairs
+        budget = size("tvl1_pairs", quick)
+        subset = [(f[: budget // len(clips) + 1], t, m) for f, t, m in clips]
+    pairs = sum(len(f) - 1 for f, _, _ in subset)
+    settings = flow_parameters(algorithm, **params)
+    bare_clip = _bare_call(cv2, algorithm, settings)
+
+    def over_clips(call: Callable[[np.ndarray], Any]) -> Callable[[], None]:
+        def every_clip() -> None:
+            for frames, _, _ in subset:
+                call(frames)
+        return every_clip
+
+    pipeline = over_clips(lambda frames: compute_flow(frames, algorithm, **params))
+    measures = {"bare": lambda: rate(over_clips(bare_clip), pairs), "pipeline": lambda: rate(pipeline, pairs)}
+    if algorithm == "tvl1_torch":
+        tvl1_params = {k: v for k, v in settings.items() if k in flow_parameters("tvl1")}
+        opencv = over_clips(_bare_call(cv2, "tvl1", flow_parameters("tvl1", **tvl1_params)))
+        measures["opencv_tvl1"] = lambda: rate(opencv, pairs)
+    stats = alternate(measures, repeats)
+    errors, zero = [], []
+    estimate = make_video_flow(algorithm, **params)
+    for frames, truth, mask in subset:
+        flow = estimate(frames)
+        errors.append(endpoint_error(flow, truth[: len(flow)], mask[: len(flow)]))
+        zero.append(endpoint_error(np.zeros_like(flow), truth[: len(flow)], mask[: len(flow)]))
+    ratio = stats["pipeline"]["median"] / stats["bare"]["median"]
+    row = {"algorithm": _flow_label(algorithm, params), "params": settings, "pairs": pairs, "rates": stats,
+           "ratio": round(ratio, 3), "epe_object": round(float(np.mean(errors)), 3),
+           "epe_zero_flow": round(float(np.mean(zero)), 3), "verdict": verdict(ratio, TARGETS["flow"])}
+    if "opencv_tvl1" in stats:
+        row["vs_opencv_tvl1"] = round(stats["pipeline"]["median"] / stats["opencv_tvl1"]["median"], 3)
+    return row
+
+
+def _flow_label(algorithm: str, params: dict[str, Any]) -> str:
+    if algorithm == "dis":
+        return f"dis {params['preset']}"
+    if algorithm in ("tvl1", "tvl1_torch"):
+        defaults = all(params.get(k) == v for k, v in OPENCV_TVL1_DEFAULTS.items())
+        return algorithm + (" (OpenCV defaults)" if defaults else " (reduced: 3 scales x 3 warps)")
+    if algorithm == "raft":
+        return "raft small (random weights)"
+    return algorithm
+
+
+def _bare_call(cv2: Any, algorithm: str, p: dict[str, Any]) -> Callable[[np.ndarray], Any]:
+    """The flow of one clip's uint8 RGB frames with nothing around the library call (the ratio's reference)."""
+    if algorithm in ("tvl1_torch", "raft"):
+        import torch
+
+        if algorithm == "raft":
+            from hpcvid.media.raft import RaftFlow
+
+            network = RaftFlow(p["weights"], p["model"], p["iterations"], p["device"])
+            return lambda frames: network(*_pairs(torch.from_numpy(frames))).numpy()
+        from hpcvid.media.tvl1_torch import tvl1_flow
+
+        options = {k: v for k, v in p.items() if k not in ("device", "batch_size")}
+
+        def torch_tvl1(frames: np.ndarray) -> np.ndarray:
+            gray = torch.from_numpy(np.stack([cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) for frame in frames]))
+            return tvl1_flow(*_pairs(gray), **options).numpy()
+        return torch_tvl1
+    pair = _bare_opencv(cv2, algorithm, p)
+
+    def opencv(frames: np.ndarray) -> list:
+        gray = [cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) for frame in frames]
+        return [pair(gray[t], gray[t + 1]) for t in range(len(gray) - 1)]
+    return opencv
+
+
+def _pairs(frames: Any) -> tuple[Any, Any]:
+    """(frames 0..T-2, frames 1..T-1): every consecutive pair of a clip as one batch."""
+    return frames[:-1], frames[1:]
 
 
 def _bare_opencv(cv2: Any, algorithm: str, p: dict[str, Any]) -> Callable[[np.ndarray, np.ndarray], Any]:
@@ -320,6 +411,64 @@ def _bare_opencv(cv2: Any, algorithm: str, p: dict[str, Any]) -> Callable[[np.nd
         epsilon=p["epsilon"], innnerIterations=p["inner_iterations"], outerIterations=p["outer_iterations"],
         scaleStep=p["scale_step"], medianFiltering=p["median_filtering"])
     return lambda a, b: tvl1.calc(a, b, None)
+
+
+# ------------------------------------------------------------------------------------------ flow on a GPU
+def bench_flow_gpu(scratch: Path, quick: bool, repeats: int, *, device: str = "cuda",
+                   sizes: tuple[tuple[int, int], ...] = GPU_FLOW_SIZES, batches: tuple[int, ...] | None = None,
+                   compile_options: tuple[bool, ...] = (False, True)) -> dict[str, Any]:
+    """tvl1_torch pairs/s on a GPU per frame size, TV-L1 parameters, torch.compile and batch size, against
+    OpenCV's TV-L1 at the same size and parameters on one core of the same host, in the same run.
+
+    The frames are a synthetic clip of 65 frames at each size (64 pairs, real motion, so that the per-pair
+    stopping rule sees what it sees on videos). ``device`` is only for testing this code on a CPU.
+    """
+    import cv2
+    import torch
+
+    from hpcvid.config import ExtractConfig, SynthConfig
+    from hpcvid.errors import ConfigError
+    from hpcvid.media.decode import read_video
+    from hpcvid.media.flow import TVL1_DEFAULTS, to_gray
+    from hpcvid.media.tvl1_torch import tvl1_flow
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("the flow_gpu part needs a CUDA GPU and none is visible: run it on a GPU node")
+    batches = batches or GPU_FLOW_BATCHES[quick]
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    rows = []
+    for height, width in sizes:
+        root = scratch / f"gpu-synth-{width}x{height}"
+        if not (root / "synth.json").exists():
+            from hpcvid.stages.synth import generate
+
+            generate(root, SynthConfig(classes=2, per_class=1, test_per_class=0, frames=max(batches) + 1,
+                                       size=f"{width}x{height}", seed=11))
+        clip = sorted(root.glob("*/*.avi"))[0]
+        gray = to_gray(read_video(clip, ExtractConfig(resize="none")).frames)
+        frames = torch.from_numpy(gray).to(device)
+        for name, params in (("reduced: 3 scales x 3 warps", dict(TVL1_DEFAULTS)),
+                             ("OpenCV defaults", {**TVL1_DEFAULTS, **OPENCV_TVL1_DEFAULTS})):
+            opencv_pair = _bare_opencv(cv2, "tvl1", params)
+            count = min(size("gpu_opencv_pairs", quick), len(gray) - 1)
+            opencv = alternate({"opencv": lambda: rate(lambda: [opencv_pair(gray[t], gray[t + 1])
+                                                                for t in range(count)], count)}, repeats)["opencv"]
+            for compiled in compile_options:
+                for batch in batches:
+                    def call(b=batch, c=compiled) -> None:
+                        tvl1_flow(frames[:b], frames[1:b + 1], **params, compile=c)
+                        synchronize()
+                    call()  # warm-up: CUDA context, cuDNN/cuBLAS handles, torch.compile's compilation
+                    torch_rate = alternate({"torch": lambda b=batch, c=call: rate(c, b)}, repeats)["torch"]
+                    ratio = torch_rate["median"] / opencv["median"]
+                    rows.append({"size": f"{width}x{height}", "params": name, "compile": compiled, "batch": batch,
+                                 "rates": {"tvl1_torch": torch_rate, "opencv_one_core": opencv},
+                                 "ratio": round(ratio, 2), "verdict": verdict(ratio, TARGETS["flow_gpu"])})
+    gpu = torch.cuda.get_device_name() if device == "cuda" else device
+    return {"target": TARGETS["flow_gpu"], "device": gpu, "what": f"tvl1_flow on {gpu}: pairs/s of batches of "
+            "consecutive pairs of a 65-frame synthetic clip (time to the flow on the device, synchronised; the "
+            "first call, which compiles, is not timed) vs cv2.optflow.DualTVL1OpticalFlow on one CPU thread of the "
+            "same host, same frames and parameters; target >= 100x one core", "rows": rows}
 
 
 # ------------------------------------------------------------------------------------------ features
@@ -558,7 +707,8 @@ def run_bench(out: Path, *, parts: list[str], quick: bool, repeats: int, scratch
                    "features": lambda: bench_features(quick, repeats),
                    "storage": lambda: bench_storage(folder, quick, repeats),
                    "scaling": lambda: bench_scaling(folder, quick, repeats),
-                   "stall": lambda: bench_stall(list(train_runs))}
+                   "stall": lambda: bench_stall(list(train_runs)),
+                   "flow_gpu": lambda: bench_flow_gpu(folder, quick, repeats)}
         for part in parts:
             log.info("bench: %s", part)
             started = time.perf_counter()
@@ -566,15 +716,20 @@ def run_bench(out: Path, *, parts: list[str], quick: bool, repeats: int, scratch
             result["parts"][part].update(seconds=round(time.perf_counter() - started, 1), date=result["date"],
                                          commit=result["commit"], repeats=repeats, quick=quick)
     result["machine"]["load_average_at_end"] = list(__import__("os").getloadavg())
-    result["not_measured"] = {}
-    if "stall" not in result["parts"]:
-        result["not_measured"]["training data stall"] = "give --train-runs WORK/runs/<model> of real training runs"
+    result["not_measured"] = {what: how for part, (what, how) in NOT_MEASURED.items() if part not in result["parts"]}
     del torch
     keep_previous_parts(out, result)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "bench.json", result)
     atomic_write_text(out / "bench.md", render_markdown(result))
     return result
+
+
+NOT_MEASURED = {
+    "stall": ("training data stall", "give --train-runs WORK/runs/<model> of real training runs"),
+    "flow_gpu": ("TV-L1 in torch on a GPU", "run `hpcvid bench --only flow_gpu` on a machine with a CUDA GPU"),
+}
+"""Parts a default run leaves out: (what the report lists as not measured, how to measure it)."""
 
 
 def keep_previous_parts(out: Path, result: dict[str, Any]) -> None:
@@ -597,8 +752,9 @@ def keep_previous_parts(out: Path, result: dict[str, Any]) -> None:
     if kept:
         result["parts"] = {**kept, **result["parts"]}
         result["kept_from_previous_runs"] = sorted(kept)
-        if "stall" in result["parts"]:
-            result["not_measured"].pop("training data stall", None)
+        for part, (what, _how) in NOT_MEASURED.items():
+            if part in result["parts"]:
+                result["not_measured"].pop(what, None)
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -639,8 +795,16 @@ def _decode_cells(r: dict[str, Any]) -> list[str]:
 
 def _flow_cells(r: dict[str, Any]) -> list[str]:
     s = _medians(r["rates"])
-    return [r["algorithm"], f"{r['pairs']}", f"{s['bare_opencv']:.1f}", f"{s['pipeline']:.1f}", f"{r['ratio']:.2f}",
+    bare = s["bare"] if "bare" in s else s["bare_opencv"]  # results from before the torch flows
+    versus = f"{r['vs_opencv_tvl1']:.2f}x ({s['opencv_tvl1']:.1f} pairs/s)" if "vs_opencv_tvl1" in r else "-"
+    return [r["algorithm"], f"{r['pairs']}", f"{bare:.1f}", f"{s['pipeline']:.1f}", f"{r['ratio']:.2f}", versus,
             f"{r['epe_object']:.3f}", f"{r['epe_zero_flow']:.3f}", r["verdict"]]
+
+
+def _flow_gpu_cells(r: dict[str, Any]) -> list[str]:
+    s = _medians(r["rates"])
+    return [r["size"], r["params"], "yes" if r["compile"] else "no", f"{r['batch']}", f"{s['tvl1_torch']:.1f}",
+            f"{s['opencv_one_core']:.2f}", f"{r['ratio']:.1f}x", r["verdict"]]
 
 
 def _features_cells(r: dict[str, Any]) -> list[str]:
@@ -673,8 +837,11 @@ TABLES: dict[str, tuple[str, tuple[str, ...], Any]] = {
                ("clip", "frames", "ffmpeg -f null f/s", "PyAV decoder f/s", "ratio", "verdict", "ffmpeg same work f/s",
                 "read_video pyav f/s", "ratio", "verdict", "read_video imageio f/s (ratio)"), _decode_cells),
     "flow": ("Optical flow (target >= {target})",
-             ("algorithm", "pairs", "bare OpenCV pairs/s", "pipeline pairs/s", "ratio", "EPE object px",
-              "EPE of zero flow", "verdict"), _flow_cells),
+             ("algorithm", "pairs", "bare call pairs/s", "pipeline pairs/s", "ratio", "vs OpenCV TV-L1 (same params)",
+              "EPE object px", "EPE of zero flow", "verdict"), _flow_cells),
+    "flow_gpu": ("TV-L1 in torch on a GPU (target >= {target:.0f}x one CPU core)",
+                 ("size", "TV-L1 parameters", "torch.compile", "batch", "tvl1_torch pairs/s", "OpenCV 1 core pairs/s",
+                  "ratio", "verdict"), _flow_gpu_cells),
     "features": ("CNN features (target >= {target})",
                  ("backbone", "precision", "bare forward f/s", "pipeline f/s", "ratio", "verdict"), _features_cells),
     "storage": ("Feature storage (target >= {target}x)",

@@ -12,6 +12,14 @@ Algorithms (DESIGN §8 timings, 224x224 pairs/s on one core):
   defaults (5 and 5 -> 3 and 3): OpenCV's defaults run ~1.3 pairs/s on a CPU core, which makes TV-L1
   a GPU-cluster job for UCF-101; the reduced setting is several times faster at a small quality cost
   (``hpcvid bench`` reports both speed and end-point error).
+* ``tvl1_torch`` — the same TV-L1, same parameters and defaults, written with torch tensor operations
+  (:mod:`hpcvid.media.tvl1_torch`): batches of frame pairs on a CUDA GPU, or on the CPU's threads, without
+  an OpenCV built with CUDA.
+* ``raft`` — torchvision's RAFT (:mod:`hpcvid.media.raft`) with weights from a local file (``weights``).
+
+The torch algorithms take further options that change how they run, not what they compute:
+``device`` (``auto``: CUDA when visible), ``batch_size`` (frame pairs per call) and, for tvl1_torch,
+``compile`` (fuse each step with ``torch.compile``, for GPUs).
 
 Storage (the field's JPEG-flow convention): clip to ±bound, map linearly to 0..255 (128 ≈ zero
 motion), round. The largest error of a value inside ±bound after :func:`dequantise` is half a step,
@@ -27,7 +35,7 @@ import numpy as np
 
 from hpcvid.errors import ConfigError
 
-ALGORITHMS = ("farneback", "dis", "tvl1")
+ALGORITHMS = ("farneback", "dis", "tvl1", "tvl1_torch", "raft")
 FARNEBACK_DEFAULTS: dict[str, Any] = {
     "pyr_scale": 0.5, "levels": 3, "winsize": 15, "iterations": 3, "poly_n": 5, "poly_sigma": 1.2, "flags": 0,
 }
@@ -37,6 +45,13 @@ TVL1_DEFAULTS: dict[str, Any] = {
     "inner_iterations": 30, "outer_iterations": 10, "scale_step": 0.5, "median_filtering": 5,
 }
 """Reduced TV-L1: 3 scales x 3 warps (OpenCV: 5 x 5, scale step 0.8); the rest as OpenCV."""
+TORCH_OPTIONS: dict[str, Any] = {"device": "auto", "batch_size": 32}
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "farneback": FARNEBACK_DEFAULTS, "dis": DIS_DEFAULTS, "tvl1": TVL1_DEFAULTS,
+    "tvl1_torch": {**TVL1_DEFAULTS, "compile": False, **TORCH_OPTIONS},
+    "raft": {"weights": "", "model": "raft_small", "iterations": 12, **TORCH_OPTIONS},
+}
+TORCH_ALGORITHMS = ("tvl1_torch", "raft")
 STORAGES = ("uint8", "float16")
 FlowFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """(gray t, gray t+1) -> a new float32 (H, W, 2) array.
@@ -44,6 +59,8 @@ FlowFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 Never hand OpenCV a destination array: DIS reads the contents of a given ``flow`` argument even without
 its use-initial-flow flag, so an uninitialised buffer changes the result or crashes the process
 (seen here with ``np.empty``)."""
+VideoFlowFn = Callable[[np.ndarray], np.ndarray]
+"""uint8 (T, H, W, 3) RGB or (T, H, W) gray frames -> a new float32 (T-1, H, W, 2) array."""
 
 
 def _unknown(algorithm: str, given: dict, defaults: dict) -> None:
@@ -54,7 +71,7 @@ def _unknown(algorithm: str, given: dict, defaults: dict) -> None:
 
 def flow_parameters(algorithm: str, **params: Any) -> dict[str, Any]:
     """The complete parameter set of ``algorithm`` (defaults updated by ``params``), for the record."""
-    defaults = {"farneback": FARNEBACK_DEFAULTS, "dis": DIS_DEFAULTS, "tvl1": TVL1_DEFAULTS}.get(algorithm)
+    defaults = DEFAULTS.get(algorithm)
     if defaults is None:
         raise ConfigError(f"optical flow algorithm {algorithm!r} is unknown; choose one of {', '.join(ALGORITHMS)}")
     _unknown(algorithm, params, defaults)
@@ -66,6 +83,9 @@ def make_flow(algorithm: str, **params: Any) -> FlowFn:
     import cv2
 
     settings = flow_parameters(algorithm, **params)
+    if algorithm in TORCH_ALGORITHMS:
+        video = make_video_flow(algorithm, **params)
+        return lambda prev, nxt: video(np.stack([prev, nxt]))[0]
     if algorithm == "farneback":
         def farneback(prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
             return cv2.calcOpticalFlowFarneback(
@@ -89,21 +109,79 @@ def make_flow(algorithm: str, **params: Any) -> FlowFn:
     return lambda prev, nxt: tvl1.calc(prev, nxt, None)
 
 
+def make_video_flow(algorithm: str, **params: Any) -> VideoFlowFn:
+    """A function frames -> the flow of every consecutive pair; built once, reused across videos.
+
+    OpenCV's algorithms take the pairs one by one; the torch ones take ``batch_size`` pairs per call on their
+    device, which is where a GPU earns its speed.
+    """
+    settings = flow_parameters(algorithm, **params)
+    if algorithm in TORCH_ALGORITHMS:
+        return _torch_video_flow(algorithm, settings)
+    pair = make_flow(algorithm, **params)
+
+    def video(frames: np.ndarray) -> np.ndarray:
+        gray = to_gray(frames)
+        out = np.empty((max(len(gray) - 1, 0), gray.shape[1], gray.shape[2], 2), dtype=np.float32)
+        for t in range(len(gray) - 1):
+            out[t] = pair(gray[t], gray[t + 1])
+        return out
+    return video
+
+
+def _torch_video_flow(algorithm: str, settings: dict[str, Any]) -> VideoFlowFn:
+    import torch
+
+    from hpcvid.learn.backbones import pick_device
+
+    device = pick_device(settings["device"])
+    batch = int(settings["batch_size"])
+    if batch < 1:
+        raise ConfigError(f"optical flow {algorithm!r}: batch_size = {batch} must be at least 1")
+    if algorithm == "tvl1_torch":
+        from hpcvid.media.tvl1_torch import check_parameters, tvl1_flow
+
+        options = {name: settings[name] for name in TVL1_DEFAULTS}
+        check_parameters(options)
+        compiled = bool(settings["compile"])
+        estimate: Callable[[Any, Any], Any] = lambda first, second: tvl1_flow(first, second, **options,
+                                                                               compile=compiled)
+        prepare: Callable[[np.ndarray], np.ndarray] = to_gray
+    else:
+        from hpcvid.media.raft import RaftFlow
+
+        estimate = RaftFlow(settings["weights"], settings["model"], int(settings["iterations"]), str(device))
+        prepare = np.asarray  # RAFT sees colour when there is colour
+
+    def video(frames: np.ndarray) -> np.ndarray:
+        frames = np.ascontiguousarray(prepare(frames))
+        pairs = max(len(frames) - 1, 0)
+        out = np.empty((pairs, frames.shape[1], frames.shape[2], 2), dtype=np.float32)
+        for start in range(0, pairs, batch):
+            stop = min(start + batch, pairs)
+            # one batch's frames at a time on the device: a long clip need not fit in its memory
+            chunk = torch.from_numpy(frames[start:stop + 1]).to(device)
+            out[start:stop] = estimate(chunk[:-1], chunk[1:]).cpu().numpy()
+        return out
+    return video
+
+
 _ESTIMATORS = threading.local()
 
 
-def _cached_flow(algorithm: str, params: dict[str, Any]) -> FlowFn:
+def _cached_flow(algorithm: str, params: dict[str, Any]) -> VideoFlowFn:
     """One estimator per (algorithm, parameters) and thread, reused across videos.
 
     Why: a fresh DIS/TV-L1 object allocates its pyramids on the first pair; over a whole shard of
-    ~30-pair clips that cost 10-25 % of DIS's speed. OpenCV's objects are not thread-safe, hence per thread.
+    ~30-pair clips that cost 10-25 % of DIS's speed (and RAFT would load its weights per video).
+    OpenCV's objects are not thread-safe, hence per thread.
     """
     cache = getattr(_ESTIMATORS, "cache", None)
     if cache is None:
         cache = _ESTIMATORS.cache = {}
     key = (algorithm, tuple(sorted((k, repr(v)) for k, v in params.items())))
     if key not in cache:
-        cache[key] = make_flow(algorithm, **params)
+        cache[key] = make_video_flow(algorithm, **params)
     return cache[key]
 
 
@@ -124,12 +202,7 @@ def compute_flow(frames: np.ndarray, algorithm: str = "farneback", **params: Any
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim not in (3, 4):
         raise ValueError(f"frames must be uint8 (T, H, W, 3) or (T, H, W), got {frames.dtype} {frames.shape}")
-    estimate = _cached_flow(algorithm, params)
-    gray = to_gray(frames)
-    out = np.empty((max(len(gray) - 1, 0), gray.shape[1], gray.shape[2], 2), dtype=np.float32)
-    for t in range(len(gray) - 1):
-        out[t] = estimate(gray[t], gray[t + 1])
-    return out
+    return _cached_flow(algorithm, params)(frames)
 
 
 # --------------------------------------------------------------------------------------------- storage

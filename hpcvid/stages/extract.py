@@ -57,7 +57,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", type=positive_int, metavar="N", help="number of shards (default: extract.shards)")
     parser.add_argument("--weights", metavar="PATH", help="local backbone weights (.pt/.pth state dict)")
     parser.add_argument("--backbone", choices=("resnet18", "googlenet", "none"), help="CNN for features")
-    parser.add_argument("--flow", choices=("farneback", "dis", "tvl1", "none"), help="optical flow algorithm")
+    parser.add_argument("--flow", choices=_config_choices("flow"), help="optical flow algorithm")
+    parser.add_argument("--flow-weights", metavar="PATH", help="raft: local state dict of torchvision's RAFT")
+
+
+def _config_choices(name: str) -> tuple:
+    """The valid values of ``extract.<name>``, read from the config so the flag cannot fall behind it."""
+    import dataclasses
+
+    from hpcvid.config import ExtractConfig
+
+    return next(f for f in dataclasses.fields(ExtractConfig) if f.name == name).metadata["choices"]
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -66,6 +76,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "extract.weights": args.weights,
         "extract.backbone": args.backbone,
         "extract.flow": args.flow,
+        "extract.flow_weights": args.flow_weights,
         "dataset.root": args.dataset,
     }
 
@@ -84,6 +95,10 @@ def identity(config: Config, manifest: Manifest) -> dict[str, Any]:
 
 def plan(config: Config, only: int | None = None, force: bool = False) -> list[ShardSpec]:
     """Make this extraction the current set; return its shards without a record of it (all with --force)."""
+    if config.extract.flow == "raft":  # loads the file once: a wrong one stops here, before any work
+        from hpcvid.media.raft import check_raft_weights
+
+        check_raft_weights(config.extract.flow_weights, config.extract.raft_model)
     manifest = ensure_manifest(config)
     if config.extract.backbone != "none" and config.extract.weights:
         from hpcvid.learn.backbones import require_weights_file
@@ -324,7 +339,7 @@ def _prepare_parts(config: Config, parts: Path, shard_file: Path, record_file: P
 def _settings_fingerprint(config: Config) -> dict[str, Any]:
     """The settings that change a video's stored contents (not the shard count: contents do not depend on it)."""
     settings = dict(config.extract.__dict__)
-    for name in ("shards", "batch_size", "device", "max_attempts"):
+    for name in ("shards", "batch_size", "flow_batch_size", "tvl1_compile", "device", "max_attempts"):
         settings.pop(name, None)
     return json.loads(json.dumps(settings, sort_keys=True))
 
@@ -515,10 +530,17 @@ def _count_attempt(marker: Path) -> int:
 
 def flow_params(cfg: Any) -> dict[str, Any]:
     """The flow settings of ExtractConfig as keyword arguments of :func:`hpcvid.media.flow.compute_flow`."""
+    running = {"device": cfg.device, "batch_size": cfg.flow_batch_size}
     if cfg.flow == "dis":
         return {"preset": cfg.dis_preset}
-    if cfg.flow == "tvl1":
-        return {"nscales": cfg.tvl1_scales, "warps": cfg.tvl1_warps}
+    if cfg.flow in ("tvl1", "tvl1_torch"):
+        tvl1 = {"nscales": cfg.tvl1_scales, "warps": cfg.tvl1_warps, "scale_step": cfg.tvl1_scale_step,
+                "tau": cfg.tvl1_tau, "lambda_": cfg.tvl1_lambda, "theta": cfg.tvl1_theta, "epsilon": cfg.tvl1_epsilon,
+                "inner_iterations": cfg.tvl1_inner_iterations, "outer_iterations": cfg.tvl1_outer_iterations,
+                "median_filtering": cfg.tvl1_median_filtering}
+        return {**tvl1, **running, "compile": cfg.tvl1_compile} if cfg.flow == "tvl1_torch" else tvl1
+    if cfg.flow == "raft":
+        return {"weights": cfg.flow_weights, "model": cfg.raft_model, "iterations": cfg.raft_iterations, **running}
     return {}
 
 
