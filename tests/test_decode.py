@@ -73,7 +73,7 @@ def test_target_fps_keeps_first_frame_at_each_tick() -> None:
 
 def test_count_takes_segment_centres() -> None:
     assert count_indices(100, 4).tolist() == [12, 37, 62, 87]
-    assert count_indices(10, 1).tolist() == [5]  # one frame = the middle, never the first (DESIGN 8)
+    assert count_indices(10, 1).tolist() == [5]  # one frame = the middle, never the first (its object size leaks the motion)
     assert count_indices(3, 8).tolist() == [0, 1, 2]  # fewer frames than asked: all of them, once
     assert sample_indices(100, ExtractConfig(sampling="count", count=4), 25.0).tolist() == [12, 37, 62, 87]
 

@@ -4,7 +4,7 @@ The synthetic classes differ by appearance (2 looks) and by motion (3 motions); 
 motion cue, so the single-frame model can reach about 1/3, while models that see motion (flow, two-stream,
 LSTM) can reach all of it. Both sizes run here (slow, about 1 and 2 minutes):
 
-* ``--size ci`` (issue 5's CI scale: 40 train + 15 test clips per class, 16 frames of 64 px): LSTM and
+* ``--size ci`` (the scale CI runs: 40 train + 15 test clips per class, 16 frames of 64 px): LSTM and
   two-stream >= 85 %, the flow CNN >= 90 % on the motion part of the label, the middle frame <= 50 %;
 * ``--size default`` (the demo, 60 + 20 clips per class): LSTM and two-stream >= 95 %, and every motion
   model at least 40 points above the middle frame.
@@ -87,7 +87,7 @@ def test_motion_models_beat_the_middle_frame_by_40_points(demo):
     """Two-stream and LSTM on the class; the flow CNN on the class's motion.
 
     A flow CNN sees motion but no colour (its input is grayscale displacement), so on this set its class
-    accuracy is capped near (motion right) x (appearance guessed) = ~50 %, as DESIGN 8 measured; what it
+    accuracy is capped near (motion right) x (appearance guessed) = ~50 %, as measured on this set; what it
     must show is the motion, which the middle frame cannot see (~1/3).
     """
     root, _ = demo

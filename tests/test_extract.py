@@ -182,7 +182,7 @@ def test_a_random_backbone_is_the_same_network_in_every_process(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone,dim", [("googlenet", 1024), ("resnet18", 512)])
 def test_features_are_finite_and_not_zero_even_untrained(tiny_synthetic, tmp_path, backbone, dim):
-    """Untrained GoogLeNet's features are ~1e-12 (DESIGN 8): stored as float32 they must survive, and the
+    """Untrained GoogLeNet's features are ~1e-12: stored as float32 they must survive, and the
     merged statistics must not erase them."""
     from hpcvid.stages.merge import MergedFeatures, merge
 

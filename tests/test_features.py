@@ -20,7 +20,7 @@ def frames() -> np.ndarray:
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine without a fixed epsilon (a fixed one erases ~1e-12 features, DESIGN 8)."""
+    """Row-wise cosine without a fixed epsilon (a fixed one erases ~1e-12 features)."""
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     return (a64 * b64).sum(1) / (np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1))
 

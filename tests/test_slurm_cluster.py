@@ -47,7 +47,7 @@ def _status(work: Path, *extra: str) -> str:
 @pytest.fixture(scope="module")
 def walltime_job(slurm_cluster, tmp_path_factory):
     """A shard whose work (10 items x 12 s) outlasts its 3-minute walltime, queued when the module starts so
-    that it runs beside the other tests; SLURM signals it 60 s (DESIGN 8: up to 120 s) before the end."""
+    that it runs beside the other tests; SLURM signals it 60 s (it can come up to 120 s) before the end."""
     from hpcvid.stages import STAGES
     from toystage import TOY
 
@@ -137,7 +137,7 @@ def test_cancelled_task_shows_cancelled_and_only_it_is_resubmitted(slurm_cluster
 
 def test_pre_timeout_signal_requeues_and_the_rerun_redoes_only_the_item_in_flight(
         slurm_cluster, toy_stages, tmp_path):
-    """SIGUSR2 is what SLURM sends signal_delay_s before the walltime (DESIGN 8: sent here with scancel -s
+    """SIGUSR2 is what SLURM sends signal_delay_s before the walltime (sent here with scancel -s
     USR2, because the real one can arrive up to 60 s early); submitit checkpoints and requeues the job."""
     work = _toy_work(tmp_path, items=6, sleep=1.5)
     assert hpcvid("submit", "toy", "--work", work, "--shards", "1", "--profile", ROOT / "slurm" / "local.toml",

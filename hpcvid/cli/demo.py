@@ -9,7 +9,7 @@ the path of the report.
 Every stage is resumable, so a second ``hpcvid demo`` redoes nothing (``--force`` starts again from an
 empty work folder).
 
-The LSTM reads features of the fine-tuned frame CNN (``run features``, the seeds' part 2), not the
+The LSTM reads features of the fine-tuned frame CNN (``run features``), not the
 extraction backbone's: with no ImageNet weights here that backbone is randomly initialised, and its pooled
 features barely encode the object's size (a linear read-out of log size from them: R^2 0.1-0.3), so the
 LSTM stopped at 66-86 % (with synth's earlier 1.8x expansion); over the fine-tuned CNN's features it reached
@@ -17,7 +17,7 @@ LSTM stopped at 66-86 % (with synth's earlier 1.8x expansion); over the fine-tun
 by then, and further training on a task where one frame cannot tell the motion teaches it to ignore size
 (default size, two seeds: the LSTM over its features reached 98.3 % after 3 epochs, 95-96 % after 4).
 
-Sizes (``--size``): ``ci`` is the issue's CI scale, DESIGN 8's (6 classes, 40 train + 15 test clips per
+Sizes (``--size``): ``ci`` is the scale CI runs (6 classes, 40 train + 15 test clips per
 class, 16 frames of 64x64 px); ``default`` is larger (60 + 20 clips per class), so its accuracies are
 measured on more test videos.
 """

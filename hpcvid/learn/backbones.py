@@ -13,7 +13,7 @@ Weights come only from a local file (nothing is downloaded), loaded with ``torch
   "state_dict": {...}}`` (a fine-tuned frame CNN from the trainer).
 
 Without weights the network is randomly initialised (``trunk.random_init`` is True; callers record
-this loudly). Untrained GoogLeNet (``init_weights=True``) gives features of magnitude ~1e-12 (DESIGN §8):
+this loudly). Untrained GoogLeNet (``init_weights=True``) gives features of magnitude ~1e-12 (measured):
 they underflow in float16, so features are returned in float32 (see :mod:`hpcvid.learn.extractor`).
 
 GoogLeNet's torchvision ImageNet weights were converted from TensorFlow and expect

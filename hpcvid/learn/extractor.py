@@ -3,7 +3,7 @@
 ``FeatureExtractor(backbone, weights)`` takes a backbone name (built by :mod:`hpcvid.learn.backbones`) or an
 already-built trunk module (the trainer recomputes features with its fine-tuned frame CNN straight
 from stored frames, without decoding videos again). It runs in ``torch.inference_mode``, with the model
-and input in ``channels_last`` (1.8x on this machine's CPU, DESIGN §8), in batches of ``batch_size``.
+and input in ``channels_last`` (1.8x on the test machine's CPU), in batches of ``batch_size``.
 
 Precision (``precision="auto"``): bf16 autocast where the hardware has it (AVX512-BF16/AMX CPUs, CUDA
 GPUs with bf16), float16 autocast (classic AMP) on CUDA GPUs without bf16, else float32. float16 is

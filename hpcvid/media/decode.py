@@ -4,7 +4,7 @@ Two decoders give the same frames (up to colour-conversion rounding):
 
 * ``pyav`` — the fast path. PyAV decodes in-process (no pipe), frames that sampling skips are decoded
   (the codec needs them) but never converted to RGB, and kept frames are resized with
-  ``cv2.resize(INTER_LINEAR)``. DESIGN §8: this reaches raw ``ffmpeg -f null`` speed; INTER_AREA was
+  ``cv2.resize(INTER_LINEAR)``. measured here, this reaches raw ``ffmpeg -f null`` speed; INTER_AREA was
   2.7x slower at 320 -> 224.
 * ``imageio`` — imageio-ffmpeg's bundled ffmpeg binary piping raw RGB; slower (pipe overhead) but it
   works wherever a static ffmpeg runs.
@@ -15,7 +15,7 @@ Sampling (``ExtractConfig.sampling``) picks source frame indices:
 * ``fps`` — the first frame at or after each tick of a ``target_fps`` clock (frame i is kept when
   ``floor(i * target / fps)`` steps up); a target at or above the source rate keeps every frame;
 * ``count`` — N frames at the centres of N equal segments (TSN-style, ``floor((k + 0.5) * T / N)``):
-  N = 1 gives the middle frame, never the first (whose object size leaks motion, DESIGN §8);
+  N = 1 gives the middle frame, never the first (a growing object's first frame is small: its size leaks the motion);
 * ``named`` — the frames of :func:`named_frame_indices` listed in ``named_frames``.
 
 ``max_frames`` then caps the kept frames to the first ``max_frames`` (decoding stops there). Frames

@@ -3,9 +3,9 @@
 Convention (OpenCV's): ``flow[t][y, x] = (dx, dy)`` moves pixel (x, y) of frame t to
 (x + dx, y + dy) in frame t + 1; x is the column (to the right), y the row (downwards).
 
-Algorithms (DESIGN §8 timings, 224x224 pairs/s on one core):
+Algorithms (224x224 pairs/s on one core of this project's test machine):
 
-* ``farneback`` — ``cv2.calcOpticalFlowFarneback`` with the classic seeds' parameters
+* ``farneback`` — ``cv2.calcOpticalFlowFarneback`` with the parameters the two-stream studies used
   (pyr_scale 0.5, levels 3, winsize 15, iterations 3, poly_n 5, poly_sigma 1.2): ~150 pairs/s.
 * ``dis`` — ``cv2.DISOpticalFlow`` presets ultrafast (~3,450), fast (~1,660, default), medium (~300).
 * ``tvl1`` — ``cv2.optflow.DualTVL1OpticalFlow`` with fewer pyramid levels and warps than OpenCV's

@@ -1,4 +1,4 @@
-"""The synthetic action dataset (DESIGN section 6): small videos in UCF-101's layout, with true motion.
+"""The synthetic action dataset: small videos in UCF-101's layout, with true motion.
 
 Why it is built this way:
 
