@@ -270,20 +270,20 @@ def test_a_kill_between_the_shard_and_its_record_is_finished_by_the_rerun(synthe
     """The narrowest window: the shard file is renamed into place, the record is not written yet."""
     config, _ = synthetic_work("w", flow="none", shards=4)
     spec = ShardSpec(1, 4)
-    real_write = extract.atomic_write_json
+    real_write = extract.write_record
 
-    def die_on_record(path, payload):
+    def die_on_record(path, *args, **kwargs):
         if path == extract.record_path(config, spec):
             raise _Interrupt()
-        return real_write(path, payload)
+        return real_write(path, *args, **kwargs)
 
-    monkeypatch.setattr(extract, "atomic_write_json", die_on_record)
+    monkeypatch.setattr(extract, "write_record", die_on_record)
     with pytest.raises(_Interrupt):
         extract.run_shard(config, spec)
     assert extract.shard_path(config, spec).is_file() and not extract.shard_done(config, spec)
     args = type("Args", (), {"force": False, "shard": 1})()
     assert extract.plan(config, args) == [spec]  # not done: the shard file alone does not count
-    monkeypatch.setattr(extract, "atomic_write_json", real_write)
+    monkeypatch.setattr(extract, "write_record", real_write)
     record = extract.run_shard(config, spec)
     assert record["timings"]["videos_resumed"] == record["n_videos"] == 6
     assert not extract.parts_dir(config, spec).exists()
