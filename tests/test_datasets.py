@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from hpcvid.learn.statistics import feature_statistics
 from hpcvid.learn.datasets import (Augment, FeatureDataset, FeatureItem, FlowDataset, FrameDataset, MemoryFeatureSource,
                              MemoryVideoSource, TwoStreamDataset, VideoItem, centre_in_time, compensate_camera,
                              crop_resize, hold_out, normalise_features, ping_pong_indices, prepare_flow,
@@ -33,6 +34,12 @@ def test_feature_preparation_survives_tiny_scales():
     x = (np.arange(12, dtype=np.float32).reshape(4, 3) + 1) * 1e-12
     normed = normalise_features(x, x.mean(0), x.std(0))
     assert np.all(np.isfinite(normed)) and normed.std(0).min() > 0.9   # a fixed eps would give ~0
+    x[:, 2] = 5e-12                                                    # a constant column
+    mean, std, _ = feature_statistics([x[:2], x[2:]])
+    normed = normalise_features(x, mean, std)
+    assert np.all(np.isfinite(normed)) and np.allclose(normed.std(0)[:2], 1, atol=1e-5) and np.all(normed[:, 2] == 0)
+    with pytest.raises(ValueError, match="feature_statistics"):        # an unfloored std is refused, never NaN
+        normalise_features(x, x.mean(0), x.std(0))
     centred = centre_in_time(np.array([[1.0, 2.0], [3.0, 6.0]], dtype=np.float32))
     assert centred.tolist() == [[-1.0, -2.0, 2.0, 4.0], [1.0, 2.0, 2.0, 4.0]]
 

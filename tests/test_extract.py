@@ -181,7 +181,9 @@ def test_a_random_backbone_is_the_same_network_in_every_process(monkeypatch):
 def test_features_are_finite_and_not_zero_even_untrained(tiny_synthetic, tmp_path, backbone, dim):
     """Untrained GoogLeNet's features are ~1e-12 (DESIGN 8): stored as float32 they must survive, and the
     merged statistics must not erase them."""
-    from hpcvid.stages.merge import MergedFeatures, merge
+    from hpcvid.learn.statistics import normalise_features
+    from hpcvid.stages.merge import merge
+    from hpcvid.storage.merged import MergedFeatures
 
     clips = sorted(tiny_synthetic.rglob("*.avi"))
     picked = [clips[0], clips[5], clips[-1]]
@@ -199,7 +201,8 @@ def test_features_are_finite_and_not_zero_even_untrained(tiny_synthetic, tmp_pat
     assert np.abs(features[0] - features[2]).max() > 0  # videos differ
     merge(work)
     merged = MergedFeatures(work / "features.h5")
-    normalised = merged.normalise(np.concatenate([merged.video(i) for i in merged.indices("train")]))
+    train_features = np.concatenate([merged.video(i) for i in merged.indices("train")])
+    normalised = normalise_features(train_features, merged.mean, merged.std)
     assert np.isfinite(normalised).all()
     varying = np.concatenate(features).std(0) > 0
     assert varying.sum() > dim // 10 and np.abs(normalised[:, varying]).max() > 0.5  # not crushed to ~0

@@ -12,9 +12,10 @@ gives the median of the repeats. Targets:
   predicting no motion, for scale).
 * features — ``FeatureExtractor.extract`` on uint8 frames vs the bare model forward on a ready tensor
   (same batch size, precision and memory layout): >= 0.85.
-* storage — random L=120 windows/s from the merged features file (``hpcvid.stages.merge.MergedFeatures``)
-  vs one ``.npy`` file per frame (the seeds' layout): >= 20x. Warm page cache on both sides (dropping
-  caches needs root and disturbs the other users of a shared machine).
+* storage — random L=120 windows/s from the merged features file (``hpcvid.storage.merged.MergedFeatures``:
+  chunked, a fletcher32 checksum per chunk, every window verified) vs one ``.npy`` file per frame (the
+  seeds' layout): >= 20x. Warm page cache on both sides (dropping caches needs root and disturbs the
+  other users of a shared machine).
 * scaling — the real extract stage (Farneback + ResNet-18 at 64 px) on a synthetic set, one worker doing
   every video (one shard) vs S shards on S workers, both through ``run_shards_locally`` (submitit's local
   executor) with 1 CPU thread per worker, each in a fresh work folder: S-worker time <= 1.15 x (single /
@@ -354,7 +355,8 @@ def bench_features(quick: bool, repeats: int) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ storage
 def bench_storage(scratch: Path, quick: bool, repeats: int) -> dict[str, Any]:
-    from hpcvid.stages.merge import MergedFeatures, merge
+    from hpcvid.stages.merge import merge
+    from hpcvid.storage.merged import MergedFeatures
     from hpcvid.launch.sharding import ShardSpec
     from hpcvid.storage.shards import VideoData, write_features_shard
 
