@@ -134,16 +134,6 @@ def _cpu_name() -> str:
         return platform.processor()
 
 
-def _git_commit() -> str:
-    from hpcvid.launch.external import run_command
-    from hpcvid.errors import CommandError
-
-    try:
-        return run_command(["git", "rev-parse", "--short", "HEAD"], timeout=10).stdout.strip()
-    except CommandError:
-        return "unknown"
-
-
 # ------------------------------------------------------------------------------------------ decode
 def ffmpeg_exe() -> str:
     import imageio_ffmpeg
@@ -544,9 +534,10 @@ def run_bench(out: Path, *, parts: list[str], quick: bool, repeats: int, scratch
     import torch
 
     from hpcvid.fileio import atomic_write_json, atomic_write_text
+    from hpcvid.version import code_version
 
     cv2.setNumThreads(1)  # one decoder / flow per core; parallelism comes from processes (DESIGN 8)
-    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "commit": _git_commit(),
+    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "commit": code_version(),
                               "quick": quick, "repeats": repeats, "machine": machine(), "parts": {}}
     with tempfile.TemporaryDirectory(prefix="hpcvid-bench-", dir=scratch) as tmp:
         folder = Path(tmp)

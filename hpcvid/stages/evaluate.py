@@ -44,7 +44,8 @@ from hpcvid.config import Config
 from hpcvid.errors import PartialFailure, StoreError, VideoError
 from hpcvid.fileio import read_json, sha256_file
 from hpcvid.storage.manifest import VideoEntry, load_manifest
-from hpcvid.storage.predictions import EVAL_DIR, PredictionShard, code_version, shard_paths, write_prediction_shard
+from hpcvid.storage.predictions import EVAL_DIR, PredictionShard, shard_paths, write_prediction_shard
+from hpcvid.version import code_version
 from hpcvid.launch.sharding import ShardSpec, all_shards, pending_shards, select
 
 log = logging.getLogger(__name__)

@@ -289,7 +289,7 @@ def load_run(run: Path | str, which: str = "best", device: str = "cpu") -> tuple
 
 
 def _code_version() -> str:
-    from hpcvid.storage.predictions import code_version
+    from hpcvid.version import code_version
 
     return code_version()
 
