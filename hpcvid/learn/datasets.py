@@ -16,19 +16,22 @@ validation (:func:`sequence_indices`). Randomness comes from ``(seed, epoch, ind
 state, so an epoch replays identically after a resume and with any number of DataLoader workers.
 
 HDF5 files are opened lazily in the process that reads them (never before a DataLoader fork). A read
-that fails (a damaged chunk) raises a one-line StoreError naming the file and the video.
+that fails (a damaged chunk) raises a one-line StoreError naming the file and the video; when that happens
+inside a DataLoader worker, iterate the loader through :func:`one_line_errors` to get that line back
+instead of torch's re-raised copy with the worker's traceback pasted into its message.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
+from hpcvid.errors import HpcvidError
 from hpcvid.learn.statistics import FeatureStatistics, feature_statistics, normalise_features
 
 
@@ -321,6 +324,28 @@ class ShardFeatureSource:
 
     def close(self) -> None:
         self._readers.close()
+
+
+def one_line_errors(batches: Iterable[Any]) -> Iterator[Any]:
+    """Iterate a DataLoader; an hpcvid error raised in one of its workers comes out as its own one line.
+
+    torch re-raises a worker's exception in the main process as ``type(exc)(text)``, where ``text`` pastes
+    the worker's whole traceback into the message; the user would see that instead of the line that
+    names the file and the fix. The original message is the traceback's last line.
+    """
+    try:
+        yield from batches
+    except HpcvidError as exc:
+        text = str(exc)
+        if not text.startswith("Caught ") or "Traceback" not in text:
+            raise
+        prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+        last = text.rstrip().rsplit("\n", 1)[-1]
+        try:
+            error = type(exc)(last[len(prefix):] if last.startswith(prefix) else last)
+        except TypeError:  # an error type with another constructor: keep torch's text
+            raise exc from None
+        raise error from None
 
 
 # ------------------------------------------------------------------------------ datasets

@@ -739,6 +739,8 @@ class Trainer:
         import torch
         from torch.utils.data.distributed import DistributedSampler
 
+        from hpcvid.learn.datasets import one_line_errors
+
         dataset = self.bundle.train
         dataset.set_epoch(self.epoch)
         sampler = DistributedSampler(dataset, num_replicas=self.env.world_size, rank=self.env.rank,
@@ -749,7 +751,7 @@ class Trainer:
         stats = EpochStats()
         start = time.perf_counter()
         waited_since = time.perf_counter()
-        for batch in loader:
+        for batch in one_line_errors(loader):
             stats.wait += time.perf_counter() - waited_since
             *inputs, labels = [b.to(self.device, non_blocking=True) for b in batch]
             self.at_safe_point = False
@@ -812,6 +814,7 @@ class Trainer:
         import torch
         from torch.nn import functional as F
 
+        from hpcvid.learn.datasets import one_line_errors
         from hpcvid.learn.tbptt import weighted_sequence_loss
 
         dataset = self.bundle.val
@@ -823,7 +826,7 @@ class Trainer:
         self.model.eval()
         stats = EpochStats()
         with torch.no_grad():
-            for batch in loader:
+            for batch in one_line_errors(loader):
                 *inputs, labels = [b.to(self.device) for b in batch]
                 with self._autocast():
                     logits = self.model(*inputs)
