@@ -32,9 +32,10 @@ from hpcvid.errors import StoreError
 FEATURE_CHUNK_ROWS = 16
 """Rows per chunk of (T, D) features and scores, in shards and the merged file. A random window of L rows
 reads and checksums every chunk it touches, about L + 16 rows here. Measured on 200 videos x 150 frames x
-1024 float32 (random L=120 windows, warm cache, alternated in one process): 16 and 32 rows read fastest
-(within noise of each other), 8 and 64 rows 10-17 % slower, 128 rows 35-40 % slower; the fletcher32 pass
-over the rows read dominates, so smaller chunks waste less, until the per-chunk overhead takes over."""
+1024 float32 (random L=120 windows, warm cache, alternated in one process, three runs): 16 or 32 rows read
+fastest (within noise of each other), 8 rows 5-15 % slower, 64 rows 10-17 %, 128 rows 30-40 %, 256 rows
+about half as fast. The fletcher32 pass over every row read dominates, so smaller chunks waste less, until
+the per-chunk overhead takes over."""
 
 
 # ------------------------------------------------------------------------------------------- writing
