@@ -1,7 +1,8 @@
 """Writing files so that a kill at any instant never leaves a half-written file that looks complete.
 
 Everything is written to a temporary name in the same folder, flushed, fsynced and renamed over the
-final name; a reader sees either the old file, the new one, or none.
+final name; a reader sees either the old file, the new one, or none. A finished data file is described
+by its record (:func:`write_record`), written after it: "the record exists" means "the file is done".
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from hpcvid.errors import machine_fault
 
@@ -86,6 +87,17 @@ def atomic_write_text(final: Path | str, text: str) -> None:
 def atomic_write_json(final: Path | str, payload: Any) -> None:
     """Write JSON atomically (sorted keys, indented, trailing newline: diff-friendly records)."""
     atomic_write_text(final, json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def write_record(path: Path | str, fields: Mapping[str, Any], *, kind: str, schema_version: int,
+                   describes: Path | str) -> dict[str, Any]:
+    """Write the record of the finished file ``describes``, atomically: ``fields`` plus ``schema_version``,
+    ``kind``, ``file`` (its name) and ``sha256`` (of its bytes now). Returns the record as read back, i.e.
+    exactly what a later reader (another process, a rerun) will see."""
+    record = {**fields, "schema_version": schema_version, "kind": kind, "file": Path(describes).name,
+              "sha256": sha256_file(describes)}
+    atomic_write_json(path, record)
+    return read_json(path)
 
 
 def _json_default(value: Any) -> Any:

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from hpcvid.learn.statistics import feature_statistics
 from hpcvid.learn.datasets import (Augment, FeatureDataset, FeatureItem, FlowDataset, FrameDataset, MemoryFeatureSource,
                              MemoryVideoSource, TwoStreamDataset, VideoItem, centre_in_time, compensate_camera,
                              crop_resize, hold_out, normalise_features, ping_pong_indices, prepare_flow,
@@ -33,6 +34,12 @@ def test_feature_preparation_survives_tiny_scales():
     x = (np.arange(12, dtype=np.float32).reshape(4, 3) + 1) * 1e-12
     normed = normalise_features(x, x.mean(0), x.std(0))
     assert np.all(np.isfinite(normed)) and normed.std(0).min() > 0.9   # a fixed eps would give ~0
+    x[:, 2] = 5e-12                                                    # a constant column
+    mean, std, _ = feature_statistics([x[:2], x[2:]])
+    normed = normalise_features(x, mean, std)
+    assert np.all(np.isfinite(normed)) and np.allclose(normed.std(0)[:2], 1, atol=1e-5) and np.all(normed[:, 2] == 0)
+    with pytest.raises(ValueError, match="feature_statistics"):        # an unfloored std is refused, never NaN
+        normalise_features(x, x.mean(0), x.std(0))
     centred = centre_in_time(np.array([[1.0, 2.0], [3.0, 6.0]], dtype=np.float32))
     assert centred.tolist() == [[-1.0, -2.0, 2.0, 4.0], [1.0, 2.0, 2.0, 4.0]]
 
@@ -94,3 +101,45 @@ def test_hold_out_is_per_class_and_deterministic():
     assert len(val) == 6 and sorted(v.label for v in val) == [0, 0, 1, 1, 2, 2]
     assert not {v.id for v in val} & {t.id for t in train}
     assert hold_out(items, 0.2, seed=0)[1] == val
+
+
+def _damaged_shard(tmp_path):
+    """A shard of three videos (JPEG frames, features "f"); the features and frames of v1 are damaged."""
+    from damage import flip_byte
+    from hpcvid.storage.shards import VideoData, write_shard
+
+    rng = np.random.default_rng(0)
+    videos = [VideoData(f"v{i}", {"label": i % 2, "class_name": "c", "split": "train"}, np.arange(6),
+                        frames=rng.integers(0, 255, (6, 16, 16, 3), dtype=np.uint8),
+                        features={"f": rng.normal(size=(6, 4)).astype(np.float32)}) for i in range(3)]
+    path = tmp_path / "shard-0000-of-0001.h5"
+    write_shard(path, videos, kind="hpcvid.extract")
+    flip_byte(path, "videos/v1/features/f")
+    flip_byte(path, "videos/v1/frames")
+    return path
+
+
+@pytest.mark.slow  # torch takes 5 s to stop a worker whose item failed
+@pytest.mark.parametrize("data", ["features", "frames"])
+def test_a_damaged_read_in_a_loader_worker_comes_back_as_one_line(tmp_path, data):
+    from torch.utils.data import DataLoader
+
+    from damage import store_error_line
+    from hpcvid.errors import StoreError
+    from hpcvid.learn.datasets import ShardFeatureSource, ShardVideoSource, one_line_errors
+
+    path = _damaged_shard(tmp_path)
+    if data == "features":
+        source = ShardFeatureSource([path], "f")
+        source.mean, source.std = np.zeros(4), np.ones(4)
+        dataset = FeatureDataset(source, source.items, seq_len=6, train=False)
+    else:
+        dataset = FrameDataset(ShardVideoSource({f"v{i}": str(path) for i in range(3)}),
+                               [VideoItem(f"v{i}", 0, 6) for i in range(3)], train=False)
+    if data == "features":
+        with pytest.raises(StoreError) as pasted:   # what torch makes of it: the worker's traceback inside
+            list(DataLoader(dataset, batch_size=1, num_workers=1))
+        assert "Traceback" in str(pasted.value)
+    message = store_error_line(lambda: list(one_line_errors(DataLoader(dataset, batch_size=1, num_workers=1))))
+    assert message.startswith(f"{path}, video 'v1': ") and "--force" in message
+

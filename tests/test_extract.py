@@ -184,7 +184,9 @@ def test_a_random_backbone_is_the_same_network_in_every_process(monkeypatch):
 def test_features_are_finite_and_not_zero_even_untrained(tiny_synthetic, tmp_path, backbone, dim):
     """Untrained GoogLeNet's features are ~1e-12: stored as float32 they must survive, and the
     merged statistics must not erase them."""
-    from hpcvid.stages.merge import MergedFeatures, merge
+    from hpcvid.learn.statistics import normalise_features
+    from hpcvid.stages.merge import merge
+    from hpcvid.storage.merged import MergedFeatures
 
     clips = sorted(tiny_synthetic.rglob("*.avi"))
     picked = [clips[0], clips[5], clips[-1]]
@@ -202,7 +204,8 @@ def test_features_are_finite_and_not_zero_even_untrained(tiny_synthetic, tmp_pat
     assert np.abs(features[0] - features[2]).max() > 0  # videos differ
     merge(work)
     merged = MergedFeatures(work / "features.h5")
-    normalised = merged.normalise(np.concatenate([merged.video(i) for i in merged.indices("train")]))
+    train_features = np.concatenate([merged.video(i) for i in merged.indices("train")])
+    normalised = normalise_features(train_features, merged.mean, merged.std)
     assert np.isfinite(normalised).all()
     varying = np.concatenate(features).std(0) > 0
     assert varying.sum() > dim // 10 and np.abs(normalised[:, varying]).max() > 0.5  # not crushed to ~0
@@ -277,20 +280,20 @@ def test_a_kill_between_the_shard_and_its_record_is_finished_by_the_rerun(synthe
     """The narrowest window: the shard file is renamed into place, the record is not written yet."""
     config, _ = synthetic_work("w", flow="none", shards=4)
     spec = ShardSpec(1, 4)
-    real_write = extract.atomic_write_json
+    real_write = extract.write_record
 
-    def die_on_record(path, payload):
+    def die_on_record(path, *args, **kwargs):
         if path == WorkFolder.of(config).record_file(extract.UNIT, spec):
             raise _Interrupt()
-        return real_write(path, payload)
+        return real_write(path, *args, **kwargs)
 
-    monkeypatch.setattr(extract, "atomic_write_json", die_on_record)
+    monkeypatch.setattr(extract, "write_record", die_on_record)
     with pytest.raises(_Interrupt):
         extract.run_shard(config, spec)
     folder = WorkFolder.of(config)
     assert folder.shard_file(extract.UNIT, spec).is_file() and not folder.is_current(extract.UNIT, spec)
     assert extract.plan(config, only=1) == [spec]  # not done: the shard file alone does not count
-    monkeypatch.setattr(extract, "atomic_write_json", real_write)
+    monkeypatch.setattr(extract, "write_record", real_write)
     record = extract.run_shard(config, spec)
     assert record["timings"]["videos_resumed"] == record["n_videos"] == 6
     assert not WorkFolder.of(config).parts_dir(extract.UNIT, spec).exists()

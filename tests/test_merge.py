@@ -1,20 +1,29 @@
-"""Merge: one contiguous file whose windows equal the shard data; statistics from the train split only."""
+"""Merge: one checksummed file whose windows equal the shard data; statistics from the train split only, by
+the same rule as the trainer's; a damaged shard or merged file is refused with one line."""
 from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import pickle
+import shutil
 
 import numpy as np
 import pytest
 
+from damage import flip_byte, set_schema_version, store_error_line, unchecked_datasets
 from extract_helpers import extract_config, write_folder_manifest
 from hpcvid.stages import extract
 from hpcvid.stages import merge
 from hpcvid.errors import ConfigError, StoreError
+from hpcvid.fileio import sha256_file
 from hpcvid.launch.sharding import ShardSpec, all_shards
+from hpcvid.learn.datasets import ShardFeatureSource
+from hpcvid.learn.statistics import FeatureStatistics, normalise_features
+from hpcvid.storage.h5 import FEATURE_CHUNK_ROWS
+from hpcvid.storage.merged import MergedFeatures
+from hpcvid.storage.shards import ShardReader, VideoData, group_name, write_features_shard
 from hpcvid.workfolder import Unit, WorkFolder
-from hpcvid.storage.shards import ShardReader, VideoData, write_features_shard
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +54,7 @@ def test_windows_equal_the_shards_and_stats_come_from_train_only(extracted):
     record = merge.merge(config.work_dir)
     assert record["n_videos"] == 24 and record["backbones"] == ["resnet18"] and record["n_frames"] == 24 * 12
     truth = _shard_features(config, records)
-    merged = merge.MergedFeatures(config.work_dir / "features.h5")
+    merged = MergedFeatures(config.work_dir / "features.h5")
     assert [e.id for e in merged.entries] == sorted(truth)
     assert merged.classes == sorted({e.id.split("/")[0] for e in merged.entries})
     rng = np.random.default_rng(0)
@@ -65,18 +74,20 @@ def test_windows_equal_the_shards_and_stats_come_from_train_only(extracted):
     np.testing.assert_allclose(merged.mean, train.mean(0), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(merged.std, np.maximum(train.std(0), merged.std.min()), rtol=1e-4, atol=1e-7)
     assert not np.allclose(merged.mean, everything.mean(0), rtol=1e-5, atol=1e-7)  # test videos left out
-    normalised = merged.normalise(np.concatenate([merged.video(i) for i in merged.indices("train")]))
+    train_features = np.concatenate([merged.video(i) for i in merged.indices("train")])
+    normalised = normalise_features(train_features, merged.mean, merged.std)
     np.testing.assert_allclose(normalised.mean(0), 0, atol=1e-3)
+    assert unchecked_datasets(config.work_dir / "features.h5") == []
 
 
 def test_reader_opens_nothing_before_a_fork_and_works_in_workers(extracted):
     config, _ = extracted
     merge.merge(config.work_dir)
-    merged = merge.MergedFeatures(config.work_dir / "features.h5")
-    assert merged._file is None
+    merged = MergedFeatures(config.work_dir / "features.h5")
+    assert not merged.is_open
     expected = merged.window(2, 1, 4)
     clone = pickle.loads(pickle.dumps(merged))
-    assert clone._file is None
+    assert merged.is_open and not clone.is_open
     with multiprocessing.get_context("fork").Pool(1) as pool:
         got = pool.apply(_read_window, (merged, 2, 1, 4))
     np.testing.assert_array_equal(got, expected)
@@ -111,8 +122,8 @@ def test_features_only_shards_merge_beside_them(extracted, tmp_path):
         write_features_shard(folder, spec, videos, meta={"run": "finetuned"}, record_extra={"set": shard_set.id})
     record = merge.merge(config.work_dir, features_dir=folder)
     assert record["output"] == "features/finetuned/features.h5" and record["backbones"] == ["frame_cnn"]
-    merged = merge.MergedFeatures(folder / "features.h5")
-    base = merge.MergedFeatures(work.root / merge.merge(config.work_dir)["output"])
+    merged = MergedFeatures(folder / "features.h5")
+    base = MergedFeatures(work.root / merge.merge(config.work_dir)["output"])
     np.testing.assert_allclose(merged.video(4), base.video(4) * 2)
 
 
@@ -129,7 +140,7 @@ def test_missing_shards_are_named(tmp_path):
 
 
 def test_statistics_keep_tiny_features_and_constant_columns():
-    stats = merge._RunningStats()
+    stats = FeatureStatistics()
     rng = np.random.default_rng(1)
     values = rng.normal(size=(200, 3)) * 1e-12 + 5e-12  # untrained GoogLeNet's scale
     values[:, 2] = 3e-12  # a constant column
@@ -140,3 +151,55 @@ def test_statistics_keep_tiny_features_and_constant_columns():
     np.testing.assert_allclose(std[:2], values[:, :2].std(0), rtol=1e-4)  # not erased by the epsilon
     assert 0 < std[2] <= 1e-17 and meta["epsilon"] == pytest.approx(std[2])
     assert np.isfinite((values - mean) / std).all()
+
+
+def test_the_trainer_fits_the_statistics_the_merged_file_holds(extracted):
+    """One rule for mean/std: fitted from the shards by the trainer, or stored by merge, they agree."""
+    config, records = extracted
+    merged = MergedFeatures(config.work_dir / merge.merge(config.work_dir)["output"])
+    source = ShardFeatureSource([WorkFolder.of(config).unit_dir(extract.UNIT) / r["file"] for r in records], "resnet18")
+    source.fit_statistics([item for item in source.items if item.split == "train"])
+    np.testing.assert_allclose(source.mean, merged.mean, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(source.std, merged.std, rtol=1e-6, atol=1e-9)
+
+
+def test_a_flipped_byte_in_the_merged_features_is_one_line(extracted, tmp_path):
+    config, _ = extracted
+    path = tmp_path / "features.h5"
+    shutil.copy(config.work_dir / merge.merge(config.work_dir)["output"], path)
+    flip_byte(path, "features/resnet18", chunk=2)
+    merged = MergedFeatures(path)
+    first = next(i for i, e in enumerate(merged.entries) if e.offset + e.length > 2 * FEATURE_CHUNK_ROWS)
+    message = store_error_line(lambda: merged.video(first))
+    assert str(path) in message and repr(merged.entries[first].id) in message
+    assert "rebuild it with `hpcvid run merge --force`" in message
+    np.testing.assert_array_equal(merged.video(0), MergedFeatures(config.work_dir / "features.h5").video(0))
+
+
+def test_a_damaged_shard_stops_the_merge_and_nothing_is_written(extracted, tmp_path):
+    config, records = extracted
+    work = tmp_path / "work"
+    shutil.copytree(config.work_dir / "extract", work / "extract")
+    shutil.copy(config.work_dir / "manifest.json", work / "manifest.json")
+    shard = work / "extract" / records[1]["file"]
+    video = records[1]["videos"][3]["id"]
+    first = merge.merge(work)                     # every shard verified once: WORK/.verified remembers it
+    stat = shard.stat()
+    flip_byte(shard, f"videos/{group_name(video)}/features/resnet18")
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))   # a change the remembered whole-file check misses
+    message = store_error_line(lambda: merge.merge(work, force=True))
+    assert str(shard) in message and repr(video) in message and "--force" in message   # the chunk's checksum
+    shard.touch()                                 # changed on disk: the whole-file check refuses it first
+    message = store_error_line(lambda: merge.merge(work, force=True))
+    assert str(shard) in message and "does not match the sha256 in its record" in message
+    assert sha256_file(work / "features.h5") == first["sha256"] and not list(work.glob(".*.partial"))
+
+
+def test_a_merged_file_of_the_previous_schema_is_refused_with_the_fix(extracted, tmp_path):
+    config, _ = extracted
+    path = tmp_path / "features.h5"
+    shutil.copy(config.work_dir / merge.merge(config.work_dir)["output"], path)
+    set_schema_version(path, 1)
+    message = store_error_line(lambda: MergedFeatures(path))
+    assert "schema_version 1" in message and "hpcvid run merge --force" in message
+

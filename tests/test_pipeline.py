@@ -26,7 +26,7 @@ class Cluster:
     def __call__(self, argv, **kwargs):
         argv = list(argv)
         self.calls.append(argv)
-        answers = {"scontrol": self.limits, "sinfo": "debug*\nlong\n", "scancel": "", "sbatch": "",
+        answers = {"scontrol": self.limits, "sinfo": "debug*\nlong\n", "scancel": "", "sbatch": "", "git": "",
                    "sacct": "".join(f"{j}|{s}|0:0|a|b|c|n1\n" for j, (s, _) in self.jobs.items()),
                    "squeue": "".join(f"{j}|{s}|{r}\n" for j, (s, r) in self.jobs.items() if s in ("PENDING", "RUNNING"))}
         if argv[0] not in answers:

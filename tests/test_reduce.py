@@ -12,6 +12,7 @@ from hpcvid.errors import StoreError
 from hpcvid.storage.predictions import read_prediction_shard, read_record
 from hpcvid.stages.reduce import reduce_files
 
+from damage import flip_byte, set_schema_version, store_error_line, unchecked_datasets
 from predictions_factory import make_manifest, write_run
 
 STRATEGIES = {"windows": 0.7, "last_step": 0.5, "mean": 0.6}
@@ -67,6 +68,24 @@ def test_a_shard_changed_after_its_record_is_refused(tmp_path):
         reduce_files(tmp_path)
     with pytest.raises(StoreError, match=r"redo shard 0 with `hpcvid run eval --model lstm --config JOB --shard 0 --force`"):
         reduce_files(tmp_path, allow_partial=True)   # corrupt is not missing: never reported over
+
+
+def test_a_flipped_byte_in_a_prediction_shard_is_one_line_naming_the_file(tmp_path):
+    manifest = make_manifest(tmp_path)
+    path = write_run(tmp_path, manifest, "lstm", "lstm", STRATEGIES, shards=2)[1]
+    assert unchecked_datasets(path) == []
+    np.testing.assert_array_equal(read_prediction_shard(path).video_ids, read_record(path.with_suffix(".json"))["videos"])
+    flip_byte(path, "scores/mean")
+    message = store_error_line(lambda: read_prediction_shard(path))
+    assert str(path) in message and "hpcvid run eval --force" in message
+
+
+def test_a_prediction_shard_of_the_previous_schema_is_refused_with_the_fix(tmp_path):
+    manifest = make_manifest(tmp_path)
+    path = write_run(tmp_path, manifest, "lstm", "lstm", STRATEGIES, shards=1)[0]
+    set_schema_version(path, 1)
+    message = store_error_line(lambda: read_prediction_shard(path))
+    assert "schema_version 1" in message and "hpcvid run eval --force" in message
 
 
 def test_a_duplicated_video_is_named(tmp_path):

@@ -1,4 +1,5 @@
-"""The shard schema: what is written is what is read back, whichever storage is chosen."""
+"""The shard schema: what is written is what is read back, whichever storage is chosen; what is damaged
+is refused with one line."""
 from __future__ import annotations
 
 import pickle
@@ -7,9 +8,11 @@ import h5py
 import numpy as np
 import pytest
 
+from damage import flip_byte, set_schema_version, store_error_line, unchecked_datasets
 from hpcvid.errors import StoreError
-from hpcvid.storage.shards import (SCHEMA_VERSION, ShardReader, StorageOptions, VideoData, assemble_shard, group_name,
-                          read_video_file_summary, video_id_of, write_shard, write_video_file)
+from hpcvid.storage.shards import (SCHEMA_VERSION, ShardReader, StorageOptions, VideoData, assemble_shard, decode_jpeg,
+                                   encode_jpeg, group_name, read_video_file_summary, video_id_of, write_shard,
+                                   write_video_file)
 
 
 def _video(video_id: str, frames: int = 5, seed: int = 0) -> VideoData:
@@ -103,10 +106,11 @@ def test_parts_assemble_into_a_shard(tmp_path):
 def test_reader_is_lazy_and_picklable(tmp_path):
     write_shard(tmp_path / "s.h5", [_video("v")])
     reader = ShardReader(tmp_path / "s.h5")
-    assert reader._file is None  # nothing opened before first use (safe to fork)
+    assert not reader.is_open  # nothing opened before first use (safe to fork)
     reader.features("v", "resnet18")
+    assert reader.is_open
     clone = pickle.loads(pickle.dumps(reader))
-    assert clone._file is None
+    assert not clone.is_open
     np.testing.assert_array_equal(clone.features("v", "resnet18"), reader.features("v", "resnet18"))
     reader.close(), clone.close()
 
@@ -121,3 +125,79 @@ def test_wrong_schema_and_missing_files_are_store_errors(tmp_path):
     (tmp_path / "junk.h5").write_bytes(b"not hdf5")
     with pytest.raises(StoreError, match="not a readable HDF5"):
         ShardReader(tmp_path / "junk.h5").video_ids()
+
+
+@pytest.mark.parametrize("frame_storage,compression", [("jpeg", "lzf"), ("uint8", "gzip"), ("jpeg", "none")])
+def test_every_dataset_carries_a_checksum_per_chunk(tmp_path, frame_storage, compression):
+    options = StorageOptions(frame_storage=frame_storage, flow_compression=compression)
+    short = _video("short", frames=1)   # empty flow: a dataset with no rows is checksummed too
+    short.flow = short.flow[:0]
+    write_shard(tmp_path / "s.h5", [_video("v"), short], options=options)
+    write_video_file(tmp_path / "part.h5", _video("p"), options)
+    assemble_shard(tmp_path / "assembled.h5", [tmp_path / "part.h5"])
+    for path in ("s.h5", "part.h5", "assembled.h5"):
+        assert unchecked_datasets(tmp_path / path) == [], path
+    with h5py.File(tmp_path / "s.h5", "r") as handle:
+        flow = handle["videos/v/flow"]
+        assert flow.compression == (None if compression == "none" else compression)  # kept beside the checksum
+
+
+def _long_video(video_id: str, frames: int = 40) -> VideoData:
+    """Noisy frames: their JPEG bytes fill several 32 KiB chunks."""
+    video = _video(video_id, frames=frames)
+    rng = np.random.default_rng(7)
+    video.frames = rng.integers(0, 256, video.frames.shape, dtype=np.uint8)
+    return video
+
+
+@pytest.mark.parametrize("what", ["features", "scores", "flow", "jpeg frames", "raw frames", "frame_indices"])
+def test_a_flipped_byte_in_a_chunk_is_one_line_naming_file_video_and_fix(tmp_path, what):
+    storage = "uint8" if what == "raw frames" else "jpeg"
+    video = _long_video("Class/v_one")
+    path = tmp_path / "shard.h5"
+    write_shard(path, [video, _video("Class/v_two")], options=StorageOptions(frame_storage=storage),
+                kind="hpcvid.extract")
+    dataset = {"features": "features/resnet18", "scores": "scores/frame", "flow": "flow", "jpeg frames": "frames",
+               "raw frames": "frames", "frame_indices": "frame_indices"}[what]
+    flip_byte(path, f"videos/{group_name('Class/v_one')}/{dataset}", chunk=1 if what == "jpeg frames" else 0)
+    read = {"features": lambda r: r.features("Class/v_one", "resnet18"),
+            "scores": lambda r: r.scores("Class/v_one", "frame"),
+            "flow": lambda r: r.flow("Class/v_one"),
+            "jpeg frames": lambda r: r.frames("Class/v_one"),
+            "raw frames": lambda r: r.frames("Class/v_one"),
+            "frame_indices": lambda r: r.info("Class/v_one")}[what]
+    with ShardReader(path) as reader:
+        message = store_error_line(lambda: read(reader))
+        assert str(path) in message and "'Class/v_one'" in message and "re-extract it with --force" in message
+        np.testing.assert_array_equal(reader.features("Class/v_two", "resnet18"),   # the rest stays readable
+                                      _video("Class/v_two").features["resnet18"])
+
+
+def test_jpeg_reads_of_any_set_of_frames_equal_frame_by_frame_reads(tmp_path):
+    video = _long_video("v", frames=40)
+    write_shard(tmp_path / "s.h5", [video], options=StorageOptions(jpeg_quality=90))
+    with ShardReader(tmp_path / "s.h5") as reader:
+        with h5py.File(tmp_path / "s.h5", "r") as handle:
+            assert handle["videos/v/frames"].id.get_num_chunks() >= 2   # a frame straddles a chunk border
+        single = [reader.frames("v", [i])[0] for i in range(40)]
+        for i in (0, 17, 39):  # each frame is the JPEG of its own image (offsets point at the right bytes)
+            np.testing.assert_array_equal(single[i], decode_jpeg(encode_jpeg(video.frames[i], 90)))
+        for positions in ([], [5], list(range(40)), list(range(10, 30)), [39, 0, 20, 21, 22, 1],
+                          [3, 3, 4, 3], [0, 1, 2, 1, 0, 1, 2], list(range(39, -1, -1))):
+            got = reader.frames("v", positions)
+            assert got.shape == (len(positions), 24, 32, 3)
+            np.testing.assert_array_equal(got, np.array([single[i] for i in positions]).reshape(got.shape))
+        np.testing.assert_array_equal(reader.frames("v"), np.stack(single))
+        with pytest.raises(IndexError, match="outside"):
+            reader.frames("v", [40])
+
+
+@pytest.mark.parametrize("kind,fix", [("hpcvid.extract", "re-extract it with --force"),
+                                      ("hpcvid.features", "hpcvid run features --force")])
+def test_a_shard_of_the_previous_schema_is_refused_with_the_fix(tmp_path, kind, fix):
+    path = tmp_path / "old.h5"
+    write_shard(path, [_video("v")], kind=kind)
+    set_schema_version(path, 1)
+    message = store_error_line(lambda: ShardReader(path).features("v", "resnet18"))
+    assert str(path) in message and "schema_version 1" in message and fix in message
+

@@ -240,3 +240,30 @@ def test_dataloader_workers_do_not_change_the_result(tmp_path):
         finals.append(load_checkpoint(tmp_path / f"w{workers}" / "runs" / "frame" / "ckpt-e0001-s0000000.pt"))
     for key, value in finals[0]["model"].items():
         assert torch.allclose(value, finals[1]["model"][key], atol=1e-6), key
+
+
+@pytest.mark.slow  # torch takes 5 s to stop a worker whose item failed
+def test_a_damaged_shard_read_by_a_loader_worker_stops_training_with_one_line(tmp_path):
+    from damage import flip_byte, store_error_line
+    from hpcvid.learn.datasets import FeatureDataset, ShardFeatureSource, feature_input_dim
+    from hpcvid.stages.train import DataBundle
+    from hpcvid.storage.shards import VideoData, write_shard
+
+    arrays, labels = trainkit.feature_clips(n_per_class=4)
+    path = tmp_path / "shard.h5"
+    write_shard(path, [VideoData(f"clip{i:03d}", {"label": label, "class_name": trainkit.CLASSES[label], "split": "train"},
+                                 np.arange(len(array)), features={"f": array})
+                       for i, (array, label) in enumerate(zip(arrays, labels))])
+    flip_byte(path, "videos/clip005/features/f")
+
+    def damaged_data(config):
+        source = ShardFeatureSource([path], "f")
+        source.mean, source.std = np.zeros(4), np.ones(4)
+        dataset = FeatureDataset(source, source.items, seq_len=config.train.seq_len, train=True)
+        return DataBundle(dataset, None, trainkit.CLASSES, {"input_dim": feature_input_dim(4, True)},
+                          {"classes": trainkit.CLASSES, "centring": True, "feature_mean": source.mean,
+                           "feature_std": source.std, "seq_len": config.train.seq_len})
+
+    config = lstm_config(tmp_path / "work", **{"train.workers": 1, "train.epochs": 1})
+    message = store_error_line(lambda: train(config, data_factory=damaged_data))
+    assert message.startswith(f"{path}, video 'clip005': ") and "--force" in message

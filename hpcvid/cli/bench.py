@@ -13,9 +13,10 @@ gives the median of the repeats. Targets:
   OpenCV's TV-L1 at the same parameters, alternately in the same run, both on one CPU thread.
 * features — ``FeatureExtractor.extract`` on uint8 frames vs the bare model forward on a ready tensor
   (same batch size, precision and memory layout): >= 0.85.
-* storage — random L=120 windows/s from the merged features file (``hpcvid.stages.merge.MergedFeatures``)
-  vs one ``.npy`` file per frame (the seeds' layout): >= 20x. Warm page cache on both sides (dropping
-  caches needs root and disturbs the other users of a shared machine).
+* storage — random L=120 windows/s from the merged features file (``hpcvid.storage.merged.MergedFeatures``:
+  chunked, a fletcher32 checksum per chunk, every window verified) vs one ``.npy`` file per frame (the
+  layout early studies used): >= 20x. Warm page cache on both sides (dropping caches needs root and disturbs the
+  other users of a shared machine).
 * scaling — the real extract stage (Farneback + ResNet-18 at 64 px) on a synthetic set, one worker doing
   every video (one shard) vs S shards on S workers, both through ``run_shards_locally`` (submitit's local
   executor) with 1 CPU thread per worker, each in a fresh work folder: S-worker time <= 1.15 x (single /
@@ -144,16 +145,6 @@ def _cpu_name() -> str:
         return match.group(1).strip() if match else platform.processor()
     except OSError:
         return platform.processor()
-
-
-def _git_commit() -> str:
-    from hpcvid.launch.external import run_command
-    from hpcvid.errors import CommandError
-
-    try:
-        return run_command(["git", "rev-parse", "--short", "HEAD"], timeout=10).stdout.strip()
-    except CommandError:
-        return "unknown"
 
 
 # ------------------------------------------------------------------------------------------ decode
@@ -504,7 +495,8 @@ def bench_features(quick: bool, repeats: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ storage
 def bench_storage(scratch: Path, quick: bool, repeats: int) -> dict[str, Any]:
     from hpcvid.launch.sharding import ShardSpec
-    from hpcvid.stages.merge import MergedFeatures, merge
+    from hpcvid.stages.merge import merge
+    from hpcvid.storage.merged import MergedFeatures
     from hpcvid.storage.shards import VideoData, write_features_shard
     from hpcvid.workfolder import Unit, WorkFolder
 
@@ -696,9 +688,10 @@ def run_bench(out: Path, *, parts: list[str], quick: bool, repeats: int, scratch
     import torch
 
     from hpcvid.fileio import atomic_write_json, atomic_write_text
+    from hpcvid.version import code_version
 
     cv2.setNumThreads(1)  # one decoder / flow per core; parallelism comes from processes (DESIGN 8)
-    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "commit": _git_commit(),
+    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "commit": code_version(),
                               "quick": quick, "repeats": repeats, "machine": machine(), "parts": {}}
     with tempfile.TemporaryDirectory(prefix="hpcvid-bench-", dir=scratch) as tmp:
         folder = Path(tmp)

@@ -6,29 +6,33 @@ Input preparation (evaluation must call the same functions, so it sees exactly w
 * :func:`prepare_flow`   - float ``(L, H, W, 2)`` -> ``(2L, H, W)``; camera motion removed first by
   subtracting each pair's median (or mean) displacement (DESIGN 8: raw flow with jitter got 19 %, compensated
   flow 97-99 %).
-* :func:`prepare_features` - ``(T, D)`` -> ``(T, 2D)``: standardised with the train mean/std (with a
-  scale-relative epsilon: untrained GoogLeNet features are ~1e-12), then centred in time with the clip's
-  mean appended (DESIGN 8: centring took the LSTM from 50-73 % to 93-99 %).
+* :func:`prepare_features` - ``(T, D)`` -> ``(T, 2D)``: standardised with the train mean/std of
+  :mod:`hpcvid.learn.statistics` (std floored scale-relatively: untrained GoogLeNet features are ~1e-12),
+  then centred in time with the clip's mean appended (centring took the LSTM from 50-73 % to 93-99 %).
 
 Sequences: videos shorter than the window are padded by playing them backwards and forwards
 (:func:`ping_pong_indices`); longer ones give a random window in training and the centre window in
 validation (:func:`sequence_indices`). Randomness comes from ``(seed, epoch, index)``, never from global
 state, so an epoch replays identically after a resume and with any number of DataLoader workers.
 
-HDF5 files are opened lazily in the process that reads them (never before a DataLoader fork).
+HDF5 files are opened lazily in the process that reads them (never before a DataLoader fork). A read
+that fails (a damaged chunk) raises a one-line StoreError naming the file and the video; when that happens
+inside a DataLoader worker, iterate the loader through :func:`one_line_errors` to get that line back
+instead of torch's re-raised copy with the worker's traceback pasted into its message.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-REL_EPS = 1e-3
+from hpcvid.errors import HpcvidError
+from hpcvid.learn.statistics import FeatureStatistics, feature_statistics, normalise_features
 
 
 # ------------------------------------------------------------------------------ index arithmetic
@@ -75,17 +79,6 @@ def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 
 # ------------------------------------------------------------------------------ input preparation
-def relative_eps(scale: np.ndarray | torch.Tensor | float, rel: float = REL_EPS) -> float:
-    """An epsilon proportional to the data's own scale (a fixed 1e-6 would erase features of ~1e-12)."""
-    value = float(np.mean(np.abs(np.asarray(scale, dtype=np.float64))))
-    return rel * value + 1e-300 if value > 0 else 1e-30
-
-
-def normalise_features(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    std = np.asarray(std, dtype=np.float64)
-    return ((np.asarray(x, dtype=np.float64) - mean) / (std + relative_eps(std))).astype(np.float32)
-
-
 def centre_in_time(x: np.ndarray) -> np.ndarray:
     """``(T, D)`` -> ``(T, 2D)``: each step minus the clip's mean, with the clip's mean appended."""
     clip_mean = x.mean(axis=0, keepdims=True)
@@ -209,31 +202,37 @@ class MemoryVideoSource:
         return self._flow[video_id][start:stop]
 
 
+class _ShardReaders:
+    """One :class:`hpcvid.storage.shards.ShardReader` per shard path; each opens its file in the process
+    that reads it and travels to DataLoader workers without a handle."""
+
+    def __init__(self) -> None:
+        self._readers: dict[str, Any] = {}
+
+    def reader(self, path: str) -> Any:
+        if path not in self._readers:
+            from hpcvid.storage.shards import ShardReader
+
+            self._readers[path] = ShardReader(path)
+        return self._readers[path]
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+
+
 class ShardVideoSource:
     """Frames and flow from the extraction shards, each HDF5 file opened in the process that reads it."""
 
     def __init__(self, shard_of: dict[str, str]) -> None:
         self.shard_of = dict(shard_of)        # video id -> shard path
-        self._readers: dict[str, Any] = {}
-        self._pid = -1
-
-    def _reader(self, video_id: str) -> Any:
-        if self._pid != os.getpid():          # a forked worker must not reuse the parent's handles
-            self._readers, self._pid = {}, os.getpid()
-        path = self.shard_of[video_id]
-        if path not in self._readers:
-            from hpcvid.storage.shards import ShardReader
-            self._readers[path] = ShardReader(path)
-        return self._readers[path]
+        self._readers = _ShardReaders()
 
     def frames(self, video_id: str, indices: Sequence[int]) -> np.ndarray:
-        return np.asarray(self._reader(video_id).frames(video_id, list(indices)))
+        return self._readers.reader(self.shard_of[video_id]).frames(video_id, list(indices))
 
     def flow(self, video_id: str, start: int, stop: int) -> np.ndarray:
-        return np.asarray(self._reader(video_id).flow(video_id, start, stop), dtype=np.float32)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"shard_of": self.shard_of, "_readers": {}, "_pid": -1}
+        return self._readers.reader(self.shard_of[video_id]).flow(video_id, start, stop)
 
 
 class FeatureSource(Protocol):
@@ -260,22 +259,22 @@ class MemoryFeatureSource:
     def __init__(self, arrays: Sequence[np.ndarray], mean: np.ndarray | None = None,
                  std: np.ndarray | None = None) -> None:
         self.arrays = [np.asarray(a, dtype=np.float32) for a in arrays]
-        stacked = np.concatenate(self.arrays)
-        self.mean = stacked.mean(0) if mean is None else mean
-        self.std = stacked.std(0) if std is None else std
+        fitted_mean, fitted_std, _ = feature_statistics(self.arrays)
+        self.mean = fitted_mean if mean is None else mean
+        self.std = fitted_std if std is None else std
 
     def window(self, index: int, start: int, length: int) -> np.ndarray:
         return self.arrays[index][start:start + length]
 
 
 class MergedFeatureSource:
-    """The merged features file (:class:`hpcvid.stages.merge.MergedFeatures`): items, windows, train mean/std.
+    """The merged features file (:class:`hpcvid.storage.merged.MergedFeatures`): items, windows, train mean/std.
 
     The merged reader opens its HDF5 file lazily in the process that reads (never before a fork).
     """
 
     def __init__(self, path: str | os.PathLike, name: str | None = None) -> None:
-        from hpcvid.stages.merge import MergedFeatures
+        from hpcvid.storage.merged import MergedFeatures
 
         self.merged = MergedFeatures(path, name)
         self.mean, self.std = np.asarray(self.merged.mean), np.asarray(self.merged.std)
@@ -283,13 +282,14 @@ class MergedFeatureSource:
                       for i, e in enumerate(self.merged.entries)]
 
     def window(self, index: int, start: int, length: int) -> np.ndarray:
-        return np.asarray(self.merged.window(index, start, length), dtype=np.float32)
+        return self.merged.window(index, start, length)
 
 
 class ShardFeatureSource:
     """Per-frame features of one named set (``features/<name>``) read from shard files, window by window.
 
-    :meth:`fit_statistics` computes the mean/std over the frames of the given (training) videos only.
+    :meth:`fit_statistics` computes the mean/std over the frames of the given (training) videos only, with
+    the rule of :mod:`hpcvid.learn.statistics` (the one the merged file's statistics follow).
     """
 
     def __init__(self, shards: Sequence[str | os.PathLike], name: str) -> None:
@@ -309,43 +309,43 @@ class ShardFeatureSource:
                                                   str(info.get("split", "train"))))
         self.mean: np.ndarray | None = None
         self.std: np.ndarray | None = None
-        self._readers: dict[str, Any] = {}
-        self._pid = -1
-
-    def _reader(self, index: int) -> Any:
-        if self._pid != os.getpid():
-            self._readers, self._pid = {}, os.getpid()
-        path = self.paths[index]
-        if path not in self._readers:
-            from hpcvid.storage.shards import ShardReader
-            self._readers[path] = ShardReader(path)
-        return self._readers[path]
+        self._readers = _ShardReaders()
 
     def window(self, index: int, start: int, length: int) -> np.ndarray:
         item = self.items[index]
-        return self._reader(index).features(item.id, self.name, start, start + length)
+        return self._readers.reader(self.paths[index]).features(item.id, self.name, start, start + length)
 
     def fit_statistics(self, items: Sequence[FeatureItem]) -> None:
-        total, total_sq, count = None, None, 0
+        stats = FeatureStatistics()
         for item in items:
-            x = self.window(item.index, 0, item.frames).astype(np.float64)
-            total = x.sum(0) if total is None else total + x.sum(0)
-            total_sq = (x ** 2).sum(0) if total_sq is None else total_sq + (x ** 2).sum(0)
-            count += len(x)
-        self.mean = total / count
-        self.std = np.sqrt(np.maximum(total_sq / count - self.mean ** 2, 0.0))
+            stats.add(self.window(item.index, 0, item.frames))
+        self.mean, self.std, _ = stats.finish()
         self.close()    # no HDF5 handle may stay open in the parent when DataLoader workers fork
 
     def close(self) -> None:
-        if self._pid == os.getpid():
-            for reader in self._readers.values():
-                reader.close()
-        self._readers = {}
+        self._readers.close()
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state.update({"_readers": {}, "_pid": -1})
-        return state
+
+def one_line_errors(batches: Iterable[Any]) -> Iterator[Any]:
+    """Iterate a DataLoader; an hpcvid error raised in one of its workers comes out as its own one line.
+
+    torch re-raises a worker's exception in the main process as ``type(exc)(text)``, where ``text`` pastes
+    the worker's whole traceback into the message; the user would see that instead of the line that
+    names the file and the fix. The original message is the traceback's last line.
+    """
+    try:
+        yield from batches
+    except HpcvidError as exc:
+        text = str(exc)
+        if not text.startswith("Caught ") or "Traceback" not in text:
+            raise
+        prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+        last = text.rstrip().rsplit("\n", 1)[-1]
+        try:
+            error = type(exc)(last[len(prefix):] if last.startswith(prefix) else last)
+        except TypeError:  # an error type with another constructor: keep torch's text
+            raise exc from None
+        raise error from None
 
 
 # ------------------------------------------------------------------------------ datasets

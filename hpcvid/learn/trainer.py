@@ -38,6 +38,7 @@ from hpcvid.launch.distributed import DistEnv, detect
 from hpcvid.learn.checkpoints import (BEST_NAME, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, check_compatible,
                                       checkpoint_name, list_checkpoints, newest_valid_checkpoint, pick_checkpoint,
                                       run_dir, save_checkpoint, write_metrics)
+from hpcvid.learn.datasets import one_line_errors
 from hpcvid.learn.kinds import DataBundle, StepTools, get_kind
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,7 @@ class Trainer:
                               f"the {self.env.world_size} processes")
 
     def _prepare_run_folder(self) -> None:
-        from hpcvid.storage.predictions import code_version
+        from hpcvid.version import code_version
 
         self.code_version = code_version()
         if self.env.is_main:
@@ -302,7 +303,7 @@ class Trainer:
         stats = EpochStats()
         start = time.perf_counter()
         waited_since = time.perf_counter()
-        for batch in loader:
+        for batch in one_line_errors(loader):
             stats.wait += time.perf_counter() - waited_since
             *inputs, labels = [b.to(self.device, non_blocking=True) for b in batch]
             self.at_safe_point = False
@@ -352,7 +353,7 @@ class Trainer:
         self.model.eval()
         stats = EpochStats()
         with torch.no_grad():
-            for batch in loader:
+            for batch in one_line_errors(loader):
                 *inputs, labels = [b.to(self.device) for b in batch]
                 with self._autocast():
                     output = self.model(*inputs)

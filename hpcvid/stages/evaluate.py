@@ -39,7 +39,8 @@ from hpcvid.fileio import read_json, sha256_file
 from hpcvid.launch.sharding import ShardSpec, all_shards, select
 from hpcvid.learn.kinds import FEATURES, EvalInputs, get_kind, kind_names
 from hpcvid.storage.manifest import load_manifest
-from hpcvid.storage.predictions import PredictionShard, code_version, write_prediction_shard
+from hpcvid.storage.predictions import PredictionShard, write_prediction_shard
+from hpcvid.version import code_version
 from hpcvid.workfolder import Unit, WorkFolder, digest
 
 log = logging.getLogger(__name__)

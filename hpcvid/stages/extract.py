@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 from hpcvid.config import Config
 from hpcvid.errors import PartialFailure, ResourceError, StoreError, VideoError, machine_fault
-from hpcvid.fileio import atomic_write_json, read_json, sha256_file
+from hpcvid.fileio import atomic_write_json, read_json, write_record
 from hpcvid.launch.sharding import ShardSpec, all_shards, select
 from hpcvid.storage.manifest import Manifest, VideoEntry, content_digest, load_manifest
 from hpcvid.workfolder import Unit, WorkFolder, digest
@@ -175,11 +175,11 @@ def run_shard(config: Config, spec: ShardSpec) -> dict[str, Any]:
 
     meta = {"shard": spec.name, "config": config.extract.__dict__, "dataset": manifest.dataset}
     assemble_shard(shard_file, ok_parts, kind=KIND_EXTRACT, meta=meta)
-    record = _make_record(config, spec, manifest, videos, outcomes, runner, shard_file, started)
-    record["set"] = shard_set.id
-    atomic_write_json(record_file, record)
+    fields = {**_make_record(config, spec, videos, outcomes, runner, started), "set": shard_set.id}
+    record = write_record(record_file, fields, kind="hpcvid.extract.record", schema_version=RECORD_SCHEMA_VERSION,
+                          describes=shard_file)
     shutil.rmtree(parts, ignore_errors=True)
-    return read_json(record_file)  # exactly what a later call (or another process) will see
+    return record  # as read back: exactly what a later call (or another process) will see
 
 
 # bytes per kept frame of each stored part, on the generous side: an estimate that errs low would let a
@@ -583,17 +583,10 @@ def one_line_reason(exc: BaseException) -> str:
     return text if len(text) <= REASON_MAX else text[: REASON_MAX - 3] + "..."
 
 
-def _make_record(config: Config, spec: ShardSpec, manifest: Manifest, videos: Sequence[VideoEntry],
-                 outcomes: Sequence[dict[str, Any]], runner: _VideoRunner, shard_file: Path,
-                 started: float) -> dict[str, Any]:
-    from hpcvid import __version__
+def _make_record(config: Config, spec: ShardSpec, videos: Sequence[VideoEntry],
+                 outcomes: Sequence[dict[str, Any]], runner: _VideoRunner, started: float) -> dict[str, Any]:
+    from hpcvid.version import code_version
 
-    try:
-        from hpcvid.storage.predictions import code_version
-
-        version = code_version()
-    except ImportError:  # pragma: no cover
-        version = __version__
     written = [o["summary"] for o in outcomes if o["ok"]]
     failed = [o["failure"] for o in outcomes if not o["ok"]]
     seconds = time.time() - started
@@ -604,15 +597,12 @@ def _make_record(config: Config, spec: ShardSpec, manifest: Manifest, videos: Se
         warnings.append(f"features come from a RANDOMLY INITIALISED {config.extract.backbone} (no --weights): "
                         "fine for tests and the demo, meaningless for real results")
     return {
-        "schema_version": RECORD_SCHEMA_VERSION,
-        "kind": "hpcvid.extract.record",
         "shard": spec.name, "index": spec.index, "count": spec.count,
-        "file": shard_file.name, "sha256": sha256_file(shard_file),
         "n_videos": len(written), "n_failed": len(failed), "n_frames": sum(v["frames"] for v in written),
         "videos": written, "failed": failed,
         "random_init": bool(warnings), "warnings": warnings,
         "features": runner.feature_info,
-        "config": config.to_dict(), "code_version": version, "host": socket.gethostname(),
+        "config": config.to_dict(), "code_version": code_version(), "host": socket.gethostname(),
         "timings": {
             "seconds": round(seconds, 3),
             "videos_processed": runner.processed, "videos_resumed": runner.reused,

@@ -58,7 +58,7 @@ def build_summary(reduction: Any, factors: Mapping[str, Sequence[str]] | None = 
     ``factors`` (optional) names factors of the class, e.g. {"motion": [motion of class 0, ...]}; each
     strategy then also gets ``factors.<name>`` = the accuracy on that factor alone.
     """
-    from hpcvid.storage.predictions import code_version
+    from hpcvid.version import code_version
 
     runs = {}
     for name in ordered_runs(reduction.runs):

@@ -117,7 +117,7 @@ def run_shard(config: Config, spec: ShardSpec) -> dict[str, Any]:
     Rank 0 holds the run's lock and writes its record (``run.json``) when training ends.
     """
     from hpcvid.learn.trainer import spawn_local
-    from hpcvid.storage.predictions import code_version
+    from hpcvid.version import code_version
 
     env = detect()
     work = WorkFolder.of(config)

@@ -3,14 +3,18 @@
 ``WORK/eval/<run>/pred-<IIII>-of-<NNNN>.h5`` (0-based index, like extraction shards) holds, for the test
 videos of one shard, the class scores of every inference strategy::
 
-    attributes  schema_version (int), kind = "hpcvid.predictions", model, run, shard ("0001-of-0004"),
+    attributes  schema_version (int, 2), kind = "hpcvid.predictions", model, run, shard ("0001-of-0004"),
                 strategies (JSON list, in report order), default_strategy, classes (JSON list),
                 checkpoint (path), checkpoint_sha256, config (JSON of the resolved config), code_version
-    video_ids   (N,) UTF-8 strings, the manifest's video ids
+    video_ids   (N,) fixed-length UTF-8 strings, the manifest's video ids
     labels      (N,) int64, index into ``classes``
-    splits      (N,) UTF-8 strings ("test")
+    splits      (N,) fixed-length UTF-8 strings ("test")
     scores/<strategy>   (N, C) float32, one dataset per strategy (any monotone score: logits or
                 probabilities; only the ranking is used)
+
+Every dataset is chunked (1024 rows) with a fletcher32 checksum per chunk (:mod:`hpcvid.storage.h5`): a
+damaged chunk fails the read with a one-line StoreError. Strings are fixed-length because HDF5 refuses
+filters, the checksum included, on variable-length data. Files of schema 1 are refused (re-run eval).
 
 Beside it, ``pred-<IIII>-of-<NNNN>.json`` is the shard's record, written last and atomically: the shard
 counts as done only when its record exists and names the .h5 file's sha256. A run killed mid-shard leaves
@@ -29,11 +33,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from hpcvid.errors import StoreError
-from hpcvid.fileio import atomic_path, atomic_write_json, read_json, sha256_file
+from hpcvid.fileio import atomic_path, read_json, write_record
 from hpcvid.launch.sharding import ShardSpec
+from hpcvid.storage.h5 import H5File, read_text, write_array, write_text
 
-PREDICTION_SCHEMA_VERSION = 1
+PREDICTION_SCHEMA_VERSION = 2
 PREDICTION_KIND = "hpcvid.predictions"
+FIX = "re-run `hpcvid run eval --force` for that shard"
+CHUNK_ROWS = 1024
 _NAME = re.compile(r"^pred-(\d{4})-of-(\d{4})\.(h5|json)$")
 
 
@@ -80,7 +87,6 @@ def write_prediction_shard(h5_path: Path, record_path: Path, shard: PredictionSh
         raise ValueError(f"labels must have shape ({n_videos},), got {labels.shape}")
     if shard.default_strategy not in shard.scores:
         raise ValueError(f"default strategy {shard.default_strategy!r} is not among {shard.strategies}")
-    string = h5py.string_dtype("utf-8")
     with atomic_path(h5_path) as temporary:
         with h5py.File(temporary, "w") as out:
             out.attrs.update({
@@ -90,28 +96,26 @@ def write_prediction_shard(h5_path: Path, record_path: Path, shard: PredictionSh
                 "checkpoint": shard.checkpoint, "checkpoint_sha256": shard.checkpoint_sha256,
                 "config": json.dumps(dict(shard.config), default=str), "code_version": shard.code_version,
             })
-            out.create_dataset("video_ids", data=np.array(shard.video_ids, dtype=object), dtype=string)
-            out.create_dataset("labels", data=labels)
+            write_text(out, "video_ids", shard.video_ids, chunk_rows=CHUNK_ROWS)
+            write_array(out, "labels", labels, chunk_rows=CHUNK_ROWS)
             splits = shard.splits if shard.splits is not None else ["test"] * n_videos
-            out.create_dataset("splits", data=np.array(splits, dtype=object), dtype=string)
+            write_text(out, "splits", splits, chunk_rows=CHUNK_ROWS)
             group = out.create_group("scores")
             for name, values in shard.scores.items():
                 values = np.asarray(values, dtype=np.float32)
                 if values.shape != (n_videos, len(shard.classes)):
                     raise ValueError(f"scores of strategy {name!r} must have shape "
                                      f"({n_videos}, {len(shard.classes)}), got {values.shape}")
-                group.create_dataset(name, data=values)
-    record = {
-        "schema_version": PREDICTION_SCHEMA_VERSION, "model": shard.model, "run": shard.run,
-        "shard": shard.shard.name, "index": shard.shard.index, "count": shard.shard.count,
-        "file": h5_path.name, "sha256": sha256_file(h5_path), "n_videos": n_videos,
+                write_array(group, name, values, chunk_rows=CHUNK_ROWS)
+    fields = {
+        "model": shard.model, "run": shard.run,
+        "shard": shard.shard.name, "index": shard.shard.index, "count": shard.shard.count, "n_videos": n_videos,
         "videos": list(shard.video_ids), "failed": [dict(f) for f in failed],
         "strategies": shard.strategies, "default_strategy": shard.default_strategy,
-        "checkpoint": shard.checkpoint, "code_version": shard.code_version,
+        "checkpoint": shard.checkpoint, "code_version": shard.code_version, **(extra_record or {}),
     }
-    record.update(extra_record or {})
-    atomic_write_json(record_path, record)
-    return record
+    return write_record(record_path, fields, kind="hpcvid.predictions.record",
+                        schema_version=PREDICTION_SCHEMA_VERSION, describes=h5_path)
 
 
 def read_record(path: Path | str) -> dict[str, Any]:
@@ -128,49 +132,23 @@ def read_record(path: Path | str) -> dict[str, Any]:
 
 
 def read_prediction_shard(path: Path | str) -> PredictionShard:
-    """Read one .h5 prediction shard; a wrong kind or schema is a StoreError naming the file."""
-    import h5py
-
+    """Read one .h5 prediction shard; a wrong kind or schema, or a damaged chunk, is a one-line StoreError
+    naming the file."""
     path = Path(path)
+    h5 = H5File(path, kinds={PREDICTION_KIND: FIX}, schema_version=PREDICTION_SCHEMA_VERSION)
     try:
-        handle = h5py.File(path, "r")
-    except OSError as exc:
-        raise StoreError(f"prediction shard {path} cannot be opened ({exc}): re-run `hpcvid run eval` "
-                         "for that shard with --force") from exc
-    with handle:
-        attrs = handle.attrs
-        if attrs.get("kind") != PREDICTION_KIND or int(attrs.get("schema_version", -1)) != PREDICTION_SCHEMA_VERSION:
-            raise StoreError(f"{path} is not a prediction shard of schema {PREDICTION_SCHEMA_VERSION} "
-                             f"(kind {attrs.get('kind')!r}, schema {attrs.get('schema_version')!r}): "
-                             "re-run `hpcvid run eval --force`")
-        strategies = json.loads(attrs["strategies"])
-        spec = parse_shard_name(path.name) or ShardSpec(0, 1)
-        return PredictionShard(
-            model=str(attrs["model"]), run=str(attrs["run"]), shard=spec,
-            classes=tuple(json.loads(attrs["classes"])),
-            video_ids=[v.decode() if isinstance(v, bytes) else str(v) for v in handle["video_ids"][()]],
-            labels=handle["labels"][()].astype(np.int64),
-            scores={name: handle["scores"][name][()] for name in strategies},
-            default_strategy=str(attrs["default_strategy"]),
-            splits=[v.decode() if isinstance(v, bytes) else str(v) for v in handle["splits"][()]],
-            checkpoint=str(attrs.get("checkpoint", "")), checkpoint_sha256=str(attrs.get("checkpoint_sha256", "")),
-            config=json.loads(attrs.get("config", "{}")), code_version=str(attrs.get("code_version", "")),
-        )
-
-
-def code_version() -> str:
-    """hpcvid's version plus the git commit of the checkout, when there is one (for provenance)."""
-    import subprocess
-
-    from hpcvid import __version__
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = "", ""
-    if not commit:
-        return __version__
-    return f"{__version__}+g{commit}{'.dirty' if dirty else ''}"
+        handle = h5.handle
+        with h5.reading():
+            attrs = handle.attrs
+            strategies = json.loads(attrs["strategies"])
+            return PredictionShard(
+                model=str(attrs["model"]), run=str(attrs["run"]), shard=parse_shard_name(path.name) or ShardSpec(0, 1),
+                classes=tuple(json.loads(attrs["classes"])), video_ids=read_text(handle["video_ids"]),
+                labels=handle["labels"][()].astype(np.int64),
+                scores={name: handle["scores"][name][()] for name in strategies},
+                default_strategy=str(attrs["default_strategy"]), splits=read_text(handle["splits"]),
+                checkpoint=str(attrs.get("checkpoint", "")), checkpoint_sha256=str(attrs.get("checkpoint_sha256", "")),
+                config=json.loads(attrs.get("config", "{}")), code_version=str(attrs.get("code_version", "")),
+            )
+    finally:
+        h5.close()

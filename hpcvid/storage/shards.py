@@ -1,34 +1,44 @@
 """The HDF5 shard schema: one writer, one reader, so every stage agrees on the layout.
 
-A shard file (``WORK/extract/shard-0003-of-0012.h5``, or a features-only shard written by the trainer's
-``run features``) holds one group per video below ``/videos``. The group name is the video id made safe
-for HDF5 (percent-encoding: ``/`` becomes ``%2F``); the real id is kept in the ``video_id`` attribute.
-Datasets, all optional except where a stage needs them:
+A shard file (``WORK/extract/shard-0003-of-0012.h5``, or a features-only shard written by ``run features``)
+holds one group per video below ``/videos``. The group name is the video id made safe for HDF5
+(percent-encoding: ``/`` becomes ``%2F``); the real id is kept in the ``video_id`` attribute.
 
-* ``frames`` - the sampled RGB frames, either JPEG bytes (``storage = "jpeg"``: one variable-length
-  uint8 row per frame, quality 90: 7x smaller than raw at 112 px and 11x at 224 px on a real clip, for
-  ~0.2-0.5 ms of decoding per frame on one core) or raw uint8
-  ``(T, H, W, 3)`` (``storage = "uint8"``: no decoding, chunked one frame per chunk);
+Every dataset is chunked and carries a fletcher32 checksum per chunk (:mod:`hpcvid.storage.h5`): a
+damaged chunk fails its read with a one-line StoreError instead of becoming numbers. Datasets, all
+optional except where a stage needs them (T = kept frames):
+
+* ``frame_indices`` - ``(T,)`` int64, the source frame number of each kept frame; chunks of 4096 rows.
+* ``frames`` - the sampled RGB frames, attributes ``storage`` and ``shape`` (the decoded ``(T, H, W, 3)``):
+
+  - ``storage = "jpeg"``: ``frames`` is 1-D uint8, every frame's JPEG bytes (quality 90 by default)
+    one after another, in chunks of 32 KiB; ``frame_offsets`` ``(T+1,)`` int64 says where each begins
+    (frame i is ``frames[offsets[i]:offsets[i+1]]``), chunks of 4096 rows. 7x smaller than raw at
+    112 px and 11x at 224 px on a real clip, for ~0.2-0.5 ms of decoding per frame on one core;
+    :meth:`ShardReader.frames` reads only the byte ranges of the frames asked for.
+  - ``storage = "uint8"``: ``frames`` is raw ``(T, H, W, 3)`` uint8, one frame per chunk.
+
 * ``flow`` - optical flow between consecutive kept frames, ``(T-1, H, W, 2)`` (x, y displacement in
-  pixels), either uint8 quantised to ``+-bound`` (``storage = "uint8"``, attribute ``bound``) or float16;
-  :meth:`ShardReader.flow` always returns float32 pixels;
-* ``features/<backbone>`` - ``(T, D)`` float32 CNN features, one row per kept frame;
-* ``scores/<name>`` - ``(T, C)`` float32 per-frame class scores (optional);
-* ``frame_indices`` - ``(T,)`` int64, the source frame number of each kept frame.
+  pixels), one pair per chunk, compressed (lzf, gzip level 1, or none) under the checksum; either uint8
+  quantised to ``+-bound`` (``storage = "uint8"``, attribute ``bound``) or float16.
+  :meth:`ShardReader.flow` always returns float32 pixels.
+* ``features/<backbone>`` - ``(T, D)`` float32 CNN features, one row per kept frame, chunks of 16 rows.
+* ``scores/<name>`` - ``(T, C)`` float32 per-frame class scores, chunks of 16 rows (optional).
 
 Group attributes: ``video_id, label, class_name, split, fps, frames`` (kept), ``total_frames, source,
 width, height`` (of the source) and ``checksum`` (sha256 over every dataset's name, dtype, shape and
-bytes: equal checksums mean equal contents). The root carries ``schema_version`` and ``kind``.
+bytes: equal checksums mean equal contents). The root carries ``schema_version`` (2 since per-chunk
+checksums; files of schema 1 are refused: re-extract them) and ``kind`` (``hpcvid.extract`` or
+``hpcvid.features``).
 
-Shard files are written under a temporary name and renamed (:mod:`hpcvid.fileio`); readers open lazily
-and drop the handle when pickled, so a reader can be handed to DataLoader workers (HDF5 must not be
-opened before a fork, DESIGN section 8).
+Shard files are written under a temporary name and renamed (:mod:`hpcvid.fileio`); a reader opens its
+file lazily in the process that reads and drops the handle when pickled, so it can be handed to
+DataLoader workers.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -37,13 +47,18 @@ from urllib.parse import quote, unquote
 import numpy as np
 
 from hpcvid.errors import StoreError
-from hpcvid.fileio import atomic_path
+from hpcvid.fileio import atomic_path, write_record
+from hpcvid.storage.h5 import FEATURE_CHUNK_ROWS, H5File, H5Reader, plain, write_array
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 KIND_EXTRACT = "hpcvid.extract"
 KIND_FEATURES = "hpcvid.features"
+FIXES = {KIND_EXTRACT: "re-extract it with --force",
+         KIND_FEATURES: "recompute it with `hpcvid run features --force`"}
 VIDEOS = "videos"
 VIDEO_ATTRIBUTES = ("label", "class_name", "split", "fps", "total_frames", "source", "width", "height")
+INDEX_CHUNK_ROWS = 4096
+JPEG_CHUNK_BYTES = 32 * 1024
 
 
 def group_name(video_id: str) -> str:
@@ -100,11 +115,12 @@ def encode_jpeg(frame: np.ndarray, quality: int) -> np.ndarray:
 
 
 def decode_jpeg(row: np.ndarray) -> np.ndarray:
+    """JPEG bytes -> RGB uint8 (H, W, 3); ValueError when they are not a JPEG image."""
     import cv2
 
     image = cv2.imdecode(np.asarray(row, dtype=np.uint8), cv2.IMREAD_COLOR)
     if image is None:
-        raise StoreError("a stored JPEG frame cannot be decoded: the shard is corrupt; re-extract it with --force")
+        raise ValueError("the stored bytes are not a decodable JPEG frame")
     return image[..., ::-1]
 
 
@@ -115,44 +131,39 @@ def _hash_array(digest: "hashlib._Hash", name: str, array: np.ndarray) -> None:
 
 def write_video(parent: Any, video: VideoData, options: StorageOptions = StorageOptions()) -> dict[str, Any]:
     """Write ``video`` as a group below ``parent`` (an h5py Group); return its summary for the record."""
-    import h5py
-
     group = parent.create_group(group_name(video.video_id))
     digest = hashlib.sha256()
     shapes: dict[str, list[int]] = {}
 
-    def put(name: str, data: np.ndarray, **kwargs: Any) -> Any:
-        dataset = group.create_dataset(name, data=data, track_times=False, **kwargs)
+    def put(name: str, data: np.ndarray, chunk_rows: int, compression: str | None = None) -> Any:
+        dataset = write_array(group, name, data, chunk_rows=chunk_rows, compression=compression)
         _hash_array(digest, name, np.asarray(data))
         shapes[name] = list(np.asarray(data).shape)
         return dataset
 
     indices = np.asarray(video.frame_indices, dtype=np.int64)
-    put("frame_indices", indices)
+    put("frame_indices", indices, INDEX_CHUNK_ROWS)
     kept = len(indices)
     if video.frames is not None:
         frames = np.asarray(video.frames, dtype=np.uint8)
         _check_rows("frames", frames, kept)
         if options.frame_storage == "jpeg":
             rows = [encode_jpeg(frame, options.jpeg_quality) for frame in frames]
-            dataset = group.create_dataset("frames", shape=(len(rows),), dtype=h5py.vlen_dtype(np.uint8),
-                                           track_times=False)
-            for i, row in enumerate(rows):
-                dataset[i] = row
-                _hash_array(digest, f"frames[{i}]", row)
-            shapes["frames"] = list(frames.shape)
+            offsets = np.cumsum([0] + [len(row) for row in rows], dtype=np.int64)
+            dataset = put("frames", np.concatenate(rows) if rows else np.zeros(0, np.uint8), JPEG_CHUNK_BYTES)
+            put("frame_offsets", offsets, INDEX_CHUNK_ROWS)
         else:
-            chunks = (1,) + frames.shape[1:] if len(frames) else None
-            dataset = put("frames", frames, chunks=chunks)
+            dataset = put("frames", frames, 1)
+        shapes["frames"] = list(frames.shape)
         dataset.attrs["storage"] = options.frame_storage
         dataset.attrs["shape"] = np.asarray(frames.shape, dtype=np.int64)
     if video.flow is not None:
-        _write_flow(group, np.asarray(video.flow, dtype=np.float32), options, put, kept)
+        _write_flow(np.asarray(video.flow, dtype=np.float32), options, put, kept)
     for kind, arrays in (("features", video.features), ("scores", video.scores)):
         for name, values in sorted(arrays.items()):
             values = np.asarray(values, dtype=np.float32)
             _check_rows(f"{kind}/{name}", values, kept)
-            put(f"{kind}/{name}", values)
+            put(f"{kind}/{name}", values, FEATURE_CHUNK_ROWS)
     attrs = dict(video.attrs)
     attrs.update(video_id=video.video_id, frames=kept)
     for key, value in attrs.items():
@@ -168,21 +179,18 @@ def _check_rows(name: str, array: np.ndarray, kept: int) -> None:
         raise StoreError(f"{name} has {len(array)} rows but the video keeps {kept} frames")
 
 
-def _write_flow(group: Any, flow: np.ndarray, options: StorageOptions, put: Any, kept: int) -> None:
+def _write_flow(flow: np.ndarray, options: StorageOptions, put: Any, kept: int) -> None:
     if len(flow) != max(kept - 1, 0):
         raise StoreError(f"flow has {len(flow)} fields but the video keeps {kept} frames (expected {kept - 1})")
-    chunks = (1,) + flow.shape[1:] if len(flow) else None
-    filters: dict[str, Any] = {}
-    if chunks and options.flow_compression != "none":  # one pair per chunk: a window reads only its pairs
-        filters = {"compression": options.flow_compression,
-                   "compression_opts": 1 if options.flow_compression == "gzip" else None}
+    # one pair per chunk: a window reads (and decompresses) only its own pairs
+    compression = None if options.flow_compression == "none" else options.flow_compression
     if options.flow_storage == "uint8":
         from hpcvid.media.flow import quantise
 
-        dataset = put("flow", quantise(flow, options.flow_bound), chunks=chunks, **filters)
+        dataset = put("flow", quantise(flow, options.flow_bound), 1, compression)
         dataset.attrs["bound"] = float(options.flow_bound)
     else:
-        dataset = put("flow", flow.astype(np.float16), chunks=chunks, **filters)
+        dataset = put("flow", flow.astype(np.float16), 1, compression)
     dataset.attrs["storage"] = options.flow_storage
 
 
@@ -208,12 +216,16 @@ def write_video_file(path: Path | str, video: VideoData, options: StorageOptions
 def read_video_file_summary(path: Path | str) -> dict[str, Any]:
     """The summary :func:`write_video_file` returned, read back from the part file (for resumed videos)."""
     with ShardReader(path) as reader:
-        return json.loads(reader.file.attrs["summary"])
+        return json.loads(reader.attrs["summary"])
 
 
 def assemble_shard(path: Path | str, video_files: Iterable[Path | str], *, kind: str = KIND_EXTRACT,
                    meta: Mapping[str, Any] | None = None) -> None:
-    """Copy the groups of per-video files, in the given order, into one shard file (atomically)."""
+    """Copy the groups of per-video files, in the given order, into one shard file (atomically).
+
+    Chunks are copied as stored, checksums included, so damage in a part file is still caught when the
+    shard is read.
+    """
     import h5py
 
     with atomic_path(path) as temporary:
@@ -221,11 +233,11 @@ def assemble_shard(path: Path | str, video_files: Iterable[Path | str], *, kind:
             _write_root_attrs(out, kind, meta or {})
             videos = out.create_group(VIDEOS)
             for video_file in video_files:
-                with h5py.File(video_file, "r") as part:
-                    for name in part[VIDEOS]:
+                with ShardReader(video_file) as part, part.reading():
+                    for name in part.file[VIDEOS]:
                         if name in videos:
                             raise StoreError(f"video group {name} appears twice while assembling {path}")
-                        part.copy(part[VIDEOS][name], videos, name=name)
+                        part.file.copy(part.file[VIDEOS][name], videos, name=name)
 
 
 def write_shard(path: Path | str, videos: Iterable[VideoData], *, kind: str = KIND_FEATURES,
@@ -257,126 +269,120 @@ def write_features_shard(folder: Path | str, spec: Any, videos: Iterable[VideoDa
 
     For the trainer's recomputed features: give each VideoData its attrs (copy them from the extract
     shard's ``ShardReader.info``), ``frame_indices`` and ``features={name: (T, D)}``; frames and flow may be
-    left out (the merged file points at the extract shards for those).
+    left out (they are read from the extract shards).
     """
-    from hpcvid.fileio import atomic_write_json, read_json, sha256_file
-
     folder = Path(folder)
     shard = folder / f"shard-{spec.name}.h5"
     summaries = write_shard(shard, videos, kind=KIND_FEATURES, meta=dict(meta or {}), options=options)
-    record = {
-        "schema_version": SCHEMA_VERSION, "kind": "hpcvid.features.record", "shard": spec.name,
-        "index": spec.index, "count": spec.count, "file": shard.name, "sha256": sha256_file(shard),
+    fields = {
+        "shard": spec.name, "index": spec.index, "count": spec.count,
         "n_videos": len(summaries), "n_frames": sum(s["frames"] for s in summaries), "videos": summaries,
         "n_failed": len(failed), "failed": [dict(f) for f in failed], "meta": dict(meta or {}),
         **dict(record_extra or {}),
     }
-    record_file = folder / f"shard-{spec.name}.json"
-    atomic_write_json(record_file, record)
-    return read_json(record_file)
+    return write_record(folder / f"shard-{spec.name}.json", fields, kind="hpcvid.features.record",
+                        schema_version=SCHEMA_VERSION, describes=shard)
 
 
 # ------------------------------------------------------------------------------------------- reading
-class ShardReader:
+class ShardReader(H5Reader):
     """Read one shard file. Opens lazily (first access, in the current process); picklable.
 
-    Use as a context manager, or call :meth:`close`. All readers return numpy arrays.
+    Use as a context manager, or call :meth:`close`. All readers return numpy arrays; a read that fails
+    (a checksum mismatch, a truncated file) raises a one-line StoreError naming the file and the video.
     """
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self._file: Any = None
-        self._pid: int | None = None
         if not self.path.is_file():
             raise StoreError(f"shard {self.path} does not exist: run `hpcvid run extract` (or check --work)")
+        self._h5 = H5File(self.path, kinds=FIXES, schema_version=SCHEMA_VERSION)
 
-    # lifecycle
     @property
     def file(self) -> Any:
-        if self._file is None or self._pid != os.getpid():
-            import h5py
+        return self._h5.handle
 
-            try:
-                handle = h5py.File(self.path, "r")
-            except OSError as exc:
-                raise StoreError(f"{self.path} is not a readable HDF5 file ({exc}); re-extract it with --force") from exc
-            version = handle.attrs.get("schema_version")
-            if version != SCHEMA_VERSION:
-                handle.close()
-                raise StoreError(f"{self.path} has schema_version {version}, this hpcvid reads {SCHEMA_VERSION}: "
-                                 "re-extract it with --force")
-            self._file, self._pid = handle, os.getpid()
-        return self._file
-
-    def close(self) -> None:
-        if self._file is not None and self._pid == os.getpid():
-            self._file.close()
-        self._file = None
-
-    def __enter__(self) -> "ShardReader":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "_file": None, "_pid": None}
+    def reading(self, video_id: str | None = None) -> Any:
+        """A context in which an HDF5 read failure becomes a StoreError naming this file (and video)."""
+        return self._h5.reading(video_id)
 
     # contents
     @property
     def attrs(self) -> dict[str, Any]:
-        return {k: _plain(v) for k, v in self.file.attrs.items()}
+        with self.reading():
+            return {k: plain(v) for k, v in self.file.attrs.items()}
 
     def video_ids(self) -> list[str]:
         """Every video id in the shard, in stored order (sorted by group name)."""
-        return [video_id_of(name) for name in self.file[VIDEOS]]
+        with self.reading():
+            return [video_id_of(name) for name in self.file[VIDEOS]]
 
     def __contains__(self, video_id: str) -> bool:
-        return group_name(video_id) in self.file[VIDEOS]
+        with self.reading(video_id):
+            return group_name(video_id) in self.file[VIDEOS]
 
     def group(self, video_id: str) -> Any:
-        try:
-            return self.file[VIDEOS][group_name(video_id)]
-        except KeyError:
-            raise StoreError(f"video {video_id!r} is not in shard {self.path}") from None
+        with self.reading(video_id):
+            videos = self.file[VIDEOS]
+            if group_name(video_id) not in videos:
+                raise StoreError(f"video {video_id!r} is not in shard {self.path}")
+            return videos[group_name(video_id)]
 
     def info(self, video_id: str) -> dict[str, Any]:
         """The video's attributes plus ``frame_indices`` and the names of its feature and score sets."""
         group = self.group(video_id)
-        info = {k: _plain(v) for k, v in group.attrs.items()}
-        info["frame_indices"] = group["frame_indices"][()]
-        info["features"] = sorted(group["features"]) if "features" in group else []
-        info["scores"] = sorted(group["scores"]) if "scores" in group else []
-        info["has_frames"] = "frames" in group
-        info["has_flow"] = "flow" in group
+        with self.reading(video_id):
+            info = {k: plain(v) for k, v in group.attrs.items()}
+            info["frame_indices"] = group["frame_indices"][()]
+            info["features"] = sorted(group["features"]) if "features" in group else []
+            info["scores"] = sorted(group["scores"]) if "scores" in group else []
+            info["has_frames"] = "frames" in group
+            info["has_flow"] = "flow" in group
         return info
 
     def frames(self, video_id: str, indices: Iterable[int] | None = None) -> np.ndarray:
-        """uint8 (n, H, W, 3) RGB; ``indices`` are positions among the kept frames (default: all)."""
+        """uint8 (n, H, W, 3) RGB; ``indices`` are positions among the kept frames (default: all), in any
+        order, repeats allowed. Only the chunks holding the requested frames are read."""
         dataset = self._dataset(video_id, "frames")
-        shape = tuple(int(v) for v in dataset.attrs["shape"])
-        positions = list(range(shape[0])) if indices is None else [int(i) for i in indices]
-        if not positions:
-            return np.zeros((0,) + shape[1:], dtype=np.uint8)
-        if dataset.attrs["storage"] == "jpeg":
-            return np.stack([decode_jpeg(dataset[i]) for i in positions])
-        return np.stack([dataset[i] for i in positions])
+        with self.reading(video_id):
+            shape = tuple(int(v) for v in dataset.attrs["shape"])
+            storage = plain(dataset.attrs["storage"])
+            positions = np.arange(shape[0]) if indices is None else np.asarray(list(indices), dtype=np.int64)
+            if positions.size == 0:
+                return np.zeros((0,) + shape[1:], dtype=np.uint8)
+            if positions.min() < 0 or positions.max() >= shape[0]:
+                raise IndexError(f"frame positions {positions.tolist()} are outside video {video_id!r} of "
+                                 f"{shape[0]} frames")
+            wanted = np.unique(positions)
+            if storage == "jpeg":
+                offsets = self._dataset(video_id, "frame_offsets")[()]
+                images = np.stack([self._decode(video_id, row) for row in _jpeg_rows(dataset, offsets, wanted)])
+            else:
+                images = np.concatenate([dataset[start:stop] for start, stop in _runs(wanted)])
+        if len(wanted) == len(positions) and np.array_equal(wanted, positions):
+            return images  # already in the asked order: no copy
+        return images[np.searchsorted(wanted, positions)]
 
     def flow(self, video_id: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """float32 (n, H, W, 2) pixel displacements of pairs ``start..stop-1``, however they are stored."""
         dataset = self._dataset(video_id, "flow")
-        values = dataset[start:stop]
-        if dataset.attrs["storage"] == "uint8":
-            from hpcvid.media.flow import dequantise
+        with self.reading(video_id):
+            values = dataset[start:stop]
+            if plain(dataset.attrs["storage"]) == "uint8":
+                from hpcvid.media.flow import dequantise
 
-            return np.asarray(dequantise(values, float(dataset.attrs["bound"])), dtype=np.float32)
+                return np.asarray(dequantise(values, float(dataset.attrs["bound"])), dtype=np.float32)
         return values.astype(np.float32)
 
     def features(self, video_id: str, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        return self._dataset(video_id, f"features/{name}")[start:stop].astype(np.float32, copy=False)
+        dataset = self._dataset(video_id, f"features/{name}")
+        with self.reading(video_id):
+            return dataset[start:stop].astype(np.float32, copy=False)
 
     def scores(self, video_id: str, name: str) -> np.ndarray:
-        return self._dataset(video_id, f"scores/{name}")[()].astype(np.float32, copy=False)
+        dataset = self._dataset(video_id, f"scores/{name}")
+        with self.reading(video_id):
+            return dataset[()].astype(np.float32, copy=False)
 
     def video(self, video_id: str) -> VideoData:
         """Everything stored about one video, decoded (frames as RGB uint8, flow as float32)."""
@@ -397,15 +403,28 @@ class ShardReader:
 
     def _dataset(self, video_id: str, name: str) -> Any:
         group = self.group(video_id)
-        if name not in group:
-            raise StoreError(f"video {video_id!r} in {self.path} has no {name!r} (it was extracted without it)")
-        return group[name]
+        with self.reading(video_id):
+            if name not in group:
+                raise StoreError(f"video {video_id!r} in {self.path} has no {name!r} (it was extracted without it)")
+            return group[name]
+
+    def _decode(self, video_id: str, row: np.ndarray) -> np.ndarray:
+        try:
+            return decode_jpeg(row)
+        except ValueError as exc:
+            raise StoreError(f"{self.path}, video {video_id!r}: {exc}; {self._h5.fix}") from None
 
 
-def _plain(value: Any) -> Any:
-    """h5py attribute values -> plain Python (bytes -> str, numpy scalars -> numbers)."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+def _runs(positions: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted distinct positions -> [start, stop) runs of consecutive ones: [1, 2, 3, 7] -> [(1, 4), (7, 8)]."""
+    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+    return [(int(run[0]), int(run[-1]) + 1) for run in np.split(positions, breaks)]
+
+
+def _jpeg_rows(dataset: Any, offsets: np.ndarray, positions: np.ndarray) -> Iterator[np.ndarray]:
+    """The JPEG bytes of each of ``positions`` (sorted, distinct): one read per run of consecutive frames."""
+    for start, stop in _runs(positions):
+        first = int(offsets[start])
+        data = dataset[first:int(offsets[stop])]
+        for i in range(start, stop):
+            yield data[int(offsets[i]) - first:int(offsets[i + 1]) - first]
