@@ -228,6 +228,22 @@ class ReportConfig:
     runs: tuple[str, ...] = option((), help="only these runs of WORK/eval; empty = all")
 
 
+@dataclass(frozen=True)
+class PredictConfig:
+    """Using a trained run on new videos (``hpcvid predict``, ``hpcvid submit predict``)."""
+
+    run: str = option("", help="the trained run: a run folder (WORK/runs/NAME) or one of its checkpoint files")
+    inputs: tuple[str, ...] = option((), help="videos, and folders searched for videos (dataset.extensions)")
+    checkpoint: str = option("best", choices=("best", "last"), help="which checkpoint of a run folder")
+    top: int = option(5, check=POSITIVE, help="classes listed per video, best first")
+    out: str = option("", help="the table of predictions, .csv or .json; empty = WORK/predictions.csv")
+    timeline: bool = option(False, help="also label each window of each video: CSV + PNG strip per video")
+    window: int = option(0, check=NON_NEGATIVE, help="timeline window in kept frames; 0 = the run's train.seq_len")
+    stride: int = option(0, check=NON_NEGATIVE, help="timeline step between windows in kept frames; 0 = half a window")
+    shards: int = option(1, check=POSITIVE)
+    device: str = option("auto", choices=("auto", "cpu", "cuda"), help="where decoding's CNN and the model run")
+
+
 MODELS = tuple(KINDS)   # the study's default: every kind of the table
 _MODEL_LIST = Check(lambda v: len(v) > 0 and all(m in KINDS for m in v) and len(set(v)) == len(v),
                     f"a list of distinct models from: {', '.join(KINDS)}")
@@ -304,6 +320,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
@@ -322,7 +339,7 @@ class Config:
 _SECTION_CLASSES = {
     "dataset": DatasetConfig, "synth": SynthConfig, "extract": ExtractConfig,
     "train": TrainConfig, "eval": EvalConfig, "merge": MergeConfig, "report": ReportConfig,
-    "pipeline": PipelineConfig, "launch": LaunchConfig,
+    "predict": PredictConfig, "pipeline": PipelineConfig, "launch": LaunchConfig,
 }
 # Keys a [launch.<stage>] table may set: every launch key but the executor (one per submission).
 STAGE_LAUNCH_KEYS = tuple(f.name for f in dataclasses.fields(LaunchConfig) if f.name not in ("executor", "stages"))

@@ -57,8 +57,8 @@ _SHARD_NAME = re.compile(r"^(?P<prefix>shard|pred)-(?P<index>\d{4,})-of-(?P<coun
 _NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 # stage -> folder below WORK holding its units' outputs; the run (if any) is a sub-folder
-_STAGE_DIRS = {"extract": "extract", "features": "features", "train": "runs", "eval": "eval"}
-_RECORD_PREFIX = {"eval": "pred"}
+_STAGE_DIRS = {"extract": "extract", "features": "features", "train": "runs", "eval": "eval", "predict": "predict"}
+_RECORD_PREFIX = {"eval": "pred", "predict": "pred"}
 HIDDEN_DIRS = (".progress", ".locks", ".verified")
 
 
@@ -327,6 +327,21 @@ class WorkFolder:
             shards.append(shard)
         return shards
 
+    def current_shard(self, unit: Unit, spec: ShardSpec) -> Path:
+        """The file of shard ``spec`` of the unit's current set, checked against its record's sha256: what a
+        stage that follows another shard by shard reads, before the other shards are done."""
+        current = self.current_set(unit)
+        if current is None or current.count != spec.count:
+            raise StoreError(f"{self.unit_dir(unit)} holds no {spec.count}-shard {unit} set (it now has "
+                             f"{current.count if current else 'none'}): plan both stages again")
+        if not self.is_current(unit, spec):
+            raise StoreError(f"{unit} shard {spec.name} has no record of the current set in {self.unit_dir(unit)}: "
+                             f"run or resume `hpcvid run {unit.stage} --shard {spec.index}` first")
+        record = read_json(self.record_file(unit, spec))
+        shard = self.record_file(unit, spec).parent / record["file"]
+        self.verify(shard, record["sha256"], fix=redo_hint(unit, spec.index))
+        return shard
+
     def stale_records(self, unit: Unit) -> list[Path]:
         """Records in the unit's folder that do not belong to its current set (never read)."""
         current = self.current_set(unit)
@@ -340,7 +355,7 @@ class WorkFolder:
         extract = self.unit_dir(Unit("extract"))
         if extract.is_dir() and any(_SHARD_NAME.match(p.name) or p.name == SET_NAME for p in extract.iterdir()):
             found.add(Unit("extract"))
-        for stage in ("features", "train", "eval"):
+        for stage in ("features", "train", "eval", "predict"):
             base = self.root / _STAGE_DIRS[stage]
             if base.is_dir():
                 found.update(Unit(stage, sub.name) for sub in base.iterdir()
@@ -421,6 +436,9 @@ def redo_hint(unit: Unit, index: int) -> str:
 
     With the job file the set was made with: other settings would make another set current instead.
     """
+    if unit.stage == "predict":
+        return (f"redo shard {index} with `hpcvid run predict --run RUN --work WORK VIDEOS... --shard {index} "
+                "--force` (the run, prediction folder and videos it was made with)")
     model = f" --model {unit.run}" if unit.stage == "eval" else ""
     return (f"redo shard {index} with `hpcvid run {unit.stage}{model} --config JOB --shard {index} --force` "
             "(JOB: the job file this work folder was made with)")

@@ -183,10 +183,10 @@ def test_every_hpcvid_command_shown_parses(path):
 
 
 def test_the_command_check_sees_a_verb_that_does_not_exist():
-    """The checks above must be able to fail: `hpcvid predict` (not built yet) is refused."""
+    """The checks above must be able to fail: a verb the CLI does not have is refused."""
     from hpcvid.cli import VERBS, build_parser
     from hpcvid.errors import HpcvidError
 
-    assert "predict" not in VERBS
+    assert "classify" not in VERBS
     with pytest.raises(HpcvidError):
-        build_parser().parse_args(["predict", "--run", "work/x/runs/lstm", "clips/"])
+        build_parser().parse_args(["classify", "--run", "work/x/runs/lstm", "clips/"])

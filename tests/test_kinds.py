@@ -78,7 +78,7 @@ def test_a_registered_kind_has_its_place_in_the_report_and_the_demo(toy, tmp_pat
     assert ordered_runs(runs) == ["f", "l", "t", "z"]
     names = [step.name for step in build_steps(tmp_path / "job.toml", tmp_path, tmp_path, tmp_path, "ci")]
     assert names.index("train lstm") < names.index("train toy") < names.index("eval frame")
-    assert names[-2:] == ["eval toy", "collect"] and names.count("features") == 1
+    assert names[-3:] == ["eval toy", "collect", "predict lstm"] and names.count("features") == 1
 
 
 def test_a_registered_kind_trains_loads_and_gets_its_scorer(toy, tmp_path, monkeypatch):

@@ -1,8 +1,8 @@
 """``hpcvid demo``: the whole pipeline on a small synthetic dataset, on this machine, in a few minutes.
 
 synth -> index -> extract (several shards) -> merge -> train frame, flow, twostream -> features -> train lstm
--> eval (sharded)
--> collect, every stage through the same command line a user types (``hpcvid.cli.main``), with a job file
+-> eval (sharded) -> collect -> predict (the LSTM on clips no split holds, with a timeline over a long clip of
+two classes in turn), every stage through the same command line a user types (``hpcvid.cli.main``), with a job file
 written into the work folder so that each step can be re-run by hand. It ends with the results table and
 the path of the report.
 
@@ -147,7 +147,26 @@ def build_steps(job: Path, work: Path, data: Path, out: Path, size: str) -> list
         steps.append(Step(f"eval {model}",
                           lambda model=model: _cli("run", "eval", "--config", str(job), "--model", model)))
     steps.append(Step("collect", lambda: _collect(work, out)))
+    steps.append(Step(f"predict {PREDICT_RUN}", lambda: _predict(job, work, out, spec)))
     return steps
+
+
+PREDICT_RUN = "lstm"     # the demo's best model on motion and appearance both
+
+
+def _predict(job: Path, work: Path, out: Path, spec: dict[str, Any]) -> int:
+    """Clips no split holds, one per class plus a long one of two classes in turn, classified by the
+    trained LSTM with a timeline: its strip shows the class change half-way."""
+    from hpcvid.config import SynthConfig
+    from hpcvid.stages.synth import make_held_out
+
+    held = work / "held_out"
+    if not (held / "held_out.json").is_file():
+        synth = spec["synth"]
+        make_held_out(held, SynthConfig(**{k: v for k, v in synth.items()}))
+    return _cli("predict", "--config", str(job), "--run", str(work / "runs" / PREDICT_RUN), str(held),
+                "--timeline", "--top", "3", "--work", str(work / "predict" / PREDICT_RUN),
+                "--out", str(out / "predict" / "predictions.csv"))
 
 
 def synthetic_factors(classes: list[str]) -> dict[str, list[str]] | None:

@@ -55,6 +55,8 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           "recompute per-frame features + scores with a trained frame CNN into WORK/features/<run>/"),
     Stage("eval", "hpcvid.stages.evaluate",
           "score the test videos with a trained model under several inference strategies -> WORK/eval/<model>/"),
+    Stage("predict", "hpcvid.stages.predict",
+          "classify videos of one's own with a trained run (top classes, timelines) -> one table"),
     Stage("reduce", "hpcvid.stages.reduce",
           "reduce prediction shards into results/NAME (tables, confusion matrices, plots)", sharded=False),
 )}

@@ -98,11 +98,9 @@ def run_shard(config: Config, spec: ShardSpec) -> dict[str, Any]:
     record_file = work.record_file(this, spec)
     if work.is_current(this, spec) and not spec.force:
         return read_json(record_file)
-    extract_shards = work.current_shards(Unit("extract"))   # checked before anything of this shard is removed
-    if len(extract_shards) != spec.count:
-        raise StoreError(f"features shard {spec.name} follows the extraction, which now has {len(extract_shards)} "
-                         "shards: plan the features stage again")
-    shard_file = extract_shards[spec.index]
+    # only this shard's extraction is needed (checked before anything of this shard is removed): features
+    # shard I can run as soon as extraction shard I is done
+    shard_file = work.current_shard(Unit("extract"), ShardSpec(spec.index, spec.count))
     with contextlib.suppress(FileNotFoundError):
         record_file.unlink()               # the record goes first: the shard never looks done while redone
     out = work.unit_dir(this)

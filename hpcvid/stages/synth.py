@@ -310,20 +310,61 @@ def _record(config: SynthConfig) -> dict[str, Any]:
         "frames": config.frames, "size": config.size, "fps": config.fps, "seed": config.seed}}
 
 
+def render_class_clip(config: SynthConfig, label: int, index: int) -> tuple[np.ndarray, Trajectory, np.ndarray]:
+    """Frames, trajectory and object masks of clip ``index`` of class ``label`` (its own random stream)."""
+    width, height = parse_size(config.size)
+    name = class_names(config.classes)[label]
+    motions = motions_for(config.classes)
+    appearance = next(look for look in APPEARANCES if name.startswith(look))
+    rng = np.random.default_rng([config.seed, label, index])
+    traj = make_trajectory(rng, motions[label % len(motions)], config.frames, width, height)
+    video, masks = render_clip(rng, appearance, traj, width, height)
+    return video, traj, masks
+
+
 def make_clip(out: Path, config: SynthConfig, label: int, name: str, index: int) -> Path:
     """Render, encode and save the ground truth of one clip; return the video's path."""
     width, height = parse_size(config.size)
     motions = motions_for(config.classes)
-    appearance = next(look for look in APPEARANCES if name.startswith(look))
     motion = motions[label % len(motions)]
-    rng = np.random.default_rng([config.seed, label, index])
-    traj = make_trajectory(rng, motion, config.frames, width, height)
-    video, masks = render_clip(rng, appearance, traj, width, height)
+    appearance = next(look for look in APPEARANCES if name.startswith(look))
+    video, traj, masks = render_class_clip(config, label, index)
     path = out / name / f"{video_name(name, index)}.avi"
     encode_avi(path, video, config.fps)
     flow = clip_flow(traj, masks, width, height)
     save_motion(motion_path(path), traj, flow, masks, {"class_name": name, "motion": motion, "appearance": appearance})
     return path
+
+
+def make_held_out(out: Path | str, config: SynthConfig, *, sequence: tuple[int, int] = (0, -1),
+                  clips_per_part: int = 2) -> dict[str, Any]:
+    """New clips of the set ``config`` describes that belong to no split, for trying a trained model.
+
+    One clip per class (``OUT/<class>/held_out_<class>.avi``, drawn with clip indices past
+    ``per_class``, so no split holds them) and one long clip of two classes one after the other
+    (``OUT/sequence_<A>_then_<B>.avi``: ``clips_per_part`` clips of class ``sequence[0]``, then as many of
+    ``sequence[1]``), whose change of class is at frame ``clips_per_part * frames``. Returns and writes
+    (``OUT/held_out.json``) what each file holds.
+    """
+    out = Path(out)
+    names = class_names(config.classes)
+    first, second = (names[i] for i in sequence)
+    labels = [names.index(first), names.index(second)]
+    files: dict[str, Any] = {}
+    for label, name in enumerate(names):
+        path = out / name / f"held_out_{name}.avi"
+        encode_avi(path, render_class_clip(config, label, config.per_class)[0], config.fps)
+        files[str(path.relative_to(out))] = {"class": name}
+    parts = [render_class_clip(config, label, config.per_class + 1 + k)[0]
+             for label in labels for k in range(clips_per_part)]
+    path = out / f"sequence_{first}_then_{second}.avi"
+    encode_avi(path, np.concatenate(parts), config.fps)
+    change = clips_per_part * config.frames
+    files[path.name] = {"segments": [{"class": first, "start_frame": 0, "stop_frame": change},
+                                     {"class": second, "start_frame": change, "stop_frame": 2 * change}]}
+    record = {"fps": config.fps, "frames_per_clip": config.frames, "files": files}
+    atomic_write_json(out / "held_out.json", record)
+    return record
 
 
 def generate(out_dir: Path | str, config: SynthConfig | None = None, *, progress: bool = False,
