@@ -25,7 +25,8 @@ from typing import Any, Callable, Collection, Mapping
 
 from hpcvid.errors import ConfigError
 from hpcvid.fileio import atomic_write_json
-from hpcvid.learn.kinds import KINDS
+from hpcvid.learn.backbones import BACKBONES
+from hpcvid.learn.kinds import DEFAULT_KINDS, KINDS
 
 # --------------------------------------------------------------------------------------------- checks
 @dataclass(frozen=True)
@@ -41,6 +42,22 @@ NON_NEGATIVE = Check(lambda v: v >= 0, ">= 0")
 FRACTION = Check(lambda v: 0.0 < v < 1.0, "between 0 and 1 (exclusive)")
 _WALLTIME = re.compile(r"^(?:(\d+)-)?(\d{1,3}):([0-5]\d):([0-5]\d)$")
 WALLTIME = Check(lambda v: bool(_WALLTIME.match(v)), "a walltime like HH:MM:SS or D-HH:MM:SS")
+
+
+def parse_fusion(items: Collection[str]) -> dict[str, float]:
+    """["tsn_rgb:1", "tsn_flow:1.5"] -> {"tsn_rgb": 1.0, "tsn_flow": 1.5} (checked by FUSION)."""
+    return {item.rpartition(":")[0]: float(item.rpartition(":")[2]) for item in items}
+
+
+def _fusion_ok(items: Collection[str]) -> bool:
+    if not all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*:\d+(\.\d*)?", item) for item in items):
+        return False
+    weights = parse_fusion(items)
+    return len(weights) == len(items) != 1 and all(w > 0 for w in weights.values())
+
+
+FUSION = Check(_fusion_ok, "empty, or a list of two or more distinct RUN:WEIGHT with weights > 0, e.g. "
+                           "[\"tsn_rgb:1\", \"tsn_flow:1.5\"]")
 SIZE_WXH = Check(lambda v: bool(re.fullmatch(r"[1-9]\d*x[1-9]\d*", v)), "WIDTHxHEIGHT, e.g. 112x112")
 
 
@@ -139,7 +156,7 @@ class ExtractConfig:
     flow_weights: str = option("", help="raft: local .pt/.pth state dict of torchvision's raft_small/raft_large")
     raft_model: str = option("raft_small", choices=("raft_small", "raft_large"), help="raft: the architecture of flow_weights")
     raft_iterations: int = option(12, check=POSITIVE, help="raft: recurrent refinement steps")
-    backbone: str = option("resnet18", choices=("resnet18", "googlenet", "none"))
+    backbone: str = option("resnet18", choices=(*BACKBONES, "none"))
     weights: str = option("", help="local .pt/.pth state dict; empty = random initialisation")
     batch_size: int = option(32, check=POSITIVE)
     device: str = option("auto", choices=("auto", "cpu", "cuda"))
@@ -150,7 +167,7 @@ class TrainConfig:
     """Models and the trainer."""
 
     model: str = option("lstm", choices=KINDS.keys())     # a live view: every kind of the table, when it is read
-    backbone: str = option("resnet18", choices=("resnet18", "googlenet", "small"))
+    backbone: str = option("resnet18", choices=(*BACKBONES, "small"))
     weights: str = option("", help="local weights file for the backbone; empty = random initialisation")
     freeze_trunk: bool = option(False)
     epochs: int = option(30, check=POSITIVE)
@@ -174,6 +191,16 @@ class TrainConfig:
     flow_stack: int = option(10, check=POSITIVE, help="L flow fields per flow-CNN input")
     flow_camera_compensation: str = option("median", choices=("median", "mean", "none"))
     fusion_weights: tuple[float, ...] = option((1.0, 1.5))
+    tsn_segments: int = option(3, check=POSITIVE, help="tsn: K segments per video, one snippet each")
+    tsn_stack: int = option(5, check=POSITIVE, help="tsn: flow fields (tsn_flow) or RGB differences (tsn_diff) per snippet")
+    partial_bn: str = option("auto", choices=("auto", "on", "off"),
+                             help="tsn: freeze the statistics of every BatchNorm layer but the first; auto = on "
+                                  "when weights are given")
+    clip_frames: int = option(16, check=POSITIVE, help="c3d: frames per clip; cnnlstm: frames per sequence")
+    c3d_crop: float = option(0.875, check=Check(lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+                             help="c3d: square crop side as a fraction of the short side (C3D: 112 of 128)")
+    c3d_width: int = option(64, check=POSITIVE, help="c3d: channels of the first conv layer (C3D: 64)")
+    c3d_fc: int = option(4096, check=POSITIVE, help="c3d: size of the two hidden FC layers (C3D: 4096)")
     procs: int = option(1, check=POSITIVE, help="local processes (gloo)")
     workers: int = option(0, check=NON_NEGATIVE, help="DataLoader workers per process")
     seed: int = option(0, check=NON_NEGATIVE)
@@ -207,6 +234,8 @@ class EvalConfig:
     checkpoint: str = option("best", choices=("best", "last"), help="which checkpoint of the run to evaluate")
     frame_samples: int = option(8, check=POSITIVE, help="frame 'mean_frames': evenly spaced frames averaged")
     flow_windows: int = option(3, check=POSITIVE, help="flow 'mean_stacks': evenly spaced flow stacks averaged")
+    tsn_snippets: int = option(25, check=POSITIVE, help="tsn 'dense': evenly spaced snippets averaged")
+    clip_stride: int = option(8, check=POSITIVE, help="c3d 'video': frames between the starts of its clips")
     batch_size: int = option(32, check=POSITIVE, help="inputs per forward pass")
     device: str = option("auto", choices=("auto", "cpu", "cuda"))
 
@@ -226,6 +255,11 @@ class ReportConfig:
     out: str = option("", help="report folder; empty = results/<name of WORK>")
     allow_partial: bool = option(False, help="write the report over the shards that are there, listing the rest")
     runs: tuple[str, ...] = option((), help="only these runs of WORK/eval; empty = all")
+    fusion: tuple[str, ...] = option(("tsn_rgb:1", "tsn_flow:1.5"), check=FUSION,
+                                     help="RUN:WEIGHT of each run whose scores are fused (weighted mean of softmax "
+                                          "scores); empty = no fusion")
+    explain: int = option(0, check=NON_NEGATIVE, help="Grad-CAM overlays of this many test videos per run in the "
+                                                      "report (one right, one wrong per class)")
 
 
 @dataclass(frozen=True)
@@ -244,7 +278,7 @@ class PredictConfig:
     device: str = option("auto", choices=("auto", "cpu", "cuda"), help="where decoding's CNN and the model run")
 
 
-MODELS = tuple(KINDS)   # the study's default: every kind of the table
+MODELS = DEFAULT_KINDS   # the study's default: the four classic kinds (the others are chosen by name)
 _MODEL_LIST = Check(lambda v: len(v) > 0 and all(m in KINDS for m in v) and len(set(v)) == len(v),
                     f"a list of distinct models from: {', '.join(KINDS)}")
 _STAGE_LIST = Check(lambda v: len(v) > 0 and len(set(v)) == len(v), "a non-empty list of distinct stages")

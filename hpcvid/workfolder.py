@@ -16,6 +16,7 @@ Layout (every name below comes from :class:`WorkFolder`; no other module builds 
                                           per-frame features recomputed by a trained CNN (features stage)
     WORK/runs/<run>/                      checkpoints, metrics.jsonl, resolved config (train)
     WORK/eval/<run>/pred-IIII-of-NNNN.h5  prediction shards and their records, set.json (eval)
+    WORK/explain/<run>/<video>__<class>.png  Grad-CAM overlays drawn by `hpcvid explain`
     WORK/jobs/<unit>-<time>.json          submission records; jobs/logs/ holds submitit's files
     WORK/.progress/<unit>/shard-*.json    progress a login node can read while a shard runs
     WORK/.locks/<unit>/shard-*.lock       who works on a shard now (hpcvid.launch.locks)
@@ -158,6 +159,10 @@ class WorkFolder:
 
     def run_dir(self, run: str) -> Path:
         return self.unit_dir(Unit("train", run))
+
+    def explain_dir(self, run: str) -> Path:
+        """Where `hpcvid explain` draws a run's Grad-CAM overlays (pictures for people; no stage reads them)."""
+        return self.root / "explain" / Unit("explain", run).run
 
     def prefix(self, unit: Unit) -> str:
         return _RECORD_PREFIX.get(unit.stage, "shard")

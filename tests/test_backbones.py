@@ -118,5 +118,86 @@ def test_pick_device() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA GPU"):
             pick_device("cuda")
-    with pytest.raises(ConfigError):
-        build_backbone("vgg16")
+    with pytest.raises(ConfigError, match="unknown; choose one of resnet18, resnet50"):
+        build_backbone("alexnet")
+
+
+# --------------------------------------------------------------------------- the backbones the studies compared
+# seconds to build here: the large ones (VGG-16 has 138 M parameters) run with the slow tests
+LIGHT = ("resnet18", "googlenet", "mobilenet_v3_large", "mobilenet_v3_small")
+HEAVY = tuple(pytest.param(name, marks=pytest.mark.slow) for name in ("resnet50", "resnet101", "vgg16"))
+
+
+@pytest.mark.parametrize("name", [*LIGHT, *HEAVY])
+def test_every_architecture_gives_its_feature_size(name) -> None:
+    from hpcvid.learn.backbones import FEATURE_DIMS, last_feature_map
+
+    torch.manual_seed(0)
+    trunk, _, dim = build_backbone(name, num_classes=4)
+    with torch.inference_mode():
+        out = trunk.eval()(batch(1, 64))
+    assert out.shape == (1, dim) == (1, FEATURE_DIMS[name]) and torch.isfinite(out).all()
+    captured = []
+    handle = last_feature_map(trunk).register_forward_hook(lambda m, i, o: captured.append(o.shape))
+    with torch.inference_mode():
+        trunk(batch(1, 64))
+    handle.remove()
+    assert len(captured) == 1 and len(captured[0]) == 4 and captured[0][-1] >= 2    # a spatial map for Grad-CAM
+
+
+@pytest.mark.parametrize("name", [*LIGHT, HEAVY[0]])
+def test_a_torchvision_state_dict_of_each_architecture_loads_with_its_head(tmp_path, name) -> None:
+    import torchvision
+
+    from hpcvid.learn.backbones import ARCHITECTURES
+
+    torch.manual_seed(1)
+    kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    model = getattr(torchvision.models, name)(weights=None, **kwargs).eval()
+    path = tmp_path / f"{name}.pth"
+    torch.save(model.state_dict(), path)
+    trunk, head, _ = build_backbone(name, path)
+    assert head.out_features == 1000 and not trunk.random_init
+    x = batch(1, 64)
+    with torch.inference_mode():
+        assert torch.allclose(head(trunk.eval()(x)), model(x), atol=1e-4)
+    saved = save_backbone(trunk, head, tmp_path / "again.pt")
+    again, again_head, _ = build_backbone(name, saved)
+    stored = torch.load(saved, weights_only=True)["state_dict"]
+    assert f"{ARCHITECTURES[name].head}.weight" in stored            # the head under its torchvision name
+    with torch.inference_mode():
+        assert torch.equal(again_head(again.eval()(x)), head(trunk(x)))
+
+
+@pytest.mark.parametrize("given,asked", [
+    ("mobilenet_v3_small", "mobilenet_v3_large"), ("resnet18", "googlenet"),
+    pytest.param("resnet50", "resnet101", marks=pytest.mark.slow),
+    pytest.param("resnet18", "vgg16", marks=pytest.mark.slow)])
+def test_a_file_of_another_architecture_is_refused_with_one_line(tmp_path, given, asked) -> None:
+    import torchvision
+
+    path = tmp_path / f"{given}.pth"
+    torch.save(getattr(torchvision.models, given)(weights=None).state_dict(), path)
+    with pytest.raises(CheckpointError, match=f"does not fit torchvision's {asked}") as caught:
+        build_backbone(asked, path)
+    assert "\n" not in str(caught.value)
+
+
+def test_flow_and_difference_trunks_start_from_the_rgb_network(tmp_path) -> None:
+    """Cross-modality initialisation: the widened first conv holds the mean of the RGB filters per channel."""
+    import torchvision
+
+    from hpcvid.learn.models import FlowModel, TSNModel
+
+    torch.manual_seed(2)
+    rgb = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True)
+    path = tmp_path / "googlenet.pth"
+    torch.save(rgb.state_dict(), path)
+    flow = FlowModel(3, stack=4, backbone="googlenet", weights=str(path))
+    first = flow.trunk.trunk.conv1.conv.weight
+    assert first.shape[1] == 8 and not flow.trunk.trunk.transform_input
+    assert torch.allclose(first, rgb.conv1.conv.weight.mean(dim=1, keepdim=True).repeat(1, 8, 1, 1))
+    assert flow.eval()(torch.randn(1, 8, 64, 64)).shape == (1, 3)
+    diff = TSNModel(3, modality="diff", segments=2, stack=2, backbone="mobilenet_v3_small")
+    assert diff.trunk.trunk.features[0][0].in_channels == 6
+    assert diff.eval()(torch.randn(1, 2, 6, 64, 64)).shape == (1, 3)

@@ -113,7 +113,7 @@ def test_bad_choice_lists_the_choices(tmp_path):
     ("[launch]\nsbatch = \"--exclusive\"\n", "launch.sbatch must be a table of settings"),
     ("[launch]\nsetup = \"module load x\"\n", "launch.setup must be a list of str"),
     ("[launch]\ncontainer_runtime = \"docker\"\n", "choose one of: apptainer, singularity"),
-    ("[pipeline]\nmodels = [\"frame\", \"c3d\"]\n", "pipeline.models = ['frame', 'c3d'] is not valid; it must be a list"),
+    ("[pipeline]\nmodels = [\"frame\", \"i3d\"]\n", "pipeline.models = ['frame', 'i3d'] is not valid; it must be a list"),
 ])
 def test_bad_values_fail_before_any_work_naming_the_file(tmp_path, toml, fragment):
     bad = write(tmp_path / "bad.toml", toml)

@@ -63,7 +63,7 @@ def test_a_registered_kind_is_a_choice_of_the_config_and_every_model_flag(toy):
     from hpcvid.config import resolve_config
 
     assert resolve_config(overrides={"train.model": "toy"}).train.model == "toy"
-    with pytest.raises(ConfigError, match="choose one of: frame, flow, twostream, lstm, toy"):
+    with pytest.raises(ConfigError, match="choose one of: frame, flow, twostream, lstm, .*, cnnlstm, toy"):
         resolve_config(overrides={"train.model": "nope"})
     parser = build_parser()
     for argv in (["run", "train"], ["run", "eval"], ["submit", "train"], ["submit", "eval"]):
@@ -76,9 +76,15 @@ def test_a_registered_kind_has_its_place_in_the_report_and_the_demo(toy, tmp_pat
 
     runs = {"z": {"model": "unknown"}, "t": {"model": "toy"}, "l": {"model": "lstm"}, "f": {"model": "frame"}}
     assert ordered_runs(runs) == ["f", "l", "t", "z"]
-    names = [step.name for step in build_steps(tmp_path / "job.toml", tmp_path, tmp_path, tmp_path, "ci")]
-    assert names.index("train lstm") < names.index("train toy") < names.index("eval frame")
+    names = [step.name for step in build_steps(tmp_path / "job.toml", tmp_path, tmp_path, tmp_path, "ci",
+                                               all_models=True)]
+    assert names.index("train lstm") < names.index("train c3d") < names.index("train toy") < names.index("eval frame")
     assert names[-3:] == ["eval toy", "collect", "predict lstm"] and names.count("features") == 1
+    # the default demo: the four classic kinds only, so it stays as fast as it was
+    default = [step.name for step in build_steps(tmp_path / "job.toml", tmp_path, tmp_path, tmp_path, "ci")]
+    assert [n for n in default if n.startswith("train")] == ["train frame", "train flow", "train twostream",
+                                                             "train lstm"]
+    assert "eval toy" not in default and "eval tsn_rgb" not in default
 
 
 def test_a_registered_kind_trains_loads_and_gets_its_scorer(toy, tmp_path, monkeypatch):
@@ -99,6 +105,6 @@ def test_a_registered_kind_trains_loads_and_gets_its_scorer(toy, tmp_path, monke
     model, _, meta = load_run(tmp_path / "runs" / "toy")
     assert isinstance(model, toykind.MeanColour) and meta["kind"] == "toy"
     source, items = trainkit.video_clips()
-    monkeypatch.setattr(evaluate, "video_source", lambda config: EvalInputs(source, {}))
+    monkeypatch.setattr(evaluate, "video_source", lambda config, splits=("test",): EvalInputs(source, {}))
     scorer = evaluate.make_scorer(model, meta, config, config, torch.device("cpu"))
     assert isinstance(scorer, toykind.Scorer) and scorer.default == "middle"

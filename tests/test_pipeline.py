@@ -69,6 +69,18 @@ def test_the_study_graph_for_four_models():
     assert graph["reduce"] == ("eval/frame", "eval/flow", "eval/twostream", "eval/lstm")
 
 
+def test_the_other_kinds_train_after_extract_and_are_chosen_by_name():
+    from hpcvid.config import PipelineConfig
+    from hpcvid.launch.pipeline import study_graph
+
+    assert PipelineConfig().models == ("frame", "flow", "twostream", "lstm")     # the default study stays the four
+    graph = {node.name: node.after for node in study_graph(("cnnlstm", "tsn_flow", "frame", "c3d", "tsn_rgb"))}
+    assert [name for name in graph if name.startswith("train/")] == ["train/frame", "train/tsn_rgb", "train/tsn_flow",
+                                                                      "train/c3d", "train/cnnlstm"]
+    assert all(graph[f"train/{m}"] == ("extract",) for m in ("tsn_rgb", "tsn_flow", "c3d", "cnnlstm"))
+    assert graph["reduce"] == ("eval/frame", "eval/tsn_rgb", "eval/tsn_flow", "eval/c3d", "eval/cnnlstm")
+
+
 def test_the_study_s_stages_are_the_stage_table_s_order():
     from hpcvid.launch.pipeline import STUDY_STAGES
     from hpcvid.stages import PIPELINE_ORDER, STAGES

@@ -156,3 +156,65 @@ def test_collect_cli_writes_the_report_and_prints_the_table(tmp_path, capsys):
     assert cli.main(["collect", str(tmp_path / "work"), "--out", str(out)]) == 2
     assert "pred-0001-of-0002.h5 has no record" in capsys.readouterr().err
     assert cli.main(["collect", str(tmp_path / "work"), "--out", str(out), "--allow-partial"]) == 3
+
+
+# ------------------------------------------------------------------------------------------ fusion
+def _fused_by_hand(work, weights):
+    """The weighted mean of each run's default scores per video, and the labels, from the shards directly."""
+    rows, labels = {}, {}
+    for run, weight in weights.items():
+        for path in sorted((work / "eval" / run).glob("pred-*.h5")):
+            shard = read_prediction_shard(path)
+            for video, label, score in zip(shard.video_ids, shard.labels, shard.scores[shard.default_strategy]):
+                rows[video] = rows.get(video, 0) + weight * score / sum(weights.values())
+                labels[video] = label
+    videos = sorted(rows)
+    return np.stack([rows[v] for v in videos]), np.array([labels[v] for v in videos])
+
+
+def test_the_reducer_fuses_the_default_scores_of_runs_with_their_weights(tmp_path, capsys):
+    work, out = tmp_path / "work", tmp_path / "results"
+    manifest = make_manifest(work, n_classes=6, test_per_class=6)
+    write_run(work, manifest, "tsn_rgb", "tsn_rgb", {"segments": 0.4, "dense": 0.5}, shards=2, seed=3)
+    write_run(work, manifest, "tsn_flow", "tsn_flow", {"segments": 0.6, "dense": 0.1}, shards=3, seed=4)
+    assert cli.main(["collect", str(work), "--out", str(out)]) == 0         # the default: 1 : 1.5
+    summary = json.loads((out / "summary.json").read_text())
+    fused = summary["runs"]["tsn_rgb+tsn_flow"]
+    assert fused["model"] == "fusion" and fused["default_strategy"] == "weighted_1:1.5"
+    assert fused["fusion"] == {"tsn_rgb": {"weight": 1.0, "strategy": "segments"},
+                               "tsn_flow": {"weight": 1.5, "strategy": "segments"}}
+    scores, labels = _fused_by_hand(work, {"tsn_rgb": 1.0, "tsn_flow": 1.5})
+    numbers = fused["strategies"]["weighted_1:1.5"]
+    assert numbers["n_videos"] == 36 and numbers["correct"] == int((scores.argmax(1) == labels).sum())
+    assert numbers["topk_hits"]["5"] == metrics.topk_hits(scores, labels, 5)
+    report = (out / "report.md").read_text()
+    assert "1 x `tsn_rgb` (segments) + 1.5 x `tsn_flow` (segments)" in report and "| tsn_rgb+tsn_flow | fusion |" in report
+    # weights from the command line; the fusion changes with them
+    assert cli.main(["collect", str(work), "--out", str(out), "--fuse", "tsn_flow:1", "tsn_rgb:3"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    scores, labels = _fused_by_hand(work, {"tsn_flow": 1.0, "tsn_rgb": 3.0})
+    assert summary["runs"]["tsn_flow+tsn_rgb"]["strategies"]["weighted_1:3"]["correct"] == \
+        int((scores.argmax(1) == labels).sum())
+    assert "tsn_rgb+tsn_flow" not in summary["runs"]
+    # --fuse alone: none; a run that was not evaluated: said, not fused; a malformed weight: one line
+    assert cli.main(["collect", str(work), "--out", str(out), "--fuse"]) == 0
+    assert set(json.loads((out / "summary.json").read_text())["runs"]) == {"tsn_rgb", "tsn_flow"}
+    assert cli.main(["collect", str(work), "--out", str(out), "--fuse", "tsn_rgb:1", "tsn_diff:1"]) == 0
+    assert "fusion tsn_rgb+tsn_diff: not computed, tsn_diff was not evaluated" in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert cli.main(["collect", str(work), "--out", str(out), "--fuse", "tsn_rgb=1", "tsn_flow:1"]) == 2
+    assert "report.fusion" in capsys.readouterr().err
+
+
+def test_fusion_covers_only_the_videos_every_member_counted(tmp_path):
+    from hpcvid.stages.reduce import fuse
+
+    work = tmp_path / "work"
+    manifest = make_manifest(work, n_classes=6, test_per_class=4)
+    write_run(work, manifest, "a", "frame", {"middle": 0.5}, shards=2)
+    write_run(work, manifest, "b", "flow", {"centre_stack": 0.5}, shards=2, skip=(1,))
+    reduction = reduce_files(work, allow_partial=True)
+    fuse(reduction, {"a": 1.0, "b": 2.0})
+    fused = reduction.runs["a+b"]
+    assert fused.n_videos == reduction.runs["b"].n_videos == 12
+    assert reduction.missing_videos["a+b"] == reduction.missing_videos["b"]

@@ -32,6 +32,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "mpi": ("hpcvid.cli.mpi", "run a shard stage across the ranks of one MPI allocation"),
     "collect": ("hpcvid.cli.collect", "reduce prediction shards into results/NAME (tables, confusion matrices, plots)"),
     "predict": ("hpcvid.cli.predict", "classify videos of one's own with a trained run: top classes, a timeline"),
+    "explain": ("hpcvid.cli.explain", "Grad-CAM overlays: where in a video's frames a trained model saw its class"),
     "demo": ("hpcvid.cli.demo", "the whole pipeline on a small synthetic dataset, on this machine -> results/demo"),
     "bench": ("hpcvid.cli.bench", "speed ratios of decode, flow, features and storage -> results/bench"),
 }

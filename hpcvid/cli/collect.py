@@ -18,11 +18,14 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from hpcvid.stages.reduce import collect, in_mpi_job
+    from hpcvid.config import parse_fusion, resolve_config
+    from hpcvid.stages.reduce import collect, in_mpi_job, overrides
     from hpcvid.stages.report import format_table, read_summary
 
     use_mpi = bool(args.mpi or in_mpi_job())
-    out = collect(args.work, args.out, runs=args.runs, allow_partial=args.allow_partial, use_mpi=use_mpi)
+    report = resolve_config(overrides=overrides(args)).report      # the [report] checks and defaults
+    out = collect(args.work, args.out, runs=args.runs, allow_partial=args.allow_partial, use_mpi=use_mpi,
+                  fusion=parse_fusion(report.fusion), explain=report.explain)
     if out is None:
         return 0
     summary = read_summary(out)

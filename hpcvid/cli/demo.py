@@ -17,6 +17,10 @@ LSTM stopped at 66-86 % (with synth's earlier 1.8x expansion); over the fine-tun
 by then, and further training on a task where one frame cannot tell the motion teaches it to ignore size
 (default size, two seeds: the LSTM over its features reached 98.3 % after 3 epochs, 95-96 % after 4).
 
+``--all-models`` trains and evaluates every kind of :data:`hpcvid.learn.kinds.KINDS` (also the three TSN
+modalities, C3D and the end-to-end CNN-LSTM) after those four, fuses the TSN RGB and flow runs in the report
+and adds Grad-CAM examples; the default demo runs the four classic kinds only, as fast as before.
+
 Sizes (``--size``): ``ci`` is the scale CI runs (6 classes, 40 train + 15 test clips per
 class, 16 frames of 64x64 px); ``default`` is larger (60 + 20 clips per class), so its accuracies are
 measured on more test videos.
@@ -31,12 +35,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 # Both sizes train and evaluate alike; they differ in the number of clips. A model kind without demo epochs
-# here trains for the job file's (train.epochs).
+# here trains for the job file's (train.epochs). The kinds past the first four run with --all-models.
 _STAGES: dict[str, Any] = {
     "extract": {"shards": 3, "size": 64},
-    "epochs": {"frame": 3, "flow": 25, "twostream": 5, "lstm": 40},
+    "epochs": {"frame": 3, "flow": 25, "twostream": 5, "lstm": 40,
+               "tsn_rgb": 5, "tsn_flow": 10, "tsn_diff": 8, "c3d": 15, "cnnlstm": 8},
     "eval_shards": 2,
 }
+EXPLAINED = 2
+"""Test videos per run whose Grad-CAM overlays `--all-models` puts in the report (one wrong, one right)."""
 _SYNTH: dict[str, Any] = {"classes": 6, "frames": 16, "size": "64x64", "seed": 0}
 DEMO_SIZES: dict[str, dict[str, Any]] = {
     "default": {"synth": {**_SYNTH, "per_class": 80, "test_per_class": 20}, **_STAGES},
@@ -94,10 +101,18 @@ early_stopping = 10
 # A horizontal flip turns a left rotation into a right one: on this set it changes the label (flow CNN,
 # CI size: motion 90.0 % with flips, 98.9 % without). Keep it on for UCF-101-like data.
 flip = false
+# --all-models: segment networks, C3D (narrowed to train on a CPU in minutes) and the end-to-end CNN-LSTM
+tsn_segments = 3
+tsn_stack = 5
+clip_frames = {synth['frames']}
+c3d_width = 8
+c3d_fc = 128
 
 [eval]
 shards = {spec['eval_shards']}
 window_stride = {max(1, synth['frames'] // 4)}
+tsn_snippets = 8
+clip_stride = {max(1, synth['frames'] // 2)}
 device = "cpu"
 """
 
@@ -127,26 +142,28 @@ def _train(job: Path, model: str, epochs: int | None) -> int:
     return _cli("run", "train", "--config", str(job), "--model", model, *epoch_flags, *TRAIN_FLAGS.get(model, ()))
 
 
-def build_steps(job: Path, work: Path, data: Path, out: Path, size: str) -> list[Step]:
-    from hpcvid.learn.kinds import FEATURES, KINDS
+def build_steps(job: Path, work: Path, data: Path, out: Path, size: str, all_models: bool = False) -> list[Step]:
+    """The demo's steps: the four classic kinds (:data:`hpcvid.learn.kinds.DEFAULT_KINDS`), or every kind."""
+    from hpcvid.learn.kinds import DEFAULT_KINDS, FEATURES, KINDS
 
     spec = DEMO_SIZES[size]
+    models = {name: kind for name, kind in KINDS.items() if all_models or name in DEFAULT_KINDS}
     steps = [
         Step("synth", lambda: _cli("synth", "--config", str(job), str(data))),
         Step("index", lambda: _cli("index", "--config", str(job))),
         Step("extract", lambda: _cli("run", "extract", "--config", str(job))),
         Step("merge", lambda: _cli("run", "merge", "--config", str(job))),
     ]
-    for model, kind in KINDS.items():    # table order: a kind comes after the kinds it starts from
+    for model, kind in models.items():    # table order: a kind comes after the kinds it starts from
         if FEATURES in kind.reads and not any(step.name == "features" for step in steps):
             # feature models train on the fine-tuned frame CNN's features (module docstring)
             steps.append(Step("features", lambda: _cli("run", "features", "--config", str(job))))
         steps.append(Step(f"train {model}",
                           lambda model=model: _train(job, model, spec["epochs"].get(model))))
-    for model in KINDS:
+    for model in models:
         steps.append(Step(f"eval {model}",
                           lambda model=model: _cli("run", "eval", "--config", str(job), "--model", model)))
-    steps.append(Step("collect", lambda: _collect(work, out)))
+    steps.append(Step("collect", lambda: _collect(work, out, EXPLAINED if all_models else 0)))
     steps.append(Step(f"predict {PREDICT_RUN}", lambda: _predict(job, work, out, spec)))
     return steps
 
@@ -187,14 +204,17 @@ def synthetic_factors(classes: list[str]) -> dict[str, list[str]] | None:
     return factors
 
 
-def _collect(work: Path, out: Path) -> int:
-    """The reducer (the `collect` verb's function), with the synthetic classes' motion/appearance factors."""
+def _collect(work: Path, out: Path, explain: int = 0) -> int:
+    """The reducer (the `collect` verb's function), with the synthetic classes' motion/appearance factors, the
+    default fusion of the segment networks (when they ran) and ``explain`` Grad-CAM examples per run."""
+    from hpcvid.config import ReportConfig, parse_fusion
     from hpcvid.storage.manifest import load_manifest
     from hpcvid.stages.reduce import collect
     from hpcvid.stages.report import read_summary
 
     factors = synthetic_factors(list(load_manifest(work).classes))
-    collect(work, out, allow_partial=True, factors=factors)
+    collect(work, out, allow_partial=True, factors=factors, fusion=parse_fusion(ReportConfig().fusion),
+            explain=explain)
     return 3 if read_summary(out).get("partial") else 0   # 3: written, but some predictions are missing
 
 
@@ -205,13 +225,16 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", metavar="DIR", default="data/demo", help="dataset folder (default: data/demo)")
     parser.add_argument("--size", choices=tuple(DEMO_SIZES), default="default",
                         help="ci: the CI scale (40 + 15 clips per class); default: larger (60 + 20)")
+    parser.add_argument("--all-models", action="store_true",
+                        help="train and compare every model kind (also TSN, C3D, CNN-LSTM), with Grad-CAM examples; "
+                             "default: frame, flow, twostream, lstm")
     parser.add_argument("--force", action="store_true", help="delete the work folder and start again")
     parser.add_argument("--threads", type=int, default=0, metavar="N",
                         help="torch threads (default: all cores of this machine)")
 
 
 def run_demo(out: Path | str = "results/demo", work: Path | str = "work/demo", data: Path | str = "data/demo",
-             size: str = "default", force: bool = False, threads: int = 0) -> dict[str, Any]:
+             size: str = "default", force: bool = False, threads: int = 0, all_models: bool = False) -> dict[str, Any]:
     """Run every step; returns {"ran": [...], "failed": [...], "out": Path}."""
     import torch
 
@@ -223,7 +246,7 @@ def run_demo(out: Path | str = "results/demo", work: Path | str = "work/demo", d
     work.mkdir(parents=True, exist_ok=True)
     job = work / "demo.toml"
     job.write_text(job_toml(work.resolve(), data.resolve(), size))
-    steps = build_steps(job, work, data, out, size)
+    steps = build_steps(job, work, data, out, size, all_models)
     ran, failed = [], []
     started = time.time()
     for number, step in enumerate(steps, start=1):
@@ -250,17 +273,18 @@ def format_factors(summary: dict[str, Any]) -> str:
     from hpcvid.stages.report import ordered_runs
 
     names = list(summary["factors"])
-    lines = [f"{'run':<10} {'strategy':<14} {'class %':>8} " + " ".join(f"{n + ' %':>12}" for n in names)]
+    width = max([10, *(len(run) for run in summary["runs"])])
+    lines = [f"{'run':<{width}} {'strategy':<14} {'class %':>8} " + " ".join(f"{n + ' %':>12}" for n in names)]
     for run in ordered_runs(summary["runs"]):
         entry = summary["runs"][run]
         numbers = entry["strategies"][entry["default_strategy"]]
         values = " ".join(f"{100 * numbers['factors'][n]:>12.1f}" for n in names)
-        lines.append(f"{run:<10} {entry['default_strategy']:<14} {100 * numbers['top1']:>8.1f} {values}")
+        lines.append(f"{run:<{width}} {entry['default_strategy']:<14} {100 * numbers['top1']:>8.1f} {values}")
     return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> int:
-    result = run_demo(args.out, args.work, args.data, args.size, args.force, args.threads)
+    result = run_demo(args.out, args.work, args.data, args.size, args.force, args.threads, args.all_models)
     summary_path = Path(result["out"]) / "summary.json"
     if "collect" in result["ran"] and summary_path.is_file():
         from hpcvid.stages.report import format_table, read_summary

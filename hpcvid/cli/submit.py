@@ -22,6 +22,7 @@ from typing import Any
 
 from hpcvid.cli import config_from_args
 from hpcvid.config import MODELS, resolve_config
+from hpcvid.learn.kinds import KINDS
 from hpcvid.errors import ConfigError
 from hpcvid.stages import STAGES
 
@@ -102,14 +103,14 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
         add_launch_arguments(sub)
         sub.add_argument("--dry-run", action="store_true", help="print the sbatch script and queue nothing")
     about = ("queue the whole study as one graph of SLURM dependencies: extract -> merge; frame and flow "
-             "training; two-stream after both; features after frame, the LSTM after them; each eval after its "
-             "training; one reduce after every eval")
+             "training; two-stream after both; features after frame, the LSTM after them; TSN, C3D and CNN-LSTM "
+             "(when named in --models) after extract; each eval after its training; one reduce after every eval")
     pipe = stages.add_parser("pipeline", help=about, description=about)
     pipe.add_argument("job_file", metavar="JOB.toml", help="job file (see jobs/)")
     pipe.add_argument("--profile", metavar="PROFILE.toml", help="cluster profile (see slurm/)")
     pipe.add_argument("--work", metavar="WORK", help="work folder; overrides the job file's `work`")
-    pipe.add_argument("--models", metavar="M1,M2", help=f"models of the study, from {','.join(MODELS)} "
-                                                        "(default: the job file's pipeline.models, else all four)")
+    pipe.add_argument("--models", metavar="M1,M2", help=f"models of the study, from {','.join(KINDS)} (default: "
+                                                        f"the job file's pipeline.models, else {','.join(MODELS)})")
     pipe.add_argument("--stages", metavar="S1,S2", help=f"only these stages, from {','.join(STUDY_STAGES)}; units of "
                                                         "the others are taken as done (pipeline.stages)")
     pipe.add_argument("--results", metavar="DIR", help="the reduce stage's report folder (default: results/<name of WORK>)")

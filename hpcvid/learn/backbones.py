@@ -1,13 +1,15 @@
-"""Frame CNN backbones (torchvision GoogLeNet 1024-d, ResNet-18 512-d), their weights and input.
+"""Frame CNN backbones (the torchvision networks of :data:`ARCHITECTURES`), their weights and input.
 
-:func:`build_backbone` splits a torchvision classifier into a *trunk* ((B, 3, H, W) -> (B, D) globally
-pooled features; the classifier layer replaced by ``Identity``) and a *head* (the ``fc`` layer), so the
-extractor, the frame CNN and the LSTM share one definition.
+:func:`build_backbone` splits a torchvision classifier into a *trunk* ((B, 3, H, W) -> (B, D) features; its
+last classifier layer replaced by ``Identity``) and a *head* (that layer: ``fc`` of ResNet and GoogLeNet,
+``classifier.6`` of VGG-16, ``classifier.3`` of MobileNetV3), so the extractor, the frame CNN, the flow
+CNN, the segment networks and the CNN-LSTM share one definition. D is the input of that last layer:
+ResNet-18 512, ResNet-50/101 2048, VGG-16 4096 (fc7), GoogLeNet 1024, MobileNetV3-large 1280, -small 1024.
 
 Weights come only from a local file (nothing is downloaded), loaded with ``torch.load(weights_only=True)``:
 
 * a plain state dict with torchvision's key names (e.g. ImageNet weights saved from torchvision, with
-  or without ``fc.*``; GoogLeNet's ``aux1.*``/``aux2.*`` are ignored; a DDP ``module.`` prefix is
+  or without the head's keys; GoogLeNet's ``aux1.*``/``aux2.*`` are ignored; a DDP ``module.`` prefix is
   stripped), or
 * the file :func:`save_backbone` writes: ``{"hpcvid_backbone": name, "transform_input": bool,
   "state_dict": {...}}`` (a fine-tuned frame CNN from the trainer).
@@ -27,16 +29,34 @@ import logging
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
-
 from hpcvid.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-FEATURE_DIMS = {"resnet18": 512, "googlenet": 1024}
-BACKBONES = tuple(FEATURE_DIMS)
+
+
+class Architecture(NamedTuple):
+    """A torchvision classifier as a backbone: its constructor, feature size and where its last layer is."""
+
+    constructor: str      # the function of torchvision.models
+    feature_dim: int      # D: the input of the last classifier layer
+    head: str             # the last classifier layer's module path (its state-dict prefix)
+    last_map: str         # the module whose output is the last spatial feature map (what Grad-CAM weighs)
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "resnet18": Architecture("resnet18", 512, "fc", "layer4"),
+    "resnet50": Architecture("resnet50", 2048, "fc", "layer4"),
+    "resnet101": Architecture("resnet101", 2048, "fc", "layer4"),
+    "vgg16": Architecture("vgg16", 4096, "classifier.6", "features.29"),     # the last ReLU, before the pool
+    "googlenet": Architecture("googlenet", 1024, "fc", "inception5b"),
+    "mobilenet_v3_large": Architecture("mobilenet_v3_large", 1280, "classifier.3", "features"),
+    "mobilenet_v3_small": Architecture("mobilenet_v3_small", 1024, "classifier.3", "features"),
+}
+FEATURE_DIMS = {name: arch.feature_dim for name, arch in ARCHITECTURES.items()}
+BACKBONES = tuple(ARCHITECTURES)
 
 
 class Backbone(NamedTuple):
@@ -77,12 +97,23 @@ def cpu_supports_bf16() -> bool:
 def _torchvision_model(name: str, transform_input: bool):
     import torchvision
 
-    if name == "resnet18":
-        return torchvision.models.resnet18(weights=None)
+    if name not in ARCHITECTURES:
+        raise ConfigError(f"backbone {name!r} is unknown; choose one of {', '.join(BACKBONES)}")
+    constructor = getattr(torchvision.models, ARCHITECTURES[name].constructor)
     if name == "googlenet":
-        return torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True,
-                                            transform_input=transform_input)
-    raise ConfigError(f"backbone {name!r} is unknown; choose one of {', '.join(BACKBONES)}")
+        return constructor(weights=None, aux_logits=False, init_weights=True, transform_input=transform_input)
+    return constructor(weights=None)
+
+
+def _replace_module(model: Any, path: str, new: Any) -> None:
+    """Put ``new`` at the dotted module ``path`` of ``model`` (``classifier.6``)."""
+    *parents, last = path.split(".")
+    setattr(model.get_submodule(".".join(parents)) if parents else model, last, new)
+
+
+def last_feature_map(trunk: Any) -> Any:
+    """The module of a trunk from :func:`build_backbone` whose output is its last spatial feature map."""
+    return trunk.get_submodule(ARCHITECTURES[trunk.backbone_name].last_map)
 
 
 def _weights_fix(name: str) -> str:
@@ -139,28 +170,29 @@ def load_weights_file(path: Path | str, name: str) -> tuple[dict[str, Any], bool
 
 
 def build_backbone(name: str, weights: str | Path = "", num_classes: int | None = None) -> Backbone:
-    """(trunk, head, feature_dim) of ``name`` = resnet18 | googlenet.
+    """(trunk, head, feature_dim) of ``name``, one of :data:`BACKBONES`.
 
     ``weights``: a local file (see module docstring) or "" for random initialisation.
     ``num_classes``: None keeps the file's own classifier as head (e.g. ImageNet's 1000 classes, for
     per-frame scores) or no head when the file has none / there is no file; an int gives a head with
-    that many outputs, loaded from the file when its ``fc`` has exactly that shape, else newly initialised.
+    that many outputs, loaded from the file when its last layer has exactly that shape, else newly
+    initialised.
     The trunk carries ``random_init`` (bool) and ``weights_source`` (str) for the record.
     """
     from torch import nn
 
-    if name not in FEATURE_DIMS:
+    if name not in ARCHITECTURES:
         raise ConfigError(f"backbone {name!r} is unknown; choose one of {', '.join(BACKBONES)}")
-    dim = FEATURE_DIMS[name]
+    dim, prefix = FEATURE_DIMS[name], ARCHITECTURES[name].head + "."
     state: dict[str, Any] = {}
     transform_input = False
     if weights:
         state, saved_transform = load_weights_file(weights, name)
         transform_input = (name == "googlenet") if saved_transform is None else saved_transform
     model = _torchvision_model(name, transform_input)
-    fc_state = {k[len("fc."):]: v for k, v in state.items() if k.startswith("fc.")}
-    trunk_state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    model.fc = nn.Identity()
+    fc_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    trunk_state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    _replace_module(model, ARCHITECTURES[name].head, nn.Identity())
     if weights:
         try:
             model.load_state_dict(trunk_state, strict=True)
@@ -194,24 +226,26 @@ def _build_head(dim: int, num_classes: int | None, fc_state: dict[str, Any], wei
     head = nn.Linear(dim, num_classes)
     if saved_classes == num_classes and "bias" in fc_state:
         if tuple(fc_state["weight"].shape) != (num_classes, dim):
-            raise CheckpointError(f"weights file {weights}: fc.weight has shape {tuple(fc_state['weight'].shape)}, "
-                                  f"expected ({num_classes}, {dim})")
+            raise CheckpointError(f"weights file {weights}: the last layer's weight has shape "
+                                  f"{tuple(fc_state['weight'].shape)}, expected ({num_classes}, {dim}): was it "
+                                  "saved from a different network?")
         head.load_state_dict({"weight": fc_state["weight"], "bias": fc_state["bias"]})
     return head
 
 
 def save_backbone(trunk, head, path: Path | str, name: str | None = None) -> Path:
-    """Write trunk (+ head as ``fc``) atomically in the format :func:`build_backbone` reads back."""
+    """Write trunk (+ head under its architecture's name) atomically in the format :func:`build_backbone` reads."""
     import torch
 
     from hpcvid.fileio import atomic_path
 
     name = name or getattr(trunk, "backbone_name", None)
-    if name not in FEATURE_DIMS:
+    if name not in ARCHITECTURES:
         raise ValueError(f"cannot tell which backbone this is ({name!r}); pass name=")
     state = {k: v.detach().cpu() for k, v in trunk.state_dict().items()}
     if head is not None:
-        state.update({f"fc.{k}": v.detach().cpu() for k, v in head.state_dict().items()})
+        prefix = ARCHITECTURES[name].head
+        state.update({f"{prefix}.{k}": v.detach().cpu() for k, v in head.state_dict().items()})
     payload = {"hpcvid_backbone": name, "transform_input": bool(getattr(trunk, "transform_input", False)),
                "state_dict": state}
     path = Path(path)
@@ -222,6 +256,7 @@ def save_backbone(trunk, head, path: Path | str, name: str | None = None) -> Pat
 
 def preprocess(frames, device=None, channels_last: bool = True):
     """uint8 (T, H, W, 3) RGB (numpy or tensor) -> float32 (T, 3, H, W) ImageNet-normalised tensor."""
+    import numpy as np
     import torch
 
     tensor = torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames

@@ -8,11 +8,16 @@ Forward contracts (shared with evaluation; inputs are prepared by :mod:`hpcvid.l
   feature maps concatenated, 1x1 conv, pool, classifier); :func:`late_fusion` combines scores instead.
 * ``lstm``:      ``(B, T, D)`` prepared per-frame features  -> ``(B, T, C)`` per-step logits; with
   ``return_state=True`` also the ``(h, c)`` state, which truncated BPTT carries across chunks.
+* ``tsn_*``:     ``(B, K, c, H, W)``: K snippets (c = 3 for one RGB frame, 2L for L flow fields, 3L for L
+  RGB differences) -> ``(B, C)``: the segments' logits averaged (the consensus).
+* ``c3d``:       ``(B, 3, T, H, W)`` a clip of T frames       -> ``(B, C)``.
+* ``cnnlstm``:   ``(B, T, 3, H, W)`` T preprocessed frames    -> ``(B, T, C)`` per-step logits.
 
 Every model records its constructor arguments in ``init_args`` so a checkpoint rebuilds the exact
 architecture (:func:`build_from_args`). Backbones: ``"small"`` is a four-layer CNN with GroupNorm (fast on
-a CPU, and independent of the per-process batch so DDP equals one big batch); ``"resnet18"`` and
-``"googlenet"`` come from :func:`hpcvid.learn.backbones.build_backbone` (local weights or random init).
+a CPU, and independent of the per-process batch so DDP equals one big batch); the others (ResNet-18/50/101,
+VGG-16, GoogLeNet, MobileNetV3) come from :func:`hpcvid.learn.backbones.build_backbone` (local weights or
+random init). A trunk's :func:`cam_layer` is the module whose output Grad-CAM weighs.
 """
 from __future__ import annotations
 
@@ -81,7 +86,12 @@ def widen_first_conv(module: nn.Module, in_channels: int) -> None:
 
 
 def build_trunk(backbone: str, weights: str = "", in_channels: int = 3) -> nn.Module:
-    """A trunk with ``feature_map`` and pooled ``forward`` and an ``out_channels`` attribute."""
+    """A trunk with ``feature_map`` and pooled ``forward`` and an ``out_channels`` attribute.
+
+    A trunk for other inputs than RGB (stacked flow, RGB differences) starts from the RGB network with
+    its first convolution widened (:func:`widen_first_conv`); GoogLeNet's re-mapping of the three RGB
+    channels (``transform_input``) is switched off for it, as it has no meaning there.
+    """
     if backbone == "small":
         return SmallCNN(in_channels)
     from hpcvid.learn.backbones import build_backbone  # only when a torchvision backbone is asked for
@@ -89,7 +99,36 @@ def build_trunk(backbone: str, weights: str = "", in_channels: int = 3) -> nn.Mo
     trunk, _head, feature_dim = build_backbone(backbone, weights or "")
     if in_channels != 3:
         widen_first_conv(trunk, in_channels)
+        if hasattr(trunk, "transform_input"):
+            trunk.transform_input = False
     return PooledTrunk(trunk, feature_dim)
+
+
+def cam_layer(trunk: nn.Module) -> nn.Module:
+    """The module of a trunk (:func:`build_trunk`) whose output is its last spatial feature map."""
+    if isinstance(trunk, SmallCNN):
+        return trunk.body
+    from hpcvid.learn.backbones import last_feature_map
+
+    return last_feature_map(trunk.trunk)
+
+
+def freeze_bn_statistics(module: nn.Module, keep_first: bool = True) -> int:
+    """Put every BatchNorm layer (but the first, with ``keep_first``) in eval mode; returns how many.
+
+    Partial batch normalisation: with small batches (and few videos per class) the running statistics of
+    a pretrained network are better than those re-estimated from the batch; the first layer's are still
+    updated, because the input's distribution (flow, RGB differences, another dataset) differs from the
+    pretraining's. Called after every ``train()``, which would otherwise switch them back to batch statistics.
+    """
+    frozen = 0
+    for layer in (m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+        if keep_first:
+            keep_first = False
+            continue
+        layer.eval()
+        frozen += 1
+    return frozen
 
 
 def _frozen(module: nn.Module) -> nn.Module:
@@ -231,6 +270,136 @@ class LSTMModel(nn.Module):
         out, new_state = self.lstm(self.input_dropout(x), state)
         logits = self.head(out)
         return (logits, new_state) if return_state else logits
+
+
+SNIPPET_CHANNELS = {"rgb": lambda stack: 3, "flow": lambda stack: 2 * stack, "diff": lambda stack: 3 * stack}
+
+
+class TSNModel(nn.Module):
+    """Temporal segment network: one trunk classifies each segment's snippet; the logits are averaged.
+
+    ``modality`` says what a snippet is: one RGB frame (``rgb``), ``stack`` flow fields (``flow``, 2 *
+    stack channels) or ``stack`` differences of consecutive RGB frames (``diff``, 3 * stack channels); the
+    trunk's first convolution is widened for the last two. With ``partial_bn`` every BatchNorm layer but the
+    first keeps its running statistics during training (:func:`freeze_bn_statistics`).
+    """
+
+    def __init__(self, num_classes: int, modality: str = "rgb", segments: int = 3, stack: int = 5,
+                 backbone: str = "small", weights: str = "", dropout: float = 0.5, partial_bn: bool = False) -> None:
+        super().__init__()
+        if modality not in SNIPPET_CHANNELS:
+            raise ValueError(f"unknown TSN modality {modality!r}; choose one of {', '.join(SNIPPET_CHANNELS)}")
+        self.init_args = {"num_classes": num_classes, "modality": modality, "segments": segments, "stack": stack,
+                          "backbone": backbone, "weights": weights, "dropout": dropout, "partial_bn": partial_bn}
+        self.modality, self.segments, self.stack, self.partial_bn = modality, segments, stack, partial_bn
+        self.trunk = build_trunk(backbone, weights, SNIPPET_CHANNELS[modality](stack))
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(self.trunk.out_channels, num_classes)
+
+    def snippet_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, K, c, H, W)`` -> each snippet's logits ``(B, K, C)``."""
+        batch, segments = x.shape[:2]
+        return self.head(self.dropout(self.trunk(x.flatten(0, 1)))).view(batch, segments, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.snippet_logits(x).mean(dim=1)
+
+    def train(self, mode: bool = True) -> "TSNModel":
+        super().train(mode)
+        if mode and self.partial_bn:
+            freeze_bn_statistics(self)
+        return self
+
+
+class C3DModel(nn.Module):
+    """3D convolutions over a clip: C3D's eight 3x3x3 conv layers and five max-pools, two FC layers.
+
+    ``width`` is the first layer's channels (C3D: 64; then 2x, 4x, 4x, 8x ... as in the paper) and ``fc`` the
+    size of the two hidden FC layers (C3D: 4096), so the same architecture fits a CPU demo when narrowed.
+    The first pool keeps time; the others halve time while it is longer than 1 (clips shorter than C3D's 16
+    frames still fit). The FC layers read the globally pooled last map, so any crop size fits (C3D
+    flattens the 4 x 4 map of its 112 px crops).
+    """
+
+    def __init__(self, num_classes: int, width: int = 64, fc: int = 4096, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.init_args = {"num_classes": num_classes, "width": width, "fc": fc, "dropout": dropout}
+        w = width
+        # (out channels of each conv layer, then "pool") in C3D's order: conv1a pool1 conv2a pool2 ...
+        plan = [w, "pool", 2 * w, "pool", 4 * w, 4 * w, "pool", 8 * w, 8 * w, "pool", 8 * w, 8 * w, "pool"]
+        layers: list[nn.Module] = []
+        channels = 3
+        for step in plan:
+            if step == "pool":
+                layers.append(_ClipPool(keep_time=not any(isinstance(m, _ClipPool) for m in layers)))
+            else:
+                layers += [nn.Conv3d(channels, int(step), 3, padding=1), nn.ReLU(inplace=True)]
+                channels = int(step)
+        self.features = nn.Sequential(*layers[:-1])          # up to conv5b's ReLU: the last map (Grad-CAM)
+        self.pool5 = layers[-1]
+        self.classifier = nn.Sequential(nn.Linear(channels, fc), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                                        nn.Linear(fc, fc), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                                        nn.Linear(fc, num_classes))
+        # He initialisation: eight ReLU layers without normalisation shrink the signal under torch's default
+        # (on the demo set a narrow C3D stalled at 67 %, one appearance's three motions taken for one)
+        for conv in (m for m in self.features if isinstance(m, nn.Conv3d)):
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool5(self.features(x)).mean(dim=(2, 3, 4)))
+
+
+class _ClipPool(nn.Module):
+    """C3D's max-pool: 1x2x2 for the first (time kept), else 2x2x2 while time is longer than 1."""
+
+    def __init__(self, keep_time: bool) -> None:
+        super().__init__()
+        self.keep_time = keep_time
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time = 1 if self.keep_time or x.shape[2] < 2 else 2
+        kernel = (time, min(2, x.shape[3]), min(2, x.shape[4]))
+        return F.max_pool3d(x, kernel, kernel)
+
+
+def temporal_centring(x: torch.Tensor) -> torch.Tensor:
+    """``(B, T, D)`` -> ``(B, T, 2D)``: each step minus the clip's mean, with the clip's mean appended.
+
+    The same input as :func:`hpcvid.learn.datasets.centre_in_time` gives the feature LSTM, computed
+    inside the model so that gradients reach the CNN.
+    """
+    mean = x.mean(dim=1, keepdim=True)
+    return torch.cat([x - mean, mean.expand_as(x)], dim=-1)
+
+
+class CNNLSTMModel(nn.Module):
+    """End-to-end CNN + LSTM: a trunk on every frame, an LSTM over the frames' features, trained jointly.
+
+    The recurrent part is :class:`LSTMModel` (its input dropout, stacked layers, per-step classifier and
+    the weight ``mean_scale`` of the appended clip mean); with ``centring`` its input is the trunk's
+    features centred in time (:func:`temporal_centring`), which kept the feature LSTM from memorising clips.
+    """
+
+    def __init__(self, num_classes: int, backbone: str = "small", weights: str = "", hidden: int = 256,
+                 layers: int = 1, dropout: float = 0.2, centring: bool = True, mean_scale: float = 0.05) -> None:
+        super().__init__()
+        self.init_args = {"num_classes": num_classes, "backbone": backbone, "weights": weights, "hidden": hidden,
+                          "layers": layers, "dropout": dropout, "centring": centring, "mean_scale": mean_scale}
+        self.centring = centring
+        self.trunk = build_trunk(backbone, weights, 3)
+        dim = self.trunk.out_channels
+        self.lstm = LSTMModel(num_classes, 2 * dim if centring else dim, hidden, layers, dropout,
+                              mean_scale=mean_scale if centring else 1.0)
+
+    def frame_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, T, 3, H, W)`` -> the trunk's features ``(B, T, D)``."""
+        batch, steps = x.shape[:2]
+        return self.trunk(x.flatten(0, 1)).view(batch, steps, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.frame_features(x)
+        return self.lstm(temporal_centring(features) if self.centring else features)
 
 
 def relative_standardise(x: torch.Tensor, dim: int = -1, rel_eps: float = 1e-3) -> torch.Tensor:

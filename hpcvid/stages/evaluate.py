@@ -182,16 +182,17 @@ def _progress(items: Sequence[Any], label: str) -> Any:
 
 
 # ------------------------------------------------------------------------------ scorers and their inputs
-def make_scorer(model: Any, meta: dict[str, Any], run_config: Config, config: Config, device: Any) -> Any:
-    """The scorer of the checkpoint's kind, given the test videos that kind reads."""
+def make_scorer(model: Any, meta: dict[str, Any], run_config: Config, config: Config, device: Any,
+                splits: tuple[str, ...] | None = ("test",)) -> Any:
+    """The scorer of the checkpoint's kind, given the videos of ``splits`` (None: all) that kind reads."""
     kind = get_kind(meta["kind"])
-    inputs = feature_inputs(config, meta) if FEATURES in kind.reads else video_source(config)
+    inputs = feature_inputs(config, meta) if FEATURES in kind.reads else video_source(config, splits)
     return kind.implementation().Scorer(model, meta, run_config, config, device, inputs)
 
 
-def video_source(config: Config) -> EvalInputs:
-    """The test videos of the current extraction shards: a :class:`hpcvid.learn.datasets.ShardVideoSource`
-    and each one's info."""
+def video_source(config: Config, splits: tuple[str, ...] | None = ("test",)) -> EvalInputs:
+    """The videos of ``splits`` (None: all; evaluation: the test split) of the current extraction shards: a
+    :class:`hpcvid.learn.datasets.ShardVideoSource` and each one's info."""
     from hpcvid.learn.datasets import ShardVideoSource
     from hpcvid.storage.shards import ShardReader
 
@@ -200,7 +201,7 @@ def video_source(config: Config) -> EvalInputs:
     for path in shards:
         with ShardReader(path) as reader:
             for vid in reader.video_ids():
-                if reader.info(vid).get("split") == "test":
+                if splits is None or reader.info(vid).get("split") in splits:
                     shard_of[vid] = str(path)
                     info[vid] = reader.info(vid)
     return EvalInputs(ShardVideoSource(shard_of), info)

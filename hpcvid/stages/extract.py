@@ -36,6 +36,7 @@ from hpcvid.config import Config
 from hpcvid.errors import PartialFailure, ResourceError, StoreError, VideoError, machine_fault
 from hpcvid.fileio import atomic_write_json, read_json, write_record
 from hpcvid.launch.sharding import ShardSpec, all_shards, select
+from hpcvid.learn.backbones import BACKBONES, FEATURE_DIMS
 from hpcvid.storage.manifest import Manifest, VideoEntry, content_digest, load_manifest
 from hpcvid.workfolder import Unit, WorkFolder, digest
 
@@ -56,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dataset folder; overrides dataset.root (also: where a moved dataset now lies)")
     parser.add_argument("--shards", type=positive_int, metavar="N", help="number of shards (default: extract.shards)")
     parser.add_argument("--weights", metavar="PATH", help="local backbone weights (.pt/.pth state dict)")
-    parser.add_argument("--backbone", choices=("resnet18", "googlenet", "none"), help="CNN for features")
+    parser.add_argument("--backbone", choices=(*BACKBONES, "none"), help="CNN for features")
     parser.add_argument("--flow", choices=_config_choices("flow"), help="optical flow algorithm")
     parser.add_argument("--flow-weights", metavar="PATH", help="raft: local state dict of torchvision's RAFT")
 
@@ -184,7 +185,6 @@ def run_shard(config: Config, spec: ShardSpec) -> dict[str, Any]:
 
 # bytes per kept frame of each stored part, on the generous side: an estimate that errs low would let a
 # shard start and stop half-way on a full disk
-_FEATURE_DIMS = {"resnet18": 512, "googlenet": 1024, "none": 0}
 _COMPRESSION = {"none": 1.0, "lzf": 4.0, "gzip": 6.0}
 
 
@@ -290,7 +290,7 @@ def estimate_bytes(config: Config, videos: Sequence[VideoEntry]) -> int:
         frame = pixels * 3 * (0.25 if cfg.frame_storage == "jpeg" else 1.0)
         flow = 0.0 if cfg.flow == "none" else pixels * (2 if cfg.flow_storage == "uint8" else 4) / \
             _COMPRESSION[cfg.flow_compression]
-        features = 4 * _FEATURE_DIMS.get(cfg.backbone, 2048)
+        features = 0 if cfg.backbone == "none" else 4 * FEATURE_DIMS[cfg.backbone]
         total += kept * (frame + flow + features) + 64 * 1024
     return int(2 * total)
 

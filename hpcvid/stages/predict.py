@@ -243,13 +243,15 @@ class TrainedRun:
         return {source: name for name, sources in task.items() if name in self.classes for source in sources}
 
     def window(self, config: Config) -> int:
-        """The timeline's window in kept frames: predict.window, else the run's sequence length; long
-        enough for one flow stack when the model reads flow."""
+        """The timeline's window in kept frames: predict.window, else the length the run was trained on (its
+        sequence, or its clip for c3d); long enough for one flow stack when the model reads flow."""
         from hpcvid.learn.kinds import FLOW
 
-        window = config.predict.window or int(self.meta.get("seq_len") or self.config.train.seq_len)
+        trained = self.meta.get("seq_len") or self.meta.get("clip_frames") or self.config.train.seq_len
+        window = config.predict.window or int(trained)
         if FLOW in self.kind.reads:
-            window = max(window, self.config.train.flow_stack + 1)
+            stack = self.meta.get("tsn_stack") or self.meta.get("flow_stack") or self.config.train.flow_stack
+            window = max(window, int(stack) + 1)
         return window
 
     def stride(self, config: Config) -> int:

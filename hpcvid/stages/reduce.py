@@ -13,6 +13,13 @@ Because counts are integers the result is identical to the single-process reduce
 Exactly once: a shard without its record (missing, or killed mid-write), a record whose .h5 is missing or
 changed, a video counted by two shards, and a test video counted by none are each an error naming the
 shard or the video. ``--allow-partial`` writes the report over what is there and lists what is missing.
+
+Fusion (``--fuse RUN:WEIGHT ...``, ``report.fusion``; by default the segment networks' RGB and flow runs at
+1 : 1.5, the weights of the two-stream literature): the default strategy's softmax scores of each named run,
+averaged with those weights per test video, counted as one more run (``<run>+<run>``, model ``fusion``).
+Each run's scores are read from its prediction shards after they were counted, so the fused run covers
+exactly the videos every member counted. A member that was not evaluated leaves the fusion out, and the
+report says so (unless none of them was: a study without those models).
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from hpcvid.config import parse_fusion
 from hpcvid.learn import metrics
 from hpcvid.errors import StoreError
 from hpcvid.storage.manifest import Manifest, load_manifest
@@ -54,6 +62,7 @@ class RunCounts:
     checkpoint: str = ""
     checkpoint_sha256: str = ""
     code_version: str = ""
+    fusion: dict[str, Any] = field(default_factory=dict)   # a fused run: member -> {"weight", "strategy"}
 
     @property
     def n_videos(self) -> int:
@@ -70,21 +79,18 @@ class Reduction:
     missing_shards: dict[str, list[str]]          # run -> shard file names (or reasons) not counted
     missing_videos: dict[str, list[str]]          # run -> test video ids counted by no shard
     partial: bool = False
+    notes: list[str] = field(default_factory=list)   # what the report could not compute, and why
 
 
 def count_shard(path: Path, record: dict[str, Any]) -> RunCounts:
     """The integer counts of one prediction shard (the unit of work of both the file and MPI reduce)."""
     shard = read_prediction_shard(path)
-    labels = shard.labels
-    n_classes = len(shard.classes)
     videos: dict[str, str] = {}
     for video in shard.video_ids:
         if video in videos:
             raise StoreError(f"video {video} appears twice in {path}: re-run that shard with --force")
         videos[video] = path.name
-    confusion = {name: metrics.confusion_counts(scores, labels) for name, scores in shard.scores.items()}
-    topk = {name: {k: metrics.topk_hits(scores, labels, k) for k in metrics.valid_ks(n_classes)}
-            for name, scores in shard.scores.items()}
+    confusion, topk = _counts(shard.scores, shard.labels, len(shard.classes))
     return RunCounts(
         run=shard.run, model=shard.model, classes=shard.classes, strategies=shard.strategies,
         default_strategy=shard.default_strategy, confusion=confusion, topk=topk, videos=videos,
@@ -93,6 +99,15 @@ def count_shard(path: Path, record: dict[str, Any]) -> RunCounts:
         failed=list(record.get("failed", [])), config=dict(shard.config), checkpoint=shard.checkpoint,
         checkpoint_sha256=shard.checkpoint_sha256, code_version=shard.code_version,
     )
+
+
+def _counts(scores: dict[str, np.ndarray], labels: np.ndarray,
+            n_classes: int) -> tuple[dict[str, np.ndarray], dict[str, dict[int, int]]]:
+    """Per strategy: the confusion counts and the top-k hits of ``scores`` against ``labels``."""
+    confusion = {name: metrics.confusion_counts(values, labels) for name, values in scores.items()}
+    topk = {name: {k: metrics.topk_hits(values, labels, k) for k in metrics.valid_ks(n_classes)}
+            for name, values in scores.items()}
+    return confusion, topk
 
 
 def merge_counts(parts: Sequence[RunCounts]) -> RunCounts:
@@ -383,17 +398,78 @@ def in_mpi_job(environ: dict[str, str] | None = None) -> bool:
     return False
 
 
+# ------------------------------------------------------------------------------------------- fusion
+def fusion_name(weights: dict[str, float]) -> tuple[str, str]:
+    """(run name, strategy name) of a fusion: ``tsn_rgb+tsn_flow`` and ``weighted_1:1.5``."""
+    return "+".join(weights), "weighted_" + ":".join(f"{w:g}" for w in weights.values())
+
+
+def default_scores(work: Path | str, run: str, strategy: str) -> dict[str, tuple[int, np.ndarray]]:
+    """video id -> (label, scores of ``strategy``) over the current prediction shards of ``run``."""
+    scores: dict[str, tuple[int, np.ndarray]] = {}
+    for path, _ in plan_run(work, run).ready:
+        shard = read_prediction_shard(path)
+        for video, label, row in zip(shard.video_ids, shard.labels, shard.scores[strategy]):
+            scores[video] = (int(label), row)
+    return scores
+
+
+def fuse(reduction: Reduction, weights: dict[str, float]) -> None:
+    """Add the weighted fusion of ``weights``' runs to ``reduction`` (see the module docstring).
+
+    When some members have counts and others not, that is noted in ``reduction.notes`` and nothing is added;
+    when none has (a study without those models), nothing is said. A test video whose members disagree on
+    its label, which one manifest cannot give, is an error.
+    """
+    name, strategy = fusion_name(weights)
+    absent = [run for run in weights if run not in reduction.runs]
+    if len(absent) == len(weights):
+        return
+    if absent:
+        reduction.notes.append(f"fusion {name}: not computed, {' and '.join(absent)} "
+                               f"{'was' if len(absent) == 1 else 'were'} not evaluated")
+        return
+    members = {run: default_scores(reduction.work, run, reduction.runs[run].default_strategy) for run in weights}
+    videos = sorted(set.intersection(*(set(scores) for scores in members.values())))
+    total = sum(weights.values())
+    labels, fused = [], []
+    for video in videos:
+        found = {members[run][video][0] for run in weights}
+        if len(found) != 1:
+            raise StoreError(f"video {video} has different labels in the runs of fusion {name}: re-run "
+                             "`hpcvid run eval --force` for them with one manifest")
+        labels.append(found.pop())
+        fused.append(sum(w * members[run][video][1] for run, w in weights.items()) / total)
+    first = reduction.runs[next(iter(weights))]
+    scores = {strategy: np.asarray(fused, dtype=np.float32).reshape(len(videos), len(first.classes))}
+    confusion, topk = _counts(scores, np.asarray(labels, dtype=np.int64), len(first.classes))
+    reduction.runs[name] = RunCounts(
+        run=name, model="fusion", classes=first.classes, strategies=[strategy], default_strategy=strategy,
+        confusion=confusion, topk=topk, videos={v: "fusion" for v in videos},
+        shards=[shard for run in weights for shard in reduction.runs[run].shards],
+        fusion={run: {"weight": w, "strategy": reduction.runs[run].default_strategy} for run, w in weights.items()})
+    absent_videos, _ = check_coverage(reduction.runs[name], reduction.manifest)
+    if absent_videos:
+        reduction.missing_videos[name] = absent_videos
+
+
 # ---------------------------------------------------------------------------------------- the stage
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", help="report folder (default: results/<name of WORK>)")
     parser.add_argument("--runs", nargs="+", metavar="RUN", help="only these runs of WORK/eval (default: all)")
     parser.add_argument("--allow-partial", action="store_true",
                         help="write the report over the shards that are there and list what is missing")
+    parser.add_argument("--fuse", nargs="*", metavar="RUN:WEIGHT",
+                        help="fuse these runs' default scores with these weights (default: tsn_rgb:1 tsn_flow:1.5; "
+                             "give --fuse alone for none)")
+    parser.add_argument("--explain", type=int, metavar="K",
+                        help="Grad-CAM overlays of K test videos per run in the report (one right, one wrong per class)")
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"report.out": args.out, "report.runs": args.runs,
-            "report.allow_partial": True if args.allow_partial else None}
+            "report.allow_partial": True if args.allow_partial else None, "report.fusion": args.fuse,
+            "report.explain": args.explain}
 
 
 def unit(config: Any) -> Unit:
@@ -412,7 +488,8 @@ def run_shard(config: Any, spec: ShardSpec) -> dict[str, Any]:
     from hpcvid.stages.report import read_summary
 
     out = collect(config.work, config.report.out or None, runs=config.report.runs or None,
-                  allow_partial=config.report.allow_partial)
+                  allow_partial=config.report.allow_partial, fusion=parse_fusion(config.report.fusion),
+                  explain=config.report.explain)
     summary = read_summary(out)
     record = {"out": str(Path(out).resolve()), "partial": bool(summary.get("partial")),
               "runs": sorted(summary.get("runs", {}))}
@@ -434,11 +511,13 @@ def default_out(work: Path | str) -> Path:
 
 
 def collect(work: Path | str, out: Path | str | None = None, *, runs: Sequence[str] | None = None,
-            allow_partial: bool = False, use_mpi: bool = False,
-            factors: dict[str, list[str]] | None = None) -> Path | None:
+            allow_partial: bool = False, use_mpi: bool = False, factors: dict[str, list[str]] | None = None,
+            fusion: dict[str, float] | None = None, explain: int = 0) -> Path | None:
     """Reduce and write the report; returns the report folder (None on MPI ranks other than 0).
 
-    ``factors`` (optional, see :func:`hpcvid.stages.report.build_summary`) adds per-factor accuracies.
+    ``factors`` (optional, see :func:`hpcvid.stages.report.build_summary`) adds per-factor accuracies;
+    ``fusion`` (run -> weight) adds the fused run; ``explain`` > 0 adds Grad-CAM overlays of that many test
+    videos per run that has pixels to point at (:func:`hpcvid.stages.explain.report_examples`).
     """
     from hpcvid.stages.report import write_report
 
@@ -450,5 +529,11 @@ def collect(work: Path | str, out: Path | str | None = None, *, runs: Sequence[s
             return None
     else:
         reduction = reduce_files(work, runs=runs, allow_partial=allow_partial)
-    write_report(reduction, out, factors)
+    fuse(reduction, dict(fusion or {}))
+    examples = []
+    if explain:
+        from hpcvid.stages.explain import report_examples
+
+        examples = report_examples(reduction, out, explain)
+    write_report(reduction, out, factors, examples)
     return out

@@ -12,7 +12,10 @@ Files (all written atomically; the README's "Evaluation and results" section doc
 * ``learning_curves.png``  loss and accuracy per epoch from ``WORK/runs/*/metrics.jsonl``.
 * ``improvement.csv`` / ``improvement.png``  per-class accuracy change from the single-frame model
                      (middle frame) to the LSTM: the 10 classes that gained most and the 10 that lost most.
-* ``report.md``      the tables and pictures together.
+* ``explain/<run>/<video>__<class>.png``  with ``collect --explain K``: Grad-CAM overlays of K test videos
+                     per run (:mod:`hpcvid.stages.explain`).
+* ``report.md``      the tables and pictures together: every run and strategy, the models side by side
+                     (default strategies), the fusion of runs and its weights, the overlays.
 
 matplotlib is imported inside the plotting functions (Agg backend, no display needed).
 """
@@ -70,6 +73,7 @@ def build_summary(reduction: Any, factors: Mapping[str, Sequence[str]] | None = 
                                     for f, groups in factors.items()}
         runs[name] = {
             "model": total.model,
+            **({"fusion": total.fusion} if total.fusion else {}),
             "default_strategy": total.default_strategy,
             "n_videos": total.n_videos,
             "strategy_order": list(total.strategies),
@@ -93,6 +97,7 @@ def build_summary(reduction: Any, factors: Mapping[str, Sequence[str]] | None = 
         "collected_by": code_version(),
         "collected_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "factors": {f: list(groups) for f, groups in (factors or {}).items()},
+        "notes": list(getattr(reduction, "notes", [])),
         "runs": runs,
     }
 
@@ -154,6 +159,31 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
     lines = ["| " + " | ".join(row) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("---" if i < 2 else "---:" for i in range(len(TABLE_HEADER))) + "|")
     return "\n".join(lines)
+
+
+def side_by_side(summary: Mapping[str, Any]) -> str:
+    """Markdown: one line per run, its default strategy's numbers (the models compared at a glance)."""
+    lines = ["| run | model | default strategy | top-1 % | mean class acc % | F1 macro % | videos |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for run in ordered_runs(summary["runs"]):
+        entry = summary["runs"][run]
+        numbers = entry["strategies"][entry["default_strategy"]]
+        lines.append(f"| {run} | {entry['model']} | {entry['default_strategy']} | {_pct(numbers['top1'])} | "
+                     f"{_pct(numbers['mean_class_accuracy'])} | {_pct(numbers.get('f1_macro'))} | "
+                     f"{numbers['n_videos']} |")
+    return "\n".join(lines)
+
+
+def fusion_text(summary: Mapping[str, Any]) -> list[str]:
+    """Markdown lines: each fused run's members, their strategies and weights; what could not be fused."""
+    lines = []
+    for run in ordered_runs(summary["runs"]):
+        members = summary["runs"][run].get("fusion")
+        if members:
+            parts = " + ".join(f"{m['weight']:g} x `{name}` ({m['strategy']})" for name, m in members.items())
+            lines.append(f"- `{run}`: the softmax scores {parts}, divided by "
+                         f"{sum(m['weight'] for m in members.values()):g}, per test video.")
+    return lines + [f"- {note}" for note in summary.get("notes", [])]
 
 
 def factor_table(summary: Mapping[str, Any]) -> str:
@@ -375,8 +405,12 @@ def _pick(reduction: Any, model: str) -> tuple[str, str] | None:
     return None
 
 
-def write_report(reduction: Any, out: Path | str, factors: Mapping[str, Sequence[str]] | None = None) -> Path:
-    """Write every file of the report into ``out``; returns the path of report.md."""
+def write_report(reduction: Any, out: Path | str, factors: Mapping[str, Sequence[str]] | None = None,
+                 examples: Sequence[Any] = ()) -> Path:
+    """Write every file of the report into ``out``; returns the path of report.md.
+
+    ``examples`` are the Grad-CAM pictures already drawn into ``out`` (:func:`hpcvid.stages.explain.report_examples`).
+    """
     out = Path(out)
     (out / "confusion").mkdir(parents=True, exist_ok=True)
     summary = build_summary(reduction, factors)
@@ -394,7 +428,7 @@ def write_report(reduction: Any, out: Path | str, factors: Mapping[str, Sequence
     curves = plot_learning_curves(read_learning_curves(reduction.work), out / "learning_curves.png")
     improvement_text = _write_improvement(reduction, out)
     atomic_write_json(out / "summary.json", summary)
-    report = _report_markdown(summary, pictures, curves is not None, improvement_text)
+    report = _report_markdown(summary, pictures, curves is not None, improvement_text, examples)
     atomic_write_text(out / "report.md", report)
     return out / "report.md"
 
@@ -422,7 +456,7 @@ def _write_improvement(reduction: Any, out: Path) -> str:
 
 
 def _report_markdown(summary: Mapping[str, Any], pictures: Sequence[tuple[str, str]], curves: bool,
-                     improvement_text: str) -> str:
+                     improvement_text: str, examples: Sequence[Any] = ()) -> str:
     dataset = summary.get("dataset") or {}
     lines = [
         "# Results", "",
@@ -439,6 +473,10 @@ def _report_markdown(summary: Mapping[str, Any], pictures: Sequence[tuple[str, s
                   "|---|---|"]
         lines += [f"| {name} | {', '.join(sources)} |" for name, sources in dataset["task"].items()]
         lines.append("")
+    lines += ["## Models side by side", "", "Each run at its default strategy.", "", side_by_side(summary), ""]
+    fusion = fusion_text(summary)
+    if fusion:
+        lines += ["Fusion of runs (`hpcvid collect --fuse RUN:WEIGHT ...`, `report.fusion`):", "", *fusion, ""]
     lines += ["## Accuracy by model and inference strategy", "",
               "`*` marks each model's default strategy. Top-k is empty where the dataset has fewer than k "
               "classes.", "", markdown_table(summary), ""]
@@ -452,6 +490,15 @@ def _report_markdown(summary: Mapping[str, Any], pictures: Sequence[tuple[str, s
     lines += ["## Learning curves", "",
               "![learning curves](learning_curves.png)" if curves else "No `WORK/runs/*/metrics.jsonl` was found.", ""]
     lines += ["## Per-class improvement, single frame -> LSTM", "", improvement_text, ""]
+    if examples:
+        lines += ["## Where the models look (Grad-CAM)", "",
+                  "Test videos of each run, one wrongly and one rightly classified per class (least accurate "
+                  "classes first): the frames the model saw, and over them the heat map of the class it "
+                  "predicted (`hpcvid explain` draws any video).", ""]
+        for example in examples:
+            verdict = "right" if example.right else "wrong"
+            lines += [f"![{example.run}: {example.video}, true {example.label}, predicted {example.predicted} "
+                      f"({verdict})]({example.picture.as_posix()})", ""]
     lines += ["## Provenance", ""]
     for run in ordered_runs(summary["runs"]):
         entry = summary["runs"][run]

@@ -41,6 +41,7 @@ from hpcvid.errors import StoreError
 from hpcvid.fileio import atomic_write_json
 from hpcvid.launch.distributed import detect
 from hpcvid.launch.sharding import ShardSpec
+from hpcvid.learn.backbones import BACKBONES
 from hpcvid.learn.checkpoints import read_metrics, run_dir
 from hpcvid.learn.kinds import FEATURES, FLOW, FRAMES, KINDS, DataBundle, TrainInputs, get_kind, kind_names, kinds_help
 from hpcvid.workfolder import Unit, WorkFolder, planning_only
@@ -62,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, help="learning rate (the upper bound of the cyclic schedule)")
     parser.add_argument("--weight-decay", type=float, metavar="WD", help="AdamW/SGD weight decay")
     parser.add_argument("--dropout", type=float, metavar="P", help="dropout before the classifier (and between LSTM layers)")
-    parser.add_argument("--backbone", choices=("resnet18", "googlenet", "small"), help="CNN trunk")
+    parser.add_argument("--backbone", choices=(*BACKBONES, "small"), help="CNN trunk (small: a 4-layer CNN for CPUs)")
     parser.add_argument("--weights", metavar="FILE", help="local backbone weights; empty = random init")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to train")
     parser.add_argument("--workers", type=int, metavar="W", help="DataLoader workers per process")

@@ -24,6 +24,9 @@ refused there if it lacks one of these parts:
 ``Scorer(model, meta, run_config, config, device, inputs: EvalInputs)``
     evaluation: ``strategies`` (names, the default first), ``default`` and ``score(video) -> {strategy:
     softmax scores}``; a video it cannot score raises a project error whose message is the reason.
+    Optionally ``explain(video, target, frames) -> Explanation``: Grad-CAM heat maps of the input it scores
+    (:mod:`hpcvid.learn.gradcam`); ``hpcvid explain`` and ``collect --explain`` skip or refuse a kind
+    without it (a model of saved features has no pixels to point at).
 ``warm_start(model, found)``
     only for kinds with ``starts_from``: ``found`` maps each of those kinds whose trained run exists to
     ``(checkpoint path, payload)``; copy what fits into the new model.
@@ -83,12 +86,34 @@ KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (
               "hpcvid.learn.kinds.twostream", starts_from=("frame", "flow")),
     ModelKind("lstm", "stacked LSTM over per-frame CNN features, truncated BPTT", (FEATURES,),
               "hpcvid.learn.kinds.lstm"),
+    # the three modalities of the segment network are three kinds: each reads other data and is its own run,
+    # and the reducer fuses their scores
+    ModelKind("tsn_rgb", "temporal segment network on one RGB frame per segment", (FRAMES,),
+              "hpcvid.learn.kinds.tsn"),
+    ModelKind("tsn_flow", "temporal segment network on a flow stack per segment", (FLOW,),
+              "hpcvid.learn.kinds.tsn"),
+    ModelKind("tsn_diff", "temporal segment network on stacked RGB differences per segment", (FRAMES,),
+              "hpcvid.learn.kinds.tsn"),
+    ModelKind("c3d", "3D convolutions over 16-frame clips, from scratch", (FRAMES,),
+              "hpcvid.learn.kinds.c3d"),
+    ModelKind("cnnlstm", "CNN on every frame and an LSTM over them, trained end to end", (FRAMES,),
+              "hpcvid.learn.kinds.cnnlstm"),
 )}
+
+# The kinds a study runs when none are named (the demo, pipeline.models): the four the toolkit started
+# with, which the default demo measures in about two minutes; the others are chosen by name (or
+# `hpcvid demo --all-models`).
+DEFAULT_KINDS: tuple[str, ...] = ("frame", "flow", "twostream", "lstm")
 
 
 def kind_names() -> tuple[str, ...]:
     """The kinds in table order (the order the demo trains them and the report lists them)."""
     return tuple(KINDS)
+
+
+def explains(kind: ModelKind) -> bool:
+    """Whether the kind's scorer draws Grad-CAM heat maps (its optional ``explain``)."""
+    return callable(getattr(kind.implementation().Scorer, "explain", None))
 
 
 def get_kind(name: str) -> ModelKind:

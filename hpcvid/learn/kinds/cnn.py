@@ -1,4 +1,5 @@
-"""What the CNN kinds (frame, flow, twostream) share: one prediction per input, trained with cross-entropy.
+"""What the CNN kinds (frame, flow, twostream, the TSN kinds, c3d) share: one prediction per input, trained with
+cross-entropy.
 
 Their kind modules take these parts as they are (one optimiser step per batch, the plain training step,
 cross-entropy validation) and build their data bundles and scorers with the helpers below.
@@ -15,7 +16,7 @@ from torch.nn import functional as F
 
 from hpcvid.config import Config
 from hpcvid.errors import VideoError
-from hpcvid.learn.datasets import Augment, VideoItem, hold_out
+from hpcvid.learn.datasets import Augment, FlowDataset, VideoItem, hold_out, prepare_flow, window_starts
 from hpcvid.learn.kinds import FLOW, FRAMES, DataBundle, EvalInputs, StepTools, TrainInputs, get_kind
 from hpcvid.storage.manifest import VideoEntry
 
@@ -68,12 +69,7 @@ def flow_init_args(config: Config, bundle: DataBundle) -> dict[str, Any]:
     """Constructor arguments of the models with a flow trunk (flow, twostream)."""
     t = config.train
     return {"num_classes": len(bundle.classes), "stack": bundle.model_args.get("stack", t.flow_stack),
-            "backbone": flow_backbone(t.backbone), "weights": t.weights, "dropout": t.dropout}
-
-
-def flow_backbone(name: str) -> str:
-    """GoogLeNet has no widened-first-conv variant here: a flow trunk is ResNet-18 or the small CNN."""
-    return "small" if name == "small" else "resnet18"
+            "backbone": t.backbone, "weights": t.weights, "dropout": t.dropout}
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -94,6 +90,32 @@ class VideoScorer:
         if FLOW in self.reads and not entry.get("has_flow"):
             raise VideoError("its shard holds no optical flow: re-extract with extract.flow set")
         return VideoItem(video.id, video.label, int(entry["frames"]), "test")
+
+    def pictures(self, item: VideoItem, indices: list[int]) -> np.ndarray:
+        """The RGB frames a flow model's heat maps are drawn over; the flow's magnitude when none are stored."""
+        if self.videos.get(item.id, {}).get("has_frames", True):
+            return self.source.frames(item.id, indices)
+        fields = [self.source.flow(item.id, min(i, item.frames - 2), min(i, item.frames - 2) + 1)[0] for i in indices]
+        return np.stack([flow_picture(field) for field in fields])
+
+
+def flow_stacks(source: Any, item: VideoItem, stack: int, compensation: str,
+                count: int) -> tuple[list[int], list[torch.Tensor]]:
+    """(starts, prepared stacks) of ``count`` evenly spaced flow stacks; the centre stack alone when the video
+    has no more flow pairs than one stack (then ping-pong padded, as in training)."""
+    pairs = max(1, item.frames - 1)
+    if pairs <= stack:
+        centre, _ = FlowDataset(source, [item], stack=stack, train=False, compensation=compensation)[0]
+        return [0], [centre]
+    starts = window_starts(pairs, stack, count)
+    return starts, [torch.from_numpy(prepare_flow(source.flow(item.id, s, s + stack), compensation)) for s in starts]
+
+
+def flow_picture(field: np.ndarray) -> np.ndarray:
+    """A flow field ``(H, W, 2)`` as a grey uint8 RGB picture of its magnitude (brighter = faster)."""
+    magnitude = np.linalg.norm(np.asarray(field, np.float32), axis=-1)
+    grey = (255 * magnitude / max(float(magnitude.max()), 1e-6)).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
 
 
 def softmax(logits: torch.Tensor) -> np.ndarray:

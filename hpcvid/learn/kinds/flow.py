@@ -12,9 +12,10 @@ import numpy as np
 import torch
 
 from hpcvid.config import Config
-from hpcvid.learn.datasets import FlowDataset, prepare_flow, window_starts
+from hpcvid.learn.datasets import FlowDataset
+from hpcvid.learn.gradcam import Explanation, explanation, grad_cam, panels_of
 from hpcvid.learn.kinds import DataBundle, EvalInputs, TrainInputs, cnn
-from hpcvid.learn.models import FlowModel
+from hpcvid.learn.models import FlowModel, cam_layer
 from hpcvid.storage.manifest import VideoEntry
 
 MODEL = FlowModel
@@ -46,13 +47,19 @@ class FlowScorer(cnn.VideoScorer):
         item = self.item(video)
         centre, _ = FlowDataset(self.source, [item], stack=self.stack, train=False,
                                 compensation=self.compensation)[0]
-        pairs = max(1, item.frames - 1)
-        stacks = [centre]
-        if pairs > self.stack:
-            stacks = [torch.from_numpy(prepare_flow(self.source.flow(item.id, s, s + self.stack), self.compensation))
-                      for s in window_starts(pairs, self.stack, self.windows)]
+        _, stacks = cnn.flow_stacks(self.source, item, self.stack, self.compensation, self.windows)
         probs = cnn.softmax(self.model(torch.stack([centre, *stacks]).to(self.device)))
         return {"centre_stack": probs[0], "mean_stacks": probs[1:].mean(axis=0)}
+
+    def explain(self, video: VideoEntry, target: int | None, frames: int) -> Explanation:
+        """Heat maps of ``frames`` evenly spaced stacks, over the RGB frame in the middle of each."""
+        item = self.item(video)
+        starts, stacks = cnn.flow_stacks(self.source, item, self.stack, self.compensation, frames)
+        x = torch.stack(stacks).to(self.device)
+        result = grad_cam(self.model, [x], [cam_layer(self.model.trunk)], target, x.shape[-2:])
+        middles = [min(item.frames - 1, s + self.stack // 2) for s in starts]
+        return explanation(video, result, panels_of(self.pictures(item, middles), result.maps[0],
+                                                    [f"flow {s}-{s + self.stack}" for s in starts]))
 
 
 Scorer = FlowScorer

@@ -14,8 +14,9 @@ import numpy as np
 
 from hpcvid.config import Config
 from hpcvid.learn.datasets import FrameDataset, prepare_frames
+from hpcvid.learn.gradcam import Explanation, explanation, grad_cam, panels_of
 from hpcvid.learn.kinds import DataBundle, EvalInputs, TrainInputs, cnn
-from hpcvid.learn.models import FrameModel
+from hpcvid.learn.models import FrameModel, cam_layer
 from hpcvid.storage.manifest import VideoEntry
 
 MODEL = FrameModel
@@ -62,6 +63,17 @@ class FrameScorer(cnn.VideoScorer):
         result = {"middle": row[middle], "mean_frames": np.mean([row[i] for i in sampled], axis=0)}
         result.update({f"pos_{p}": row[positions[p]] for p in FRAME_POSITIONS})
         return result
+
+    def explain(self, video: VideoEntry, target: int | None, frames: int) -> Explanation:
+        """Heat maps of ``frames`` evenly spaced frames, each classified on its own."""
+        from hpcvid.media.decode import count_indices
+
+        item = self.item(video)
+        indices = [int(i) for i in count_indices(item.frames, frames)]
+        images = self.source.frames(item.id, indices)
+        x = prepare_frames(images).to(self.device)
+        result = grad_cam(self.model, [x], [cam_layer(self.model.trunk)], target, x.shape[-2:])
+        return explanation(video, result, panels_of(images, result.maps[0], [f"frame {i}" for i in indices]))
 
 
 Scorer = FrameScorer

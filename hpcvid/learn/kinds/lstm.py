@@ -7,10 +7,10 @@ optimiser step per chunk of ``train.chunk`` steps, the loss weighted toward the 
 Features are standardised with the training videos' mean/std and centred in time
 (:func:`hpcvid.learn.datasets.prepare_features`); the checkpoint keeps both, and the feature set and folder.
 
-Evaluation strategies (``*`` = the default): ``windows``* (windows of seq_len frames every
-eval.window_stride frames, last-step softmax averaged), ``last_step``, ``mean`` (mean softmax over time)
-and ``end_weighted`` (linearly end-weighted mean) on the centre window, which validation used, and
-``full_length`` (the whole video in one pass, last step).
+Evaluation strategies (``*`` = the default, :class:`SequenceScorer`, which the end-to-end ``cnnlstm`` shares):
+``windows``* (windows of seq_len frames every eval.window_stride frames, last-step softmax averaged),
+``last_step``, ``mean`` (mean softmax over time) and ``end_weighted`` (linearly end-weighted mean) on the
+centre window, which validation used, and ``full_length`` (the whole video in one pass, last step).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import torch
 
 from hpcvid.config import Config
 from hpcvid.errors import VideoError
+from hpcvid.learn.clips import covering_starts
 from hpcvid.learn.datasets import (FeatureDataset, feature_input_dim, hold_out, ping_pong_indices, prepare_features,
                                    sequence_indices)
 from hpcvid.learn.kinds import DataBundle, EvalInputs, StepTools, TrainInputs
@@ -63,63 +64,59 @@ def steps_per_batch(config: Config) -> int:
     return math.ceil(config.train.seq_len / config.train.chunk)
 
 
-def _weights(config: Config) -> torch.Tensor:
-    return loss_weights(config.train.seq_len, config.train.loss_weighting)
+def _weights(config: Config, steps: int) -> torch.Tensor:
+    return loss_weights(steps, config.train.loss_weighting)
 
 
 def train_step(model: LSTMModel, inputs: list[torch.Tensor], labels: torch.Tensor, config: Config,
                tools: StepTools) -> tuple[float, float]:
     """Truncated BPTT over the batch's sequences; accuracy at the last step."""
-    result = train_sequence(model, inputs[0], labels, chunk=config.train.chunk, weights=_weights(config),
-                            after_backward=tools.optimiser_step, backward=tools.backward, autocast=tools.autocast)
+    result = train_sequence(model, inputs[0], labels, chunk=config.train.chunk,
+                            weights=_weights(config, config.train.seq_len), after_backward=tools.optimiser_step,
+                            backward=tools.backward, autocast=tools.autocast)
     return result.loss, float((result.logits[:, -1].argmax(-1) == labels).sum())
 
 
 def validation_loss(logits: torch.Tensor, labels: torch.Tensor, config: Config) -> tuple[torch.Tensor, torch.Tensor]:
     """The end-weighted sequence loss of ``(B, T, C)`` logits, and the last step's logits."""
-    return weighted_sequence_loss(logits.float(), labels, _weights(config)), logits[:, -1]
+    return weighted_sequence_loss(logits.float(), labels, _weights(config, logits.shape[1])), logits[:, -1]
 
 
-class LSTMScorer:
-    """The LSTM over prepared feature windows: several windows, one centre window read four ways, full length."""
+class SequenceScorer:
+    """The inference strategies of a model with per-step logits ``(B, T, C)`` over a sequence of ``seq_len``.
+
+    ``windows``: windows of ``seq_len`` steps every ``stride`` steps (one, ping-pong padded, when the video
+    is shorter), the last step's softmax averaged; on the centre window (what validation used):
+    ``last_step``, ``mean`` (mean softmax over time) and ``end_weighted`` (linear weights, as the loss);
+    ``full_length``: the whole video in one pass, last step. Subclasses say how a video's whole sequence is
+    read (:meth:`sequence`) and how a window of it becomes the model's input (:meth:`prepared`).
+    """
 
     default = "windows"
     strategies = ["windows", "last_step", "mean", "end_weighted", "full_length"]
 
-    def __init__(self, model: Any, meta: dict, run_config: Config, config: Config, device: Any,
-                 inputs: EvalInputs) -> None:
-        self.source, self.items = inputs.source, inputs.videos
-        self.source.mean, self.source.std = meta.get("feature_mean"), meta.get("feature_std")
-        self.model, self.device = model, device
-        self.seq_len, self.centring = int(meta["seq_len"]), bool(meta.get("centring", True))
-        self.stride = config.eval.window_stride
+    def __init__(self, model: Any, device: Any, seq_len: int, stride: int) -> None:
+        self.model, self.device, self.seq_len, self.stride = model, device, int(seq_len), int(stride)
 
-    def _prepared(self, window: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(prepare_features(window, self.source.mean, self.source.std, self.centring))
+    def sequence(self, video: VideoEntry) -> tuple[int, Any]:
+        """(steps, the video's whole sequence as stored: indexable by a list of steps)."""
+        raise NotImplementedError
 
-    def window_starts(self, frames: int) -> list[int]:
-        """0, stride, 2*stride, ... and the last full window; one start when the video is short."""
-        if frames <= self.seq_len:
-            return [0]
-        starts = list(range(0, frames - self.seq_len + 1, self.stride))
-        if starts[-1] != frames - self.seq_len:
-            starts.append(frames - self.seq_len)
-        return starts
+    def prepared(self, window: Any) -> torch.Tensor:
+        """One window (or the whole sequence) as the model's input for one video, ``(T, ...)``."""
+        raise NotImplementedError
 
     def score(self, video: VideoEntry) -> dict[str, np.ndarray]:
-        if video.id not in self.items:
-            raise VideoError("has no features in the feature shards (extraction failed or has not run for it)")
-        item = self.items[video.id]
-        features = self.source.window(item.index, 0, item.frames)
-        if item.frames <= self.seq_len:
-            windows = [features[ping_pong_indices(item.frames, self.seq_len)]]
+        steps, whole = self.sequence(video)
+        if steps <= self.seq_len:
+            windows = [whole[ping_pong_indices(steps, self.seq_len)]]
         else:
-            windows = [features[s:s + self.seq_len] for s in self.window_starts(item.frames)]
-        centre = features[sequence_indices(item.frames, self.seq_len, None)]    # what validation used
-        batch = torch.stack([self._prepared(w) for w in [centre, *windows]]).to(self.device)
+            windows = [whole[s:s + self.seq_len] for s in covering_starts(steps, self.seq_len, self.stride)]
+        centre = whole[sequence_indices(steps, self.seq_len, None)]    # what validation used
+        batch = torch.stack([self.prepared(w) for w in [centre, *windows]]).to(self.device)
         probs = self.model(batch).float().softmax(-1).cpu().numpy()           # (1 + W, L, C)
         weights = loss_weights(self.seq_len, "linear").numpy()[:, None]
-        full = self.model(self._prepared(features)[None].to(self.device)).float().softmax(-1).cpu().numpy()
+        full = self.model(self.prepared(whole)[None].to(self.device)).float().softmax(-1).cpu().numpy()
         return {
             "windows": probs[1:, -1].mean(axis=0),
             "last_step": probs[0, -1],
@@ -127,6 +124,26 @@ class LSTMScorer:
             "end_weighted": (probs[0] * weights).sum(axis=0),
             "full_length": full[0, -1],
         }
+
+
+class LSTMScorer(SequenceScorer):
+    """The LSTM over prepared feature windows (standardised with the run's statistics, centred in time)."""
+
+    def __init__(self, model: Any, meta: dict, run_config: Config, config: Config, device: Any,
+                 inputs: EvalInputs) -> None:
+        super().__init__(model, device, int(meta["seq_len"]), config.eval.window_stride)
+        self.source, self.items = inputs.source, inputs.videos
+        self.source.mean, self.source.std = meta.get("feature_mean"), meta.get("feature_std")
+        self.centring = bool(meta.get("centring", True))
+
+    def sequence(self, video: VideoEntry) -> tuple[int, np.ndarray]:
+        if video.id not in self.items:
+            raise VideoError("has no features in the feature shards (extraction failed or has not run for it)")
+        item = self.items[video.id]
+        return item.frames, self.source.window(item.index, 0, item.frames)
+
+    def prepared(self, window: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(prepare_features(window, self.source.mean, self.source.std, self.centring))
 
 
 Scorer = LSTMScorer

@@ -14,11 +14,15 @@ from typing import Any, Mapping
 
 import numpy as np
 
+import torch
+from torch.nn import functional as F
+
 from hpcvid.config import Config
 from hpcvid.learn.checkpoints import check_compatible
-from hpcvid.learn.datasets import TwoStreamDataset
+from hpcvid.learn.datasets import TwoStreamDataset, prepare_frames
+from hpcvid.learn.gradcam import Explanation, explanation, grad_cam, panels_of
 from hpcvid.learn.kinds import DataBundle, EvalInputs, TrainInputs, cnn
-from hpcvid.learn.models import TwoStreamModel, late_fusion
+from hpcvid.learn.models import TwoStreamModel, cam_layer, late_fusion
 from hpcvid.storage.manifest import VideoEntry
 
 log = logging.getLogger(__name__)
@@ -78,6 +82,22 @@ class TwoStreamScorer(cnn.VideoScorer):
         for name, weights in self.fusions.items():
             result[name] = late_fusion(rgb_logits, flow_logits, weights).float().cpu().numpy()[0]
         return result
+
+    def explain(self, video: VideoEntry, target: int | None, frames: int) -> Explanation:
+        """Both streams' heat maps of the fused class for ``frames`` evenly spaced (frame, stack) pairs."""
+        item = self.item(video)
+        starts, stacks = cnn.flow_stacks(self.source, item, self.stack, self.compensation, frames)
+        flow = torch.stack(stacks).to(self.device)
+        middles = [min(item.frames - 1, s + self.stack // 2) for s in starts]
+        pictures = self.pictures(item, middles)
+        rgb = prepare_frames(pictures).to(self.device)
+        if rgb.shape[-2:] != flow.shape[-2:]:        # as the dataset: the frame brought to the flow's size
+            rgb = F.interpolate(rgb, size=tuple(flow.shape[-2:]), mode="bilinear", align_corners=False)
+        layers = [cam_layer(self.model.rgb.trunk), cam_layer(self.model.flow.trunk)]
+        result = grad_cam(self.model, [rgb, flow], layers, target, flow.shape[-2:])
+        panels = panels_of(pictures, result.maps[0], [f"RGB stream, frame {m}" for m in middles])
+        panels += panels_of(pictures, result.maps[1], [f"flow stream, flow {s}-{s + self.stack}" for s in starts])
+        return explanation(video, result, panels)
 
 
 Scorer = TwoStreamScorer
