@@ -26,7 +26,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from hpcvid.config import Config, write_resolved
 from hpcvid.launch.sharding import ShardSpec
@@ -40,6 +40,7 @@ from hpcvid.learn.checkpoints import (BEST_NAME, CHECKPOINT_FORMAT, CHECKPOINT_V
                                       run_dir, save_checkpoint, write_metrics)
 from hpcvid.learn.datasets import one_line_errors
 from hpcvid.learn.kinds import DataBundle, StepTools, get_kind
+from hpcvid.learn.loader import close_loader, worker_died
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,10 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best_val = math.inf
         self.bad_epochs = 0
+        self.loader: Any = None
+        self.worker_pids: list[int] = []
+        self.phase = "start"
+        self.after_epoch: list[Callable[[Trainer], None]] = []   # called after each epoch's checkpoint (the bench)
 
     # -------------------------------------------------------------- the run, top to bottom
     def fit(self) -> dict[str, Any]:
@@ -113,6 +118,7 @@ class Trainer:
         self._build_model()
         self._build_optimiser()
         skip = self._resume()
+        self._start_inputs()
         self.progress_origin = (time.time(), self.epoch)     # this start's pace, for the ETA in `hpcvid status`
         self.board = EpochBoard.open(self.config.train.tensorboard and self.env.is_main, self.run, self.epoch)
         if self.env.is_distributed:
@@ -129,9 +135,17 @@ class Trainer:
                 skip = 0
                 val_loss, val_acc = self.validate()
                 stopped_early = self._end_epoch(train_stats, val_loss, val_acc)
+                for hook in self.after_epoch:
+                    hook(self)
                 self._maybe_stop()
             finished = True
+        except RuntimeError as error:    # torch's report of a dead worker, raised wherever this process was
+            died = worker_died(error, self.worker_pids, f"while loading {self.phase} batches of epoch {self.epoch + 1}")
+            if died is None:
+                raise
+            raise died from None
         finally:
+            close_loader(self.loader)
             self.board.close()
             if self.env.is_distributed and dist.is_initialized():
                 if finished:       # a rank leaving on a signal or an error must not wait for the others
@@ -275,37 +289,68 @@ class Trainer:
                      self.step_in_epoch)
         return (self.step_in_epoch // self.impl.steps_per_batch(self.config)) * self.per_rank_batch
 
+    # -------------------------------------------------------------- inputs
+    def _start_inputs(self) -> None:
+        """The loader of every pass (its workers started at the first and kept), and the input cache.
+
+        Inputs are prepared in the DataLoader workers, or, on CUDA with ``train.gpu_prepare``, handed over as
+        stored (uint8 frames or JPEG bytes, stored flow) and prepared on the GPU by this process. The decoded
+        inputs stay in memory when the whole set fits ``train.cache_gb``; no HDF5 file is left open here when
+        the workers fork.
+        """
+        from hpcvid.learn.cache import cache_inputs
+        from hpcvid.learn.loader import Batches, Plan, make_loader, worker_count
+
+        t = self.config.train
+        parts = {"train": self.bundle.train}
+        if self.bundle.val is not None and len(self.bundle.val):
+            parts["val"] = self.bundle.val
+        on_device = self.device.type == "cuda" and t.gpu_prepare
+        cached = cache_inputs(list(parts.values()), t.cache_gb)
+        for dataset in parts.values():
+            if on_device and not cached["cached"] and hasattr(dataset, "decode_later"):
+                dataset.decode_later = True      # JPEG bytes to the GPU's decoder
+        workers = worker_count(self.config, self.env.world_size)
+        self.plan, self.parts = Plan(), parts
+        self.loader = make_loader(Batches(parts, prepare=not on_device), self.plan, workers=workers,
+                                  prefetch=t.prefetch, pin_memory=self.device.type == "cuda", seed=t.seed)
+        where = "on the GPU" if on_device else ("in the DataLoader workers" if workers else "in this process")
+        self.inputs = {"workers": workers, "prepared": where, **cached}
+        if self.env.is_main:
+            log.info("inputs: %d DataLoader worker(s) per process, prepared %s; %s", workers, where, cached["why"])
+
+    def _batches(self, requests: list[Any], phase: str) -> Iterator[list[Any]]:
+        """Iterate the loader over ``requests``; batches come back as model inputs on this process's device."""
+        from hpcvid.learn.loader import worker_pids
+
+        self.phase = phase
+        self.plan.set(requests)
+        batches = iter(self.loader)
+        self.worker_pids = worker_pids(self.loader) or self.worker_pids
+        for batch in one_line_errors(batches):
+            if isinstance(batch, dict):       # stored tensors: prepared here, on the device
+                batch = self.parts[requests[0].part].prepare_batch(batch, self.device)
+            yield [b.to(self.device, non_blocking=True) for b in batch]
+
     # -------------------------------------------------------------- one epoch
-    def _loader(self, dataset: Any, sampler: Any) -> Any:
-        import torch
-        from torch.utils.data import DataLoader
-
-        workers = self.config.train.workers
-        # its own generator: creating the iterator must not draw from the global stream (dropout), or a
-        # resume in the middle of an epoch would shift every random number after it
-        generator = torch.Generator().manual_seed(self.config.train.seed + self.epoch)
-        return DataLoader(dataset, batch_size=self.per_rank_batch, sampler=sampler, num_workers=workers,
-                          generator=generator,
-                          pin_memory=self.device.type == "cuda", persistent_workers=False,
-                          multiprocessing_context="spawn" if workers and sys.platform == "darwin" else None)
-
     def train_epoch(self, skip: int = 0) -> EpochStats:
         """One pass over this rank's share of the training set (the first ``skip`` samples already done)."""
-        from torch.utils.data.distributed import DistributedSampler
+        from hpcvid.learn.loader import train_requests
 
+        t = self.config.train
         dataset = self.bundle.train
         dataset.set_epoch(self.epoch)
-        sampler = DistributedSampler(dataset, num_replicas=self.env.world_size, rank=self.env.rank,
-                                     shuffle=True, seed=self.config.train.seed, drop_last=False)
-        sampler.set_epoch(self.epoch)
-        loader = self._loader(dataset, _SkipSampler(sampler, skip))
+        blocks = t.shuffle == "blocks" and hasattr(dataset, "storage_order")
+        requests = train_requests(len(dataset), batch=self.per_rank_batch, epoch=self.epoch, seed=t.seed,
+                                  world=self.env.world_size, rank=self.env.rank, skip=skip,
+                                  storage_order=dataset.storage_order() if blocks else None, block=t.shuffle_block)
         self.model.train()
         stats = EpochStats()
         start = time.perf_counter()
         waited_since = time.perf_counter()
-        for batch in one_line_errors(loader):
+        for inputs_and_labels in self._batches(requests, "training"):
             stats.wait += time.perf_counter() - waited_since
-            *inputs, labels = [b.to(self.device, non_blocking=True) for b in batch]
+            *inputs, labels = inputs_and_labels
             self.at_safe_point = False
             self.optimizer.zero_grad(set_to_none=True)
             loss, correct = self.impl.train_step(self.model, inputs, labels, self.config, self.tools)
@@ -347,14 +392,16 @@ class Trainer:
         dataset = self.bundle.val
         if dataset is None or len(dataset) == 0:
             return float("nan"), float("nan")
+        from hpcvid.learn.loader import val_requests
+
         dataset.set_epoch(self.epoch)
-        mine = list(range(self.env.rank, len(dataset), self.env.world_size))     # disjoint, no padding
-        loader = self._loader(dataset, mine)
+        requests = val_requests(len(dataset), batch=self.per_rank_batch, epoch=self.epoch,
+                                world=self.env.world_size, rank=self.env.rank)     # disjoint, no padding
         self.model.eval()
         stats = EpochStats()
         with torch.no_grad():
-            for batch in one_line_errors(loader):
-                *inputs, labels = [b.to(self.device) for b in batch]
+            for batch in self._batches(requests, "validation"):
+                *inputs, labels = batch
                 with self._autocast():
                     output = self.model(*inputs)
                 loss, logits = self.impl.validation_loss(output, labels, self.config)
@@ -456,21 +503,6 @@ class Trainer:
             callback, self.stop_callback = self.stop_callback, None
             self.save_if_safe()
             callback()          # submitit's handler: checkpoint() sees the file, requeues and exits
-
-
-class _SkipSampler:
-    """Yields a sampler's indices after the first ``skip`` (resuming mid-epoch on the same order)."""
-
-    def __init__(self, base: Any, skip: int) -> None:
-        self.base, self.skip = base, skip
-
-    def __iter__(self) -> Any:
-        import itertools
-
-        return itertools.islice(iter(self.base), self.skip, None)
-
-    def __len__(self) -> int:
-        return max(0, len(self.base) - self.skip)
 
 
 def _plateau_type() -> type:

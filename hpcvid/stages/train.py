@@ -65,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", choices=("resnet18", "googlenet", "small"), help="CNN trunk")
     parser.add_argument("--weights", metavar="FILE", help="local backbone weights; empty = random init")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to train")
-    parser.add_argument("--workers", type=int, metavar="W", help="DataLoader workers per process")
+    parser.add_argument("--workers", type=int, metavar="W",
+                        help="DataLoader workers per process; -1 (default) = one per core of the task, less one")
     parser.add_argument("--tensorboard", action="store_true", default=None,
                         help="also write TensorBoard event files into the run folder (needs hpcvid[tensorboard])")
 

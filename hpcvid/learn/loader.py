@@ -1,0 +1,206 @@
+"""How the trainer's batches are made: which samples go together, which process reads them, where they are
+prepared, and what happens when a loading process dies.
+
+One DataLoader serves a run's training and validation passes. Its workers (``train.workers``; by default
+one per core of the task, less one for the training process) are started once and kept between epochs
+and passes; each opens its own HDF5 handles. Before each pass the trainer sets the :class:`Plan`: the
+batches of the pass as :class:`Request` s (pass, epoch, sample positions). A worker answers a request with
+one batch (:func:`make_batch`): the dataset reads the batch's samples together and prepares them there
+(CPU training), or hands back the stored tensors (uint8 frames or JPEG bytes, stored flow) for the
+training process to prepare on its GPU. Datasets without the batched interface (a ``__getitem__`` of their
+own) are read item by item and collated, as torch does.
+
+The epoch's order is that of torch's ``DistributedSampler`` (seed + epoch, disjoint per rank) or, with
+``train.shuffle = "blocks"``, one that keeps neighbouring videos of the files together
+(:func:`block_order`). Either way every sample is seen once per epoch, the same samples on any number of
+workers, and the samples' own randomness comes from ``(seed, epoch, index)``, so the batches are the same
+tensors with 0, 1 or N workers, with or without the cache.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Any, Iterator, NamedTuple, Sequence
+
+from hpcvid.errors import ResourceError
+
+
+class Request(NamedTuple):
+    """One batch to make: of which pass (``"train"`` or ``"val"``), in which epoch, which sample positions."""
+
+    part: str
+    epoch: int
+    indices: tuple[int, ...]
+
+
+class Plan:
+    """The DataLoader's sampler: the requests of the coming pass, set by the trainer before the pass (workers
+    kept between passes keep their loader, and with it its sampler)."""
+
+    def __init__(self) -> None:
+        self.requests: list[Request] = []
+
+    def set(self, requests: Sequence[Request]) -> None:
+        self.requests = list(requests)
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(self.requests)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+def reads_in_batches(dataset: Any) -> bool:
+    """Whether ``dataset`` reads a batch at once (``load_batch``/``prepare_batch``) rather than item by item.
+
+    A subclass that overrides ``__getitem__`` below the class that gives it ``load_batch`` is read item by
+    item: its ``__getitem__`` is what its author meant a sample to be.
+    """
+    def owner(name: str) -> type | None:
+        return next((klass for klass in type(dataset).__mro__ if name in vars(klass)), None)
+
+    batch_owner, item_owner = owner("load_batch"), owner("__getitem__")
+    return (batch_owner is not None and item_owner is not None and issubclass(batch_owner, item_owner)
+            and callable(getattr(dataset, "prepare_batch", None)))
+
+
+def make_batch(dataset: Any, indices: Sequence[int], epoch: int, prepare: bool, device: Any = None) -> Any:
+    """One batch of ``indices`` in ``epoch``: prepared tensors (inputs..., labels), or, without ``prepare``,
+    the stored tensors (a dict) for :meth:`prepare_batch` on another device."""
+    if reads_in_batches(dataset):
+        raw = dataset.load_batch(list(indices), epoch)
+        return dataset.prepare_batch(raw, device) if prepare else raw
+    from torch.utils.data import default_collate
+
+    dataset.set_epoch(epoch)
+    return default_collate([dataset[i] for i in indices])
+
+
+class Batches:
+    """The dataset the DataLoader sees: item ``Request(part, epoch, indices)`` is that batch of ``parts[part]``,
+    prepared here when ``prepare`` (on the CPU), stored tensors otherwise."""
+
+    def __init__(self, parts: dict[str, Any], prepare: bool) -> None:
+        self.parts, self.prepare = parts, prepare
+
+    def __getitem__(self, request: Request) -> Any:
+        return make_batch(self.parts[request.part], request.indices, request.epoch, self.prepare)
+
+    def __len__(self) -> int:
+        return sum(len(part) for part in self.parts.values())
+
+
+# ------------------------------------------------------------------------------ the order of an epoch
+def train_requests(size: int, *, batch: int, epoch: int, seed: int, world: int = 1, rank: int = 0, skip: int = 0,
+                   storage_order: Sequence[int] | None = None, block: int = 0) -> list[Request]:
+    """The training batches of one rank in one epoch, after its first ``skip`` samples (a resumed epoch).
+
+    The order is torch's ``DistributedSampler``'s (seed + epoch; padded by repeating its start so every rank
+    has as many samples), or, given ``storage_order`` and ``block``, :func:`block_order` split the same way.
+    """
+    from torch.utils.data.distributed import DistributedSampler
+
+    if storage_order is not None and block > 0:
+        order = block_order(storage_order, block, seed, epoch)
+        padded = order + order[:(-len(order)) % world]
+        mine = padded[rank::world]
+    else:
+        sampler = DistributedSampler(range(size), num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                     drop_last=False)
+        sampler.set_epoch(epoch)
+        mine = [int(i) for i in sampler]
+    mine = mine[skip:]
+    return [Request("train", epoch, tuple(mine[i:i + batch])) for i in range(0, len(mine), batch)]
+
+
+def block_order(storage_order: Sequence[int], block: int, seed: int, epoch: int) -> list[int]:
+    """A shuffle that keeps reads local: the samples in storage order are cut into blocks of ``block``, the
+    blocks are shuffled and so is each block's content. Every sample still comes once per epoch; a batch
+    mixes at most a few blocks, so it reads from a few regions of the files (at the price of batches that
+    mix fewer videos: when storage order follows the classes, batches hold fewer classes)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    blocks = [list(storage_order[i:i + block]) for i in range(0, len(storage_order), block)]
+    order: list[int] = []
+    for b in torch.randperm(len(blocks), generator=generator).tolist():
+        order += [blocks[b][j] for j in torch.randperm(len(blocks[b]), generator=generator).tolist()]
+    return order
+
+
+def val_requests(size: int, *, batch: int, epoch: int, world: int = 1, rank: int = 0) -> list[Request]:
+    """Validation batches of one rank: positions rank, rank + world, ... (disjoint, no padding: every video
+    is counted exactly once over the ranks)."""
+    mine = list(range(rank, size, world))
+    return [Request("val", epoch, tuple(mine[i:i + batch])) for i in range(0, len(mine), batch)]
+
+
+# ------------------------------------------------------------------------------ the DataLoader
+def task_cores(config: Any, world_size: int) -> int:
+    """The cores this training process may use: ``launch.cpus_per_task`` in a SLURM job, else the affinity
+    mask shared by the processes of this machine (``LOCAL_WORLD_SIZE`` of torchrun, else every rank)."""
+    from hpcvid.launch.executors import usable_cores
+
+    if config.launch.executor == "slurm" and "SLURM_JOB_ID" in os.environ:
+        return max(1, int(config.launch.cpus_per_task))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or world_size)
+    return max(1, usable_cores() // max(1, local))
+
+
+def worker_count(config: Any, world_size: int) -> int:
+    """``train.workers``, or with -1 one per core of the task less one for the training process (at least 1)."""
+    workers = int(config.train.workers)
+    return workers if workers >= 0 else max(1, task_cores(config, world_size) - 1)
+
+
+def make_loader(batches: Batches, plan: Plan, *, workers: int, prefetch: int, pin_memory: bool, seed: int) -> Any:
+    """A DataLoader over ``batches`` in the order of ``plan``, its workers kept between passes.
+
+    It has its own random generator: creating an iterator must not draw from the global stream (dropout),
+    or a resume in the middle of an epoch would shift every random number after it.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    extra: dict[str, Any] = {}
+    if workers:
+        extra = {"persistent_workers": True, "prefetch_factor": prefetch,
+                 "multiprocessing_context": "spawn" if sys.platform == "darwin" else None}
+    return DataLoader(batches, batch_size=None, sampler=plan, num_workers=workers, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(seed), **extra)
+
+
+def close_loader(loader: Any) -> None:
+    """Stop the workers of a DataLoader now (kept workers otherwise live until it is garbage-collected)."""
+    iterator = getattr(loader, "_iterator", None)
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    if loader is not None:
+        loader._iterator = None
+
+
+def worker_pids(loader: Any) -> list[int]:
+    """The process ids of a DataLoader's running workers, in worker order (empty without workers)."""
+    return [int(w.pid) for w in getattr(getattr(loader, "_iterator", None), "_workers", []) or [] if w.pid]
+
+
+_DIED = re.compile(r"DataLoader worker \(pids?(?:\(s\))? ([\d, ]+)\)\s*(.*)")
+
+
+def worker_died(error: BaseException, pids: Sequence[int], where: str) -> ResourceError | None:
+    """The one-line error for torch's report that a DataLoader worker died (None for any other error).
+
+    torch says it in the middle of whatever the training process was doing (its SIGCHLD handler), or when a
+    batch does not come; either way training stops with this line instead of a traceback or a wait.
+    """
+    match = _DIED.search(str(error))
+    if match is None:
+        return None
+    died = [int(p) for p in re.findall(r"\d+", match.group(1))]
+    names = ", ".join(f"worker {pids.index(p)} (pid {p})" if p in pids else f"pid {p}" for p in died)
+    how = " ".join(match.group(2).split()).rstrip(". ") or "exited unexpectedly"
+    return ResourceError(f"DataLoader {names} died {where} ({how}): killed from outside or out of memory; "
+                         "lower train.workers or train.cache_gb, or look for an out-of-memory kill in the "
+                         "job's log or `dmesg`, then rerun to resume")
