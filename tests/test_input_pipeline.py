@@ -89,6 +89,7 @@ def _all_batches(shards, workers: int, cache: bool, epochs: int = 2) -> list[tup
     try:
         for epoch in range(epochs):
             for name, dataset in datasets.items():
+                dataset.set_epoch(epoch)          # as the trainer does: workers kept from earlier epochs miss it
                 requests = train_requests(len(dataset), batch=3, epoch=epoch, seed=3)
                 plan.set([r._replace(part=name) for r in requests])
                 out += [(name, epoch, list(batch)) for batch in loader]
@@ -140,7 +141,7 @@ def test_a_batch_equals_its_samples_read_one_by_one(shards):
 
 def test_one_sample_helpers_are_the_batched_operations():
     """prepare_flow and crop_resize (what evaluation calls) give what the batched path gives each sample."""
-    from hpcvid.learn.preparation import compensate_camera_batch, crop_resize_batch, stack_flow
+    from hpcvid.learn.preparation import compensate_camera_batch, crop_resize_batch, dequantise_flow, stack_flow
 
     rng = np.random.default_rng(1)
     flow = rng.normal(size=(3, 4, 8, 6, 2)).astype(np.float32)
@@ -149,6 +150,14 @@ def test_one_sample_helpers_are_the_batched_operations():
     # numpy's median: the mean of the two middle values of the 48 displacements
     assert np.allclose(compensate_camera_batch(torch.from_numpy(flow))[0].numpy(),
                        flow[0] - np.median(flow[0], axis=(1, 2), keepdims=True), atol=1e-6)
+    # the median of quantised flow, counted over its 256 codes, is the median selected among its pixels
+    for height, width in ((8, 6), (5, 3)):                    # an even and an odd number of displacements
+        codes = torch.from_numpy(rng.integers(0, 256, (3, 4, height, width, 2), dtype=np.uint8))
+        scale, offset = torch.tensor([0.15, 0.2, 0.3]), torch.tensor([19.0, 25.5, 38.0])
+        pixels = dequantise_flow(codes, scale, offset)
+        counted = compensate_camera_batch(pixels, "median", codes, scale, offset)
+        assert torch.equal(counted, compensate_camera_batch(pixels, "median"))
+        assert np.array_equal(counted.numpy(), pixels.numpy() - np.median(pixels.numpy(), axis=(2, 3), keepdims=True))
     boxes = torch.tensor([[0, 0, 6, 6, 1], [2, 0, 6, 4, 0], [1, 0, 6, 6, 0]])     # two crops of one size
     images = torch.from_numpy(rng.normal(size=(3, 4, 8, 6)).astype(np.float32))
     together = crop_resize_batch(images, boxes, flow_channels=True)
@@ -186,21 +195,26 @@ def test_a_set_over_the_budget_is_not_cached(shards):
     assert not any(type(d.source).__name__.startswith("Cached") for d in datasets)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the GPU-side preparation is compared "
-                                                          "with the CPU's on a GPU node")
-def test_gpu_preparation_equals_cpu_preparation(shards):
-    """The stored tensors of one batch, prepared on the GPU (JPEG decoded by nvJPEG) and on the CPU."""
+NO_GPU = "needs a CUDA GPU: the GPU-side preparation is compared with the workers' on a GPU node"
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason=NO_GPU))])
+def test_inputs_prepared_by_the_training_process_equal_the_workers(shards, device):
+    """What training on a GPU hands over (JPEG bytes, stored flow), decoded and prepared on ``device``, equals
+    what a worker prepares on the CPU (the CPU run checks the handing over; the GPU run the GPU's numbers)."""
     for name, dataset in _datasets(shards).items():
+        indices = [4, 1, 6, 0]
+        expected = dataset.batch(indices, epoch=1)
         dataset.decode_later = True
-        raw = dataset.load_batch([4, 1, 6, 0], epoch=1)
-        assert name not in ("frame", "twostream") or "jpeg" in raw
-        on_gpu = dataset.prepare_batch(raw, torch.device("cuda"))
-        on_cpu = dataset.prepare_batch(raw, torch.device("cpu"))
-        for gpu, cpu in zip(on_gpu, on_cpu):
-            assert gpu.device.type == "cuda"
-            # nvJPEG's IDCT differs from libjpeg-turbo's by a level or two: ~0.05 after normalisation
-            tolerance = 0.1 if name in ("frame", "twostream") and gpu.ndim == 4 and gpu.shape[1] == 3 else 1e-4
-            torch.testing.assert_close(gpu.cpu(), cpu, atol=tolerance, rtol=1e-4)
+        raw = dataset.load_batch(indices, epoch=1)
+        assert ("jpeg" in raw) == (name in ("frame", "twostream"))
+        got = dataset.prepare_batch(raw, torch.device(device))
+        for a, b in zip(got, expected):
+            assert a.device.type == device
+            # nvJPEG's IDCT may differ from libjpeg-turbo's by a level or two: ~0.05 after normalisation
+            images = a.ndim == 4 and a.shape[1] == 3
+            torch.testing.assert_close(a.cpu(), b, atol=0.1 if images else 1e-4, rtol=1e-4)
 
 
 class _DyingFlowDataset(FlowDataset):

@@ -585,7 +585,7 @@ class _VideoDataset(_EpochDataset):
         """Stored flow -> pixels -> camera motion removed -> ``(B, 2L, H, W)`` on ``device``."""
         values = raw["flow"].to(device or "cpu", non_blocking=True)
         flow = dequantise_flow(values, raw["scale"], raw["offset"])
-        return stack_flow(compensate_camera_batch(flow, self.compensation))
+        return stack_flow(compensate_camera_batch(flow, self.compensation, values, raw["scale"], raw["offset"]))
 
 
 class FrameDataset(_VideoDataset):
