@@ -176,7 +176,8 @@ class TrainConfig:
     fusion_weights: tuple[float, ...] = option((1.0, 1.5))
     procs: int = option(1, check=POSITIVE, help="local processes (gloo)")
     workers: int = option(-1, check=Check(lambda v: v >= -1, ">= -1"),
-                          help="DataLoader workers per process; -1 = one per core of the task, less one (at least 1)")
+                          help="DataLoader workers per process; -1 = from the task's cores: all but one on a GPU, "
+                               "a quarter on the CPU (at least 1)")
     prefetch: int = option(2, check=POSITIVE, help="batches each DataLoader worker prepares ahead")
     cache_gb: float = option(4.0, check=NON_NEGATIVE,
                              help="keep the decoded inputs in memory (filled in the first epoch) when the whole "

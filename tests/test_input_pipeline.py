@@ -305,15 +305,18 @@ def test_epoch_orders_see_every_sample_once():
 def test_default_workers_follow_the_cores_of_the_task(monkeypatch):
     from hpcvid.config import resolve_config
     from hpcvid.launch.executors import usable_cores
-    from hpcvid.learn.loader import worker_count
+    from hpcvid.learn.loader import training_threads, worker_count
 
     def config(**extra):
         return resolve_config(overrides={"train.workers": -1, **extra})
 
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert worker_count(config(), 1) == max(1, usable_cores() - 1)
-    assert worker_count(config(), 64) == 1                             # never fewer than one
+    assert worker_count(config(), 1, on_gpu=True) == max(1, usable_cores() - 1)
+    assert worker_count(config(), 1, on_gpu=False) == max(1, usable_cores() // 4)
+    assert worker_count(config(), 64, on_gpu=True) == 1                # never fewer than one
     monkeypatch.setenv("SLURM_JOB_ID", "123")
-    assert worker_count(config(**{"launch.executor": "slurm", "launch.cpus_per_task": 6}), 4) == 5
-    assert worker_count(config(**{"train.workers": 3}), 1) == 3
+    slurm = config(**{"launch.executor": "slurm", "launch.cpus_per_task": 12})
+    assert worker_count(slurm, 4, on_gpu=True) == 11 and worker_count(slurm, 4, on_gpu=False) == 3
+    assert training_threads(12, 3) == 9 and training_threads(2, 4) == 1
+    assert worker_count(config(**{"train.workers": 3}), 1, on_gpu=False) == 3

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import re
 import statistics
@@ -719,6 +720,11 @@ def stall_run(config: Any) -> dict[str, Any]:
     from hpcvid.learn.trainer import Trainer
     from hpcvid.stages.train import load_data
 
+    import torch
+
+    from hpcvid.launch.executors import usable_cores
+
+    torch.set_num_threads(usable_cores())     # each run starts from every core (a trainer lowers it beside workers)
     run = config.work_dir / "runs" / config.train.model
     if run.exists():        # an earlier setting's run: set aside, so this one trains from the start
         run.rename(run.with_name(f"{run.name}.{len(list(run.parent.glob(run.name + '.*')))}"))
@@ -733,9 +739,11 @@ def stall_run(config: Any) -> dict[str, Any]:
         bare.append(bare_rate(t, batch, steps))
 
     trainer.after_epoch.append(after_epoch)
+    load = os.getloadavg()[0]
     result = trainer.fit()
     epochs = result["history"]
     return {"inputs": trainer.inputs, "device": str(trainer.device), "train_samples": epochs[0]["train_samples"],
+            "load_average": [round(load, 2), round(os.getloadavg()[0], 2)],
             "stall": [round(e["data_wait_share"], 4) for e in epochs],
             "samples_per_s": [round(e["samples_per_s"], 2) for e in epochs], "bare_per_s": [round(b, 2) for b in bare]}
 
@@ -748,7 +756,8 @@ def stall_row(model: str, config: Any, run: dict[str, Any], label: str = "") -> 
     ratios = [s / b for s, b in zip(run["samples_per_s"], run["bare_per_s"])]
     stall, ratio = statistics.median(run["stall"][steady]), statistics.median(ratios[steady])
     return {"model": model, "setting": label or "default", "device": run["device"], "backbone": config.train.backbone,
-            "batch_size": config.train.batch_size, "workers": run["inputs"]["workers"], "cores": usable_cores(),
+            "batch_size": config.train.batch_size, "workers": run["inputs"]["workers"],
+            "threads": run["inputs"]["threads"], "cores": usable_cores(),
             "cached": run["inputs"]["cached"], "cache_gb": run["inputs"]["gb"], "prepared": run["inputs"]["prepared"],
             "epochs": len(run["stall"]), "train_samples": run["train_samples"], "per_epoch": run,
             "first_epoch_stall": run["stall"][0], "median_stall": round(stall, 4),
@@ -933,7 +942,7 @@ def _scaling_cells(r: dict[str, Any]) -> list[str]:
 
 def _stall_cells(r: dict[str, Any]) -> list[str]:
     cache = f"{r['cache_gb'] * 1024:.0f} MB" if r["cached"] else "off"
-    return [r["model"], r["setting"], r["device"], f"{r['workers']} / {r['cores']}", cache, r["prepared"],
+    return [r["model"], r["setting"], r["device"], f"{r['workers']} / {r['threads']} / {r['cores']}", cache, r["prepared"],
             f"{r['first_epoch_stall']:.1%}", f"{r['median_stall']:.1%}", f"{r['samples_per_s']:.1f}",
             f"{r['bare_per_s']:.1f}", f"{r['ratio']:.2f}", r["verdict"]]
 
@@ -958,7 +967,7 @@ TABLES: dict[str, tuple[str, tuple[str, ...], Any]] = {
                  "ratio raw", "ratio without start-up", "verdict", "ratio after 1st video",
                  "busy s 1 / S workers (ratio)"), _scaling_cells),
     "stall": ("Training data stall (target <= {target:.0%}, trainer / bare loop >= 0.9)",
-              ("model", "setting", "device", "workers / cores", "cache", "prepared", "stall 1st epoch",
+              ("model", "setting", "device", "workers / threads / cores", "cache", "prepared", "stall 1st epoch",
                "stall (median)", "trainer samples/s", "bare loop samples/s", "ratio", "verdict"), _stall_cells),
 }
 

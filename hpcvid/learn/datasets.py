@@ -505,7 +505,7 @@ class _EpochDataset(Dataset):
 
     def storage_order(self) -> list[int]:
         """Positions of the items sorted by where the source stores them (for locality-keeping shuffles)."""
-        key = getattr(self.source, "storage_key", None)
+        key = getattr(getattr(self, "source", None), "storage_key", None)
         if key is None:
             return list(range(len(self.items)))
         return sorted(range(len(self.items)), key=lambda i: key(self._key(self.items[i])))

@@ -2,8 +2,9 @@
 prepared, and what happens when a loading process dies.
 
 One DataLoader serves a run's training and validation passes. Its workers (``train.workers``; by default
-one per core of the task, less one for the training process) are started once and kept between epochs
-and passes; each opens its own HDF5 handles. Before each pass the trainer sets the :class:`Plan`: the
+from the cores of the task: all but one on a GPU, a quarter on the CPU, where the training process keeps
+the others as torch threads) are started once and kept between epochs and passes; each opens its own HDF5
+handles. Before each pass the trainer sets the :class:`Plan`: the
 batches of the pass as :class:`Request` s (pass, epoch, sample positions). A worker answers a request with
 one batch (:func:`make_batch`): the dataset reads the batch's samples together and prepares them there
 (CPU training), or hands back the stored tensors (uint8 frames or JPEG bytes, stored flow) for the
@@ -148,10 +149,22 @@ def task_cores(config: Any, world_size: int) -> int:
     return max(1, usable_cores() // max(1, local))
 
 
-def worker_count(config: Any, world_size: int) -> int:
-    """``train.workers``, or with -1 one per core of the task less one for the training process (at least 1)."""
+def worker_count(config: Any, world_size: int, on_gpu: bool) -> int:
+    """``train.workers``, or with -1 (at least 1): on a GPU one per core of the task less one (the training
+    process mostly waits for the GPU), on the CPU a quarter of them (the training step needs the rest:
+    :func:`training_threads`)."""
     workers = int(config.train.workers)
-    return workers if workers >= 0 else max(1, task_cores(config, world_size) - 1)
+    if workers >= 0:
+        return workers
+    cores = task_cores(config, world_size)
+    return max(1, cores - 1 if on_gpu else cores // 4)
+
+
+def training_threads(cores: int, workers: int) -> int:
+    """CPU threads for the training process beside ``workers`` busy workers: the task's other cores. With more
+    threads than cores, torch's threads wait for each other at every step (measured on the 2-core machine
+    with one worker: 2 threads trained the flow model 3-4x slower than 1)."""
+    return max(1, cores - workers)
 
 
 def make_loader(batches: Batches, plan: Plan, *, workers: int, prefetch: int, pin_memory: bool, seed: int) -> Any:

@@ -7,6 +7,10 @@ batch, a warm start) comes from the kind's module (:mod:`hpcvid.learn.kinds`); t
 ``data_factory`` the caller gives (the train stage's :func:`hpcvid.stages.train.load_data`, or arrays in
 tests), so this module chooses no input files.
 
+Inputs come through one DataLoader whose workers are kept for the whole run (:mod:`hpcvid.learn.loader`):
+batches are read and prepared together in the workers, or prepared on the GPU when training on CUDA, and
+decoded inputs stay in memory when the set fits ``train.cache_gb`` (:mod:`hpcvid.learn.cache`).
+
 Rank 0 writes a checkpoint (:mod:`hpcvid.learn.checkpoints`) after every epoch and, on a deferred stop
 request (SLURM's pre-timeout signal), at the end of the current optimiser step. A rerun resumes from the
 newest valid checkpoint. Randomness is reseeded from ``(seed, epoch, rank)`` at each epoch and data
@@ -298,8 +302,11 @@ class Trainer:
         inputs stay in memory when the whole set fits ``train.cache_gb``; no HDF5 file is left open here when
         the workers fork.
         """
+        import torch
+
         from hpcvid.learn.cache import cache_inputs
-        from hpcvid.learn.loader import Batches, Plan, make_loader, worker_count
+        from hpcvid.learn.loader import Batches, Plan, make_loader, task_cores, training_threads, worker_count
+        from hpcvid.learn.preparation import can_decode_jpeg
 
         t = self.config.train
         parts = {"train": self.bundle.train}
@@ -307,17 +314,22 @@ class Trainer:
             parts["val"] = self.bundle.val
         on_device = self.device.type == "cuda" and t.gpu_prepare
         cached = cache_inputs(list(parts.values()), t.cache_gb)
-        for dataset in parts.values():
-            if on_device and not cached["cached"] and hasattr(dataset, "decode_later"):
-                dataset.decode_later = True      # JPEG bytes to the GPU's decoder
-        workers = worker_count(self.config, self.env.world_size)
+        if on_device and not cached["cached"] and can_decode_jpeg():
+            for dataset in parts.values():
+                if hasattr(dataset, "decode_later"):
+                    dataset.decode_later = True      # JPEG bytes to the GPU's decoder
+        workers = worker_count(self.config, self.env.world_size, self.device.type == "cuda")
+        if self.device.type == "cpu" and workers:       # the workers' cores are theirs (never more threads)
+            cores = task_cores(self.config, self.env.world_size)
+            torch.set_num_threads(min(torch.get_num_threads(), training_threads(cores, workers)))
         self.plan, self.parts = Plan(), parts
         self.loader = make_loader(Batches(parts, prepare=not on_device), self.plan, workers=workers,
                                   prefetch=t.prefetch, pin_memory=self.device.type == "cuda", seed=t.seed)
         where = "on the GPU" if on_device else ("in the DataLoader workers" if workers else "in this process")
-        self.inputs = {"workers": workers, "prepared": where, **cached}
+        self.inputs = {"workers": workers, "threads": torch.get_num_threads(), "prepared": where, **cached}
         if self.env.is_main:
-            log.info("inputs: %d DataLoader worker(s) per process, prepared %s; %s", workers, where, cached["why"])
+            log.info("inputs: %d DataLoader worker(s) per process (%d torch threads here), prepared %s; %s",
+                     workers, torch.get_num_threads(), where, cached["why"])
 
     def _batches(self, requests: list[Any], phase: str) -> Iterator[list[Any]]:
         """Iterate the loader over ``requests``; batches come back as model inputs on this process's device."""
