@@ -83,16 +83,16 @@ def _all_batches(shards, workers: int, cache: bool, epochs: int = 2) -> list[tup
     datasets = _datasets(shards)
     if cache:
         assert cache_inputs(list(datasets.values()), 1.0)["cached"]
-    plan = Plan()
-    loader = make_loader(Batches(datasets, prepare=True), plan, workers=workers, prefetch=2, pin_memory=False, seed=0)
+    requests = [r._replace(part=name) for epoch in range(epochs) for name, dataset in datasets.items()
+                for r in train_requests(len(dataset), batch=3, epoch=epoch, seed=3)]
+    loader = make_loader(Batches(datasets, prepare=True), Plan(lambda: iter(requests)), workers=workers, prefetch=2,
+                         pin_memory=False, seed=0)
     out = []
     try:
-        for epoch in range(epochs):
-            for name, dataset in datasets.items():
-                dataset.set_epoch(epoch)          # as the trainer does: workers kept from earlier epochs miss it
-                requests = train_requests(len(dataset), batch=3, epoch=epoch, seed=3)
-                plan.set([r._replace(part=name) for r in requests])
-                out += [(name, epoch, list(batch)) for batch in loader]
+        batches = iter(loader)
+        for r in requests:
+            datasets[r.part].set_epoch(r.epoch)   # as the trainer does; workers forked earlier never see it
+            out.append((r.part, r.epoch, list(next(batches))))
     finally:
         close_loader(loader)
     return out
@@ -261,15 +261,14 @@ def test_a_subclass_with_its_own_getitem_is_read_item_by_item(shards):
     shard_of, items, _, _ = shards
     dataset = Doubled(ShardVideoSource(shard_of), items, train=False)
     assert not reads_in_batches(dataset) and reads_in_batches(FrameDataset(ShardVideoSource(shard_of), items, train=False))
-    plan = Plan()
-    loader = make_loader(Batches({"train": dataset}, prepare=True), plan, workers=1, prefetch=1, pin_memory=False,
-                         seed=0)
-    plan.set(train_requests(len(dataset), batch=4, epoch=0, seed=0))
+    requests = train_requests(len(dataset), batch=4, epoch=0, seed=0)
+    loader = make_loader(Batches({"train": dataset}, prepare=True), Plan(lambda: iter(requests)), workers=1,
+                         prefetch=1, pin_memory=False, seed=0)
     try:
         images, labels = next(iter(loader))
     finally:
         close_loader(loader)
-    first = plan.requests[0].indices[0]
+    first = requests[0].indices[0]
     assert torch.equal(images[0], dataset[first][0]) and torch.equal(images[0], 2 * FrameDataset.__getitem__(dataset, first)[0])
 
 

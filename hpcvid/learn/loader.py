@@ -3,9 +3,9 @@ prepared, and what happens when a loading process dies.
 
 One DataLoader serves a run's training and validation passes. Its workers (``train.workers``; by default
 from the cores of the task: all but one on a GPU, a quarter on the CPU, where the training process keeps
-the others as torch threads) are started once and kept between epochs and passes; each opens its own HDF5
-handles. Before each pass the trainer sets the :class:`Plan`: the
-batches of the pass as :class:`Request` s (pass, epoch, sample positions). A worker answers a request with
+the others as torch threads) are started once and kept for the whole run; each opens its own HDF5 handles.
+Its sampler, the :class:`Plan`, is the stream of every batch of the run as :class:`Request` s (pass, epoch,
+sample positions), so the workers run ahead across the ends of passes. A worker answers a request with
 one batch (:func:`make_batch`): the dataset reads the batch's samples together and prepares them there
 (CPU training), or hands back the stored tensors (uint8 frames or JPEG bytes, stored flow) for the
 training process to prepare on its GPU. Datasets without the batched interface (a ``__getitem__`` of their
@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 from hpcvid.errors import ResourceError
 
@@ -36,20 +36,16 @@ class Request(NamedTuple):
 
 
 class Plan:
-    """The DataLoader's sampler: the requests of the coming pass, set by the trainer before the pass (workers
-    kept between passes keep their loader, and with it its sampler)."""
+    """The DataLoader's sampler: every batch request of the run, pass after pass (an epoch's training, then its
+    validation), made lazily by ``requests()``. One stream for the whole run lets the workers prepare the next
+    pass's first batches while the current pass ends (its last steps, the checkpoint), instead of every pass
+    starting with idle workers and a waiting training process."""
 
-    def __init__(self) -> None:
-        self.requests: list[Request] = []
-
-    def set(self, requests: Sequence[Request]) -> None:
-        self.requests = list(requests)
+    def __init__(self, requests: Callable[[], Iterator[Request]]) -> None:
+        self.requests = requests
 
     def __iter__(self) -> Iterator[Request]:
-        return iter(self.requests)
-
-    def __len__(self) -> int:
-        return len(self.requests)
+        return self.requests()
 
 
 def reads_in_batches(dataset: Any) -> bool:

@@ -22,6 +22,7 @@ torch is imported inside functions: the train stage imports this module on a log
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -106,6 +107,7 @@ class Trainer:
         self.best_val = math.inf
         self.bad_epochs = 0
         self.loader: Any = None
+        self.stream: Iterator[Any] | None = None     # the loader's batches, one iterator for the whole run
         self.worker_pids: list[int] = []
         self.phase = "start"
         self.after_epoch: list[Callable[[Trainer], None]] = []   # called after each epoch's checkpoint (the bench)
@@ -122,7 +124,7 @@ class Trainer:
         self._build_model()
         self._build_optimiser()
         skip = self._resume()
-        self._start_inputs()
+        self._start_inputs(skip)
         self.progress_origin = (time.time(), self.epoch)     # this start's pace, for the ETA in `hpcvid status`
         self.board = EpochBoard.open(self.config.train.tensorboard and self.env.is_main, self.run, self.epoch)
         if self.env.is_distributed:
@@ -294,8 +296,9 @@ class Trainer:
         return (self.step_in_epoch // self.impl.steps_per_batch(self.config)) * self.per_rank_batch
 
     # -------------------------------------------------------------- inputs
-    def _start_inputs(self) -> None:
-        """The loader of every pass (its workers started at the first and kept), and the input cache.
+    def _start_inputs(self, skip: int) -> None:
+        """The loader of the rest of the run (its workers started at the first batch and kept), and the input
+        cache. ``skip``: the samples of the current epoch already done (a resumed run).
 
         Inputs are prepared in the DataLoader workers, or, on CUDA with ``train.gpu_prepare``, handed over as
         stored (uint8 frames or JPEG bytes, stored flow) and prepared on the GPU by this process. The decoded
@@ -322,8 +325,9 @@ class Trainer:
         if self.device.type == "cpu" and workers:       # the workers' cores are theirs (never more threads)
             cores = task_cores(self.config, self.env.world_size)
             torch.set_num_threads(min(torch.get_num_threads(), training_threads(cores, workers)))
-        self.plan, self.parts = Plan(), parts
-        self.loader = make_loader(Batches(parts, prepare=not on_device), self.plan, workers=workers,
+        self.parts = parts
+        plan = Plan(functools.partial(self._requests, self.epoch, skip))
+        self.loader = make_loader(Batches(parts, prepare=not on_device), plan, workers=workers,
                                   prefetch=t.prefetch, pin_memory=self.device.type == "cuda", seed=t.seed)
         where = "on the GPU" if on_device else ("in the DataLoader workers" if workers else "in this process")
         self.inputs = {"workers": workers, "threads": torch.get_num_threads(), "prepared": where, **cached}
@@ -331,31 +335,50 @@ class Trainer:
             log.info("inputs: %d DataLoader worker(s) per process (%d torch threads here), prepared %s; %s",
                      workers, torch.get_num_threads(), where, cached["why"])
 
+    def _requests(self, first: int, skip: int) -> Iterator[Any]:
+        """Every batch of the run from epoch ``first`` on, in the order the epoch loop consumes them."""
+        for epoch in range(first, self.config.train.epochs):
+            yield from self._train_requests(epoch, skip if epoch == first else 0)
+            yield from self._val_requests(epoch)
+
+    def _train_requests(self, epoch: int, skip: int) -> list[Any]:
+        from hpcvid.learn.loader import train_requests
+
+        t, dataset = self.config.train, self.parts["train"]
+        blocks = t.shuffle == "blocks" and hasattr(dataset, "storage_order")
+        return train_requests(len(dataset), batch=self.per_rank_batch, epoch=epoch, seed=t.seed,
+                              world=self.env.world_size, rank=self.env.rank, skip=skip,
+                              storage_order=dataset.storage_order() if blocks else None, block=t.shuffle_block)
+
+    def _val_requests(self, epoch: int) -> list[Any]:
+        """This rank's validation videos: disjoint, no padding (every video counted once over the ranks)."""
+        from hpcvid.learn.loader import val_requests
+
+        if "val" not in self.parts:
+            return []
+        return val_requests(len(self.parts["val"]), batch=self.per_rank_batch, epoch=epoch,
+                            world=self.env.world_size, rank=self.env.rank)
+
     def _batches(self, requests: list[Any], phase: str) -> Iterator[list[Any]]:
-        """Iterate the loader over ``requests``; batches come back as model inputs on this process's device."""
+        """The loader's next ``len(requests)`` batches (those ``requests``), as model inputs on this process's
+        device."""
         from hpcvid.learn.loader import worker_pids
 
         self.phase = phase
-        self.plan.set(requests)
-        batches = iter(self.loader)
-        self.worker_pids = worker_pids(self.loader) or self.worker_pids
-        for batch in one_line_errors(batches):
+        if self.stream is None:
+            self.stream = one_line_errors(iter(self.loader))
+            self.worker_pids = worker_pids(self.loader)
+        for request in requests:
+            batch = next(self.stream)
             if isinstance(batch, dict):       # stored tensors: prepared here, on the device
-                batch = self.parts[requests[0].part].prepare_batch(batch, self.device)
+                batch = self.parts[request.part].prepare_batch(batch, self.device)
             yield [b.to(self.device, non_blocking=True) for b in batch]
 
     # -------------------------------------------------------------- one epoch
     def train_epoch(self, skip: int = 0) -> EpochStats:
         """One pass over this rank's share of the training set (the first ``skip`` samples already done)."""
-        from hpcvid.learn.loader import train_requests
-
-        t = self.config.train
-        dataset = self.bundle.train
-        dataset.set_epoch(self.epoch)
-        blocks = t.shuffle == "blocks" and hasattr(dataset, "storage_order")
-        requests = train_requests(len(dataset), batch=self.per_rank_batch, epoch=self.epoch, seed=t.seed,
-                                  world=self.env.world_size, rank=self.env.rank, skip=skip,
-                                  storage_order=dataset.storage_order() if blocks else None, block=t.shuffle_block)
+        self.bundle.train.set_epoch(self.epoch)
+        requests = self._train_requests(self.epoch, skip)
         self.model.train()
         stats = EpochStats()
         start = time.perf_counter()
@@ -404,11 +427,8 @@ class Trainer:
         dataset = self.bundle.val
         if dataset is None or len(dataset) == 0:
             return float("nan"), float("nan")
-        from hpcvid.learn.loader import val_requests
-
         dataset.set_epoch(self.epoch)
-        requests = val_requests(len(dataset), batch=self.per_rank_batch, epoch=self.epoch,
-                                world=self.env.world_size, rank=self.env.rank)     # disjoint, no padding
+        requests = self._val_requests(self.epoch)
         self.model.eval()
         stats = EpochStats()
         with torch.no_grad():
