@@ -52,7 +52,7 @@ SIZES = {  # quick / full
     "decode_frames": (125, 500), "flow_clips": (2, 6), "flow_frames": (16, 32), "tvl1_pairs": (8, 24),
     "feature_frames": (64, 192), "storage_videos": (40, 200), "storage_frames": 150, "storage_windows": (100, 400),
     "scaling_per_class": (2, 8), "scaling_frames": (16, 32), "scaling_workers": 2,
-    "gpu_opencv_pairs": (2, 4), "stall_per_class": (8, 30), "stall_frames": 16, "stall_side": 64,
+    "gpu_opencv_pairs": (2, 4), "stall_per_class": (10, 100), "stall_frames": 16, "stall_side": 64,
 }
 GPU_FLOW_SIZES = ((224, 224), (240, 320))
 """(height, width) of the GPU TV-L1 measurement: the two-stream input side, and UCF-101's frames."""
@@ -652,19 +652,27 @@ def bench_scaling(scratch: Path, quick: bool, repeats: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ stall
-STALL_TRAIN = {"train.backbone": "small", "train.batch_size": 16, "train.lr": 0.002, "train.chunk": 8, "train.layers": 1, "train.hidden": 128, "train.flow_stack": 10, "train.flip": False,
+STALL_TRAIN = {"train.backbone": "small", "train.batch_size": 16, "train.lr": 0.002, "train.chunk": 8,
+               "train.layers": 1, "train.hidden": 128, "train.flow_stack": 10, "train.flip": False,
                "train.val_fraction": 0.15}
 """The demo's training settings (hpcvid.cli.demo): the small CNN on 64 px frames is the cheapest step there
 is to feed, so the hardest case for the input pipeline."""
+STALL_RATIO_TARGET = 0.9
+"""The trainer's samples/s over the bare loop's: what reading and preparing inputs may cost in all."""
+STALL_VARIANTS = {"workers=0, no cache": {"train.workers": 0, "train.cache_gb": 0.0},
+                  "workers=1, no cache": {"train.workers": 1, "train.cache_gb": 0.0},
+                  "workers=2": {"train.workers": 2}}
+"""Settings the flow model (the most input per step) also runs with: what a worker, the cache and a second
+worker (more processes than cores here) each change."""
 
 
 def stall_work(scratch: Path, quick: bool) -> Path:
-    """A synthetic set (6 classes, 16 frames of 64x64) indexed, extracted in 2 shards (JPEG frames, Farneback
-    flow, ResNet-18 features) and merged: what the demo trains on, at a bench's size."""
+    """The demo's pipeline at a bench's size: a synthetic set (6 classes, 16 frames of 64x64) indexed and
+    extracted in 2 shards (JPEG frames, Farneback flow; no CNN: the LSTM reads the fine-tuned frame CNN's
+    features, :func:`stall_features`)."""
     from hpcvid.config import SynthConfig, resolve_config
     from hpcvid.stages import extract
     from hpcvid.stages.index import index_dataset
-    from hpcvid.stages.merge import merge
     from hpcvid.stages.synth import generate
 
     work, side = scratch / "stall-work", size("stall_side", quick)
@@ -674,12 +682,22 @@ def stall_work(scratch: Path, quick: bool) -> Path:
     config = resolve_config(overrides={
         "work": str(work), "dataset.root": str(dataset), "dataset.format": "ucf101", "extract.size": side,
         "extract.resize": "square", "extract.sampling": "all", "extract.flow": "farneback",
-        "extract.backbone": "resnet18", "extract.device": "cpu", "extract.shards": 2})
+        "extract.backbone": "none", "extract.device": "cpu", "extract.shards": 2})
     index_dataset(config)
     for spec in extract.plan(config):
         extract.run_shard(config, spec)
-    merge(work)
     return work
+
+
+def stall_features(config: Any) -> None:
+    """The features stage with the trained frame CNN, then its merged file (what a feature model reads first)."""
+    from hpcvid.stages import features
+    from hpcvid.stages.merge import merge
+    from hpcvid.workfolder import WorkFolder
+
+    for spec in features.plan(config):
+        features.run_shard(config, spec)
+    merge(config.work_dir, features_dir=WorkFolder.of(config).unit_dir(features.unit(config)))
 
 
 def stall_config(work: Path, model: str, epochs: int, **extra: Any) -> Any:
@@ -710,19 +728,35 @@ def bare_rate(trainer: Any, batch: list[Any], steps: int) -> float:
     return steps * len(labels) / seconds
 
 
-def stall_run(config: Any) -> dict[str, Any]:
-    """Train ``config``'s model (one process) and, after each epoch, time the bare loop for as many steps as
-    the epoch had batches on the first batch of the epoch (alternately, so both see the same machine)."""
-    import math
+def input_seconds(trainer: Any, indices: list[int], epoch: int) -> float:
+    """Seconds one worker spends on one batch (read from the cache or the files, then prepared), timed here on
+    one thread, as in a worker."""
+    import torch
 
-    from hpcvid.launch.distributed import DistEnv
     from hpcvid.learn.loader import make_batch
-    from hpcvid.learn.trainer import Trainer
-    from hpcvid.stages.train import load_data
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        started = time.perf_counter()
+        make_batch(trainer.parts["train"], indices, epoch, prepare=True)
+        return time.perf_counter() - started
+    finally:
+        torch.set_num_threads(threads)
+
+
+def stall_run(config: Any) -> dict[str, Any]:
+    """Train ``config``'s model (one process, from every core) and, after each epoch, time the bare loop for
+    as many steps as the epoch had batches on the epoch's first batch, and one batch's input work."""
+    import math
 
     import torch
 
+    from hpcvid.launch.distributed import DistEnv
     from hpcvid.launch.executors import usable_cores
+    from hpcvid.learn.loader import make_batch
+    from hpcvid.learn.trainer import Trainer
+    from hpcvid.stages.train import load_data
 
     torch.set_num_threads(usable_cores())     # each run starts from every core (a trainer lowers it beside workers)
     run = config.work_dir / "runs" / config.train.model
@@ -730,13 +764,14 @@ def stall_run(config: Any) -> dict[str, Any]:
         run.rename(run.with_name(f"{run.name}.{len(list(run.parent.glob(run.name + '.*')))}"))
     trainer = Trainer(config, DistEnv(), load_data)
     bare: list[float] = []
+    inputs: list[float] = []
 
     def after_epoch(t: Any) -> None:
         dataset = t.parts["train"]
-        steps = math.ceil(len(dataset) / t.per_rank_batch)
         first = list(range(min(t.per_rank_batch, len(dataset))))
         batch = [b.to(t.device) for b in make_batch(dataset, first, t.epoch - 1, prepare=True, device=t.device)]
-        bare.append(bare_rate(t, batch, steps))
+        bare.append(bare_rate(t, batch, math.ceil(len(dataset) / t.per_rank_batch)))
+        inputs.append(input_seconds(t, first, t.epoch - 1))
 
     trainer.after_epoch.append(after_epoch)
     load = os.getloadavg()[0]
@@ -745,16 +780,21 @@ def stall_run(config: Any) -> dict[str, Any]:
     return {"inputs": trainer.inputs, "device": str(trainer.device), "train_samples": epochs[0]["train_samples"],
             "load_average": [round(load, 2), round(os.getloadavg()[0], 2)],
             "stall": [round(e["data_wait_share"], 4) for e in epochs],
-            "samples_per_s": [round(e["samples_per_s"], 2) for e in epochs], "bare_per_s": [round(b, 2) for b in bare]}
+            "samples_per_s": [round(e["samples_per_s"], 2) for e in epochs], "bare_per_s": [round(b, 2) for b in bare],
+            "input_ms_per_batch": [round(1e3 * s, 2) for s in inputs]}
 
 
 def stall_row(model: str, config: Any, run: dict[str, Any], label: str = "") -> dict[str, Any]:
-    """One row: the first (cold) epoch apart, medians over the others (the steady state the run spends its time in)."""
+    """One row: the first (cold) epoch apart, medians over the others (the steady state a run spends its
+    time in). ``input / step`` is one batch's input work (one thread) over one bare step: above the number
+    of workers, the workers cannot keep up however the input path is written, and only more cores help."""
     from hpcvid.launch.executors import usable_cores
 
     steady = slice(1, None) if len(run["stall"]) > 1 else slice(None)
     ratios = [s / b for s, b in zip(run["samples_per_s"], run["bare_per_s"])]
     stall, ratio = statistics.median(run["stall"][steady]), statistics.median(ratios[steady])
+    step_ms = 1e3 * config.train.batch_size / statistics.median(run["bare_per_s"][steady])
+    input_ms = statistics.median(run["input_ms_per_batch"][steady])
     return {"model": model, "setting": label or "default", "device": run["device"], "backbone": config.train.backbone,
             "batch_size": config.train.batch_size, "workers": run["inputs"]["workers"],
             "threads": run["inputs"]["threads"], "cores": usable_cores(),
@@ -764,42 +804,43 @@ def stall_row(model: str, config: Any, run: dict[str, Any], label: str = "") -> 
             "max_stall": round(max(run["stall"][steady]), 4), "ratio": round(ratio, 3),
             "samples_per_s": statistics.median(run["samples_per_s"][steady]),
             "bare_per_s": statistics.median(run["bare_per_s"][steady]),
+            "input_ms": round(input_ms, 2), "step_ms": round(step_ms, 2),
+            "input_per_step": round(input_ms / step_ms, 3),
             "verdict": "pass" if stall <= TARGETS["stall"] and ratio >= STALL_RATIO_TARGET else "FAIL"}
 
 
-STALL_RATIO_TARGET = 0.9
-"""The trainer's samples/s over the bare loop's: what reading and preparing inputs may cost in all."""
-STALL_VARIANTS = {"workers=0, no cache": {"train.workers": 0, "train.cache_gb": 0.0},
-                  "workers=1, no cache": {"train.workers": 1, "train.cache_gb": 0.0},
-                  "workers=2, no cache": {"train.workers": 2, "train.cache_gb": 0.0}}
-"""Settings the flow model (the most input per step) is also run with: what the cores and the cache each buy."""
-
-
 def bench_stall(scratch: Path, quick: bool, repeats: int) -> dict[str, Any]:
-    """Every model kind trained for 1 + ``repeats`` epochs with the default input settings, on the CPU and,
-    when there is one, on a CUDA GPU; then the flow model with the settings of :data:`STALL_VARIANTS`."""
+    """Every model kind trained for 1 + ``repeats`` epochs with the default input settings, in table order (the
+    LSTM after the features stage has run with the trained frame CNN), on the CPU and, when there is one, on a
+    CUDA GPU; then the flow model with each setting of :data:`STALL_VARIANTS`."""
     import torch
 
-    from hpcvid.learn.kinds import KINDS
+    from hpcvid.learn.kinds import FEATURES, KINDS
 
     work = stall_work(scratch, quick)
     epochs = 1 + repeats
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
     for device in devices:
-        for model in KINDS:
+        for model, kind in KINDS.items():
             config = stall_config(work, model, epochs, **{"train.device": device})
+            if FEATURES in kind.reads and device == devices[0]:
+                stall_features(config)
             rows.append(stall_row(model, config, stall_run(config)))
         for label, settings in STALL_VARIANTS.items():
             config = stall_config(work, "flow", epochs, **{"train.device": device, **settings})
             rows.append(stall_row("flow", config, stall_run(config), label))
+    first = rows[0]
     return {"target": TARGETS["stall"], "ratio_target": STALL_RATIO_TARGET, "devices": devices,
-            "what": f"short real trainings (hpcvid.learn.trainer, one process, {epochs} epochs) of every model kind "
-            "on a synthetic set extracted here (6 classes, 16 frames of 64x64, JPEG frames, uint8 flow; the demo's "
-            "settings: the small CNN, batch 16), with the default input settings (DataLoader workers = cores of the "
-            "task - 1, decoded inputs cached when they fit train.cache_gb); stall = the trainer's data_wait_share "
-            "(time waiting for the next batch / epoch time); ratio = the trainer's samples/s / a bare loop of the "
-            "same training step on one batch already in memory, timed after each epoch (alternately); first "
+            "what": f"short real trainings (hpcvid.learn.trainer, one process, {epochs} epochs of "
+            f"{first['train_samples']} videos) of every model kind on a synthetic set extracted here (6 classes, "
+            f"{size('stall_frames', quick)} frames of {size('stall_side', quick)} px, JPEG frames, uint8 flow; the "
+            "LSTM on the fine-tuned frame CNN's merged features; the demo's settings: the small CNN, batch 16), "
+            "with the default input settings (workers from the task's cores, decoded inputs cached when they fit "
+            "train.cache_gb); stall = the trainer's data_wait_share (time waiting for the next batch / epoch "
+            "time); ratio = the trainer's samples/s / a bare loop of the same training step on one batch already "
+            "in memory, timed after each epoch (alternately); input / step = one batch's input work on one "
+            "thread (what a worker does) / one bare step: above the number of workers they cannot keep up; first "
             "epoch (workers start, cache fills) apart, medians over the others; targets: stall <= 5 %, ratio >= 0.9",
             "rows": rows}
 
@@ -942,9 +983,10 @@ def _scaling_cells(r: dict[str, Any]) -> list[str]:
 
 def _stall_cells(r: dict[str, Any]) -> list[str]:
     cache = f"{r['cache_gb'] * 1024:.0f} MB" if r["cached"] else "off"
-    return [r["model"], r["setting"], r["device"], f"{r['workers']} / {r['threads']} / {r['cores']}", cache, r["prepared"],
-            f"{r['first_epoch_stall']:.1%}", f"{r['median_stall']:.1%}", f"{r['samples_per_s']:.1f}",
-            f"{r['bare_per_s']:.1f}", f"{r['ratio']:.2f}", r["verdict"]]
+    return [r["model"], r["setting"], r["device"], f"{r['workers']} / {r['threads']} / {r['cores']}", cache,
+            r["prepared"], f"{r['first_epoch_stall']:.1%}", f"{r['median_stall']:.1%}", f"{r['samples_per_s']:.0f}",
+            f"{r['bare_per_s']:.0f}", f"{r['ratio']:.2f}", r["verdict"],
+            f"{r['input_ms']:.0f} / {r['step_ms']:.0f} ({r['input_per_step']:.2f})"]
 
 
 # Part -> (section title, table columns, one row's cells), in the order the report shows them.
@@ -968,7 +1010,8 @@ TABLES: dict[str, tuple[str, tuple[str, ...], Any]] = {
                  "busy s 1 / S workers (ratio)"), _scaling_cells),
     "stall": ("Training data stall (target <= {target:.0%}, trainer / bare loop >= 0.9)",
               ("model", "setting", "device", "workers / threads / cores", "cache", "prepared", "stall 1st epoch",
-               "stall (median)", "trainer samples/s", "bare loop samples/s", "ratio", "verdict"), _stall_cells),
+               "stall (median)", "trainer samples/s", "bare loop samples/s", "ratio", "verdict",
+               "input / step ms per batch"), _stall_cells),
 }
 
 
