@@ -15,7 +15,7 @@ import trainkit
 from hpcvid.learn.datasets import (Augment, FeatureDataset, FlowDataset, FrameDataset, MergedFeatureSource,
                                    ShardFeatureSource, ShardVideoSource, TwoStreamDataset, VideoItem,
                                    crop_resize, prepare_flow)
-from hpcvid.learn.loader import Batches, Plan, close_loader, make_loader, reads_in_batches, train_requests
+from hpcvid.learn.loader import Batches, Plan, Slots, close_loader, make_loader, reads_in_batches, train_requests
 
 torch.set_num_threads(1)
 SIZE, FRAMES = 20, 9        # 20 x 20 px, 9 frames (8 flow pairs) per video
@@ -85,14 +85,18 @@ def _all_batches(shards, workers: int, cache: bool, epochs: int = 2) -> list[tup
         assert cache_inputs(list(datasets.values()), 1.0)["cached"]
     requests = [r._replace(part=name) for epoch in range(epochs) for name, dataset in datasets.items()
                 for r in train_requests(len(dataset), batch=3, epoch=epoch, seed=3)]
-    loader = make_loader(Batches(datasets, prepare=True), Plan(lambda: iter(requests)), workers=workers, prefetch=2,
-                         pin_memory=False, seed=0)
+    # batches come back through shared slots, as in the trainer: as few as the DataLoader's prefetching allows
+    slots = Slots(workers * 2 + 1, 300_000) if workers else None
+    loader = make_loader(Batches(datasets, prepare=True, slots=slots), Plan(lambda: iter(requests)), workers=workers,
+                         prefetch=2, pin_memory=False, seed=0)
     out = []
     try:
         batches = iter(loader)
         for r in requests:
             datasets[r.part].set_epoch(r.epoch)   # as the trainer does; workers forked earlier never see it
-            out.append((r.part, r.epoch, list(next(batches))))
+            batch = next(batches)
+            assert workers == 0 or type(batch).__name__ == "InSlot"
+            out.append((r.part, r.epoch, list(batch if slots is None else slots.take(batch))))
     finally:
         close_loader(loader)
     return out

@@ -108,6 +108,7 @@ class Trainer:
         self.bad_epochs = 0
         self.loader: Any = None
         self.stream: Iterator[Any] | None = None     # the loader's batches, one iterator for the whole run
+        self.slots: Any = None
         self.worker_pids: list[int] = []
         self.phase = "start"
         self.after_epoch: list[Callable[[Trainer], None]] = []   # called after each epoch's checkpoint (the bench)
@@ -326,14 +327,30 @@ class Trainer:
             cores = task_cores(self.config, self.env.world_size)
             torch.set_num_threads(min(torch.get_num_threads(), training_threads(cores, workers)))
         self.parts = parts
+        self.slots = self._slots(workers, t.prefetch, prepare=not on_device) if workers else None
         plan = Plan(functools.partial(self._requests, self.epoch, skip))
-        self.loader = make_loader(Batches(parts, prepare=not on_device), plan, workers=workers,
+        self.loader = make_loader(Batches(parts, prepare=not on_device, slots=self.slots), plan, workers=workers,
                                   prefetch=t.prefetch, pin_memory=self.device.type == "cuda", seed=t.seed)
         where = "on the GPU" if on_device else ("in the DataLoader workers" if workers else "in this process")
         self.inputs = {"workers": workers, "threads": torch.get_num_threads(), "prepared": where, **cached}
         if self.env.is_main:
             log.info("inputs: %d DataLoader worker(s) per process (%d torch threads here), prepared %s; %s",
                      workers, torch.get_num_threads(), where, cached["why"])
+
+    def _slots(self, workers: int, prefetch: int, prepare: bool) -> Any:
+        """Shared memory for the batches in flight (:class:`hpcvid.learn.loader.Slots`), a slot sized from a
+        first batch of each pass made here (with room for larger JPEG bytes); the files it opened are closed
+        before the workers fork."""
+        from hpcvid.learn.loader import Slots, make_batch
+
+        biggest = 0
+        for dataset in self.parts.values():
+            batch = make_batch(dataset, list(range(min(self.per_rank_batch, len(dataset)))), self.epoch, prepare)
+            biggest = max(biggest, Slots.room_for(batch))
+            close = getattr(getattr(dataset, "source", None), "close", None)
+            if close is not None:
+                close()
+        return Slots(workers * prefetch + 2, 2 * biggest + 4096)
 
     def _requests(self, first: int, skip: int) -> Iterator[Any]:
         """Every batch of the run from epoch ``first`` on, in the order the epoch loop consumes them."""
@@ -370,6 +387,8 @@ class Trainer:
             self.worker_pids = worker_pids(self.loader)
         for request in requests:
             batch = next(self.stream)
+            if self.slots is not None:
+                batch = self.slots.take(batch, pin=self.device.type == "cuda")
             if isinstance(batch, dict):       # stored tensors: prepared here, on the device
                 batch = self.parts[request.part].prepare_batch(batch, self.device)
             yield [b.to(self.device, non_blocking=True) for b in batch]
