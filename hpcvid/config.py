@@ -202,7 +202,19 @@ class TrainConfig:
     c3d_width: int = option(64, check=POSITIVE, help="c3d: channels of the first conv layer (C3D: 64)")
     c3d_fc: int = option(4096, check=POSITIVE, help="c3d: size of the two hidden FC layers (C3D: 4096)")
     procs: int = option(1, check=POSITIVE, help="local processes (gloo)")
-    workers: int = option(0, check=NON_NEGATIVE, help="DataLoader workers per process")
+    workers: int = option(-1, check=Check(lambda v: v >= -1, ">= -1"),
+                          help="DataLoader workers per process; -1 = from the task's cores: all but one on a GPU, "
+                               "a quarter on the CPU (at least 1)")
+    prefetch: int = option(2, check=POSITIVE, help="batches each DataLoader worker prepares ahead")
+    cache_gb: float = option(4.0, check=NON_NEGATIVE,
+                             help="keep the decoded inputs in memory (filled in the first epoch) when the whole "
+                                  "set fits this many GB per training process; 0 = off")
+    gpu_prepare: bool = option(True, help="on CUDA: decode JPEG frames and prepare inputs (flow dequantisation and "
+                                          "camera compensation, normalisation, augmentation) on the GPU")
+    shuffle: str = option("global", choices=("global", "blocks"),
+                          help="epoch order: a global shuffle, or shuffled blocks of videos neighbouring in the "
+                               "files (local reads; batches mix fewer classes when files are sorted by class)")
+    shuffle_block: int = option(32, check=POSITIVE, help="shuffle = blocks: videos per block")
     seed: int = option(0, check=NON_NEGATIVE)
     device: str = option("auto", choices=("auto", "cpu", "cuda"))
     val_fraction: float = option(0.15, check=Check(lambda v: 0.0 <= v < 1.0, "in [0, 1)"),

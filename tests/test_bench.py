@@ -81,3 +81,29 @@ def test_gpu_flow_part_is_refused_without_a_gpu_before_anything_runs(tmp_path, c
         pytest.skip("a CUDA GPU is visible")
     assert main(["bench", "--only", "flow,flow_gpu", "--out", str(tmp_path / "out")]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_stall_part_trains_every_model_and_times_the_bare_loop(tmp_path, monkeypatch, one_torch_thread) -> None:
+    """The stall part's plumbing at a toy size (6 classes x 3 clips of 8 frames at 32 px, 2 epochs, one
+    variant): a row per model kind with both rates and the per-epoch figures; never how fast they were."""
+    from hpcvid.cli import bench
+    from hpcvid.learn.kinds import KINDS
+
+    monkeypatch.setitem(bench.SIZES, "stall_per_class", (3, 3))
+    monkeypatch.setitem(bench.SIZES, "stall_frames", 8)
+    monkeypatch.setitem(bench.SIZES, "stall_side", 32)
+    monkeypatch.setattr(bench, "STALL_VARIANTS", {"workers=0, no cache": {"train.workers": 0, "train.cache_gb": 0.0}})
+    monkeypatch.setitem(bench.STALL_TRAIN, "train.batch_size", 4)
+    part = bench.bench_stall(tmp_path, quick=True, repeats=1)
+    rows = part["rows"]
+    assert [(r["model"], r["setting"]) for r in rows] == [*((m, "default") for m in KINDS),
+                                                          ("flow", "workers=0, no cache")]
+    for row in rows:
+        assert row["epochs"] == 2 and len(row["per_epoch"]["bare_per_s"]) == 2
+        assert row["samples_per_s"] > 0 and row["bare_per_s"] > 0 and row["ratio"] > 0 and row["input_ms"] > 0
+        assert 0 <= row["median_stall"] <= 1 and row["verdict"] in ("pass", "FAIL")
+    assert all(r["cached"] and r["workers"] >= 1 for r in rows[:-1])       # the defaults: workers and the cache
+    assert rows[-1]["workers"] == 0 and not rows[-1]["cached"] and rows[-1]["prepared"] == "in this process"
+    title, columns, cells = bench.TABLES["stall"]
+    assert all(len(cells(r)) == len(columns) for r in rows)

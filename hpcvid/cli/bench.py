@@ -17,6 +17,10 @@ gives the median of the repeats. Targets:
   chunked, a fletcher32 checksum per chunk, every window verified) vs one ``.npy`` file per frame (the
   layout early studies used): >= 20x. Warm page cache on both sides (dropping caches needs root and disturbs the
   other users of a shared machine).
+* stall — short real trainings of every model kind (:data:`hpcvid.learn.kinds.KINDS`) on a synthetic set
+  extracted in the run, with the default input settings: the trainer's own data stall (time waiting for the
+  next batch / epoch time) <= 5 %, and its samples/s >= 0.9 x a bare loop of the same training step on one
+  batch already in memory; on a CUDA GPU too when one is visible.
 * scaling — the real extract stage (Farneback + ResNet-18 at 64 px) on a synthetic set, one worker doing
   every video (one shard) vs S shards on S workers, both through ``run_shards_locally`` (submitit's local
   executor) with 1 CPU thread per worker, each in a fresh work folder: S-worker time <= 1.15 x (single /
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import re
 import statistics
@@ -47,7 +52,7 @@ SIZES = {  # quick / full
     "decode_frames": (125, 500), "flow_clips": (2, 6), "flow_frames": (16, 32), "tvl1_pairs": (8, 24),
     "feature_frames": (64, 192), "storage_videos": (40, 200), "storage_frames": 150, "storage_windows": (100, 400),
     "scaling_per_class": (2, 8), "scaling_frames": (16, 32), "scaling_workers": 2,
-    "gpu_opencv_pairs": (2, 4),
+    "gpu_opencv_pairs": (2, 4), "stall_per_class": (10, 100), "stall_frames": 16, "stall_side": 64,
 }
 GPU_FLOW_SIZES = ((224, 224), (240, 320))
 """(height, width) of the GPU TV-L1 measurement: the two-stream input side, and UCF-101's frames."""
@@ -61,22 +66,17 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller inputs and 2 repeats (a minute or two)")
     parser.add_argument("--repeats", type=int, default=None, metavar="N",
                         help="repeats per measurement; the median is reported (default 3, --quick 2)")
-    parser.add_argument("--only", default="decode,flow,features,storage,scaling", metavar="LIST",
-                        help="comma-separated parts to run (decode, flow, features, storage, scaling; flow_gpu: "
-                             "TV-L1 in torch on a CUDA GPU vs OpenCV's on one core)")
+    parser.add_argument("--only", default="decode,flow,features,storage,scaling,stall", metavar="LIST",
+                        help="comma-separated parts to run (decode, flow, features, storage, scaling, stall: short "
+                             "trainings of every model; flow_gpu: TV-L1 in torch on a CUDA GPU vs OpenCV's on one core)")
     parser.add_argument("--scratch", default=None, metavar="DIR",
                         help="folder for temporary clips and files (default: the system temp folder)")
-    parser.add_argument("--train-runs", nargs="*", default=(), metavar="RUN",
-                        help="run folders (WORK/runs/<model>) of real `hpcvid run train` runs: report their "
-                             "training data stall (the trainer's own data-wait share of step time, target <= 5%%)")
 
 
 def main(args: argparse.Namespace) -> int:
     from hpcvid.errors import ConfigError
 
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
-    if args.train_runs and "stall" not in parts:
-        parts.append("stall")
     unknown = sorted(set(parts) - set(TARGETS))
     if unknown:
         raise ConfigError(f"--only: unknown part(s) {unknown}; choose from {', '.join(TARGETS)}")
@@ -87,8 +87,7 @@ def main(args: argparse.Namespace) -> int:
             raise ConfigError("--only flow_gpu needs a CUDA GPU and none is visible: run it on a GPU node")
     repeats = args.repeats or (2 if args.quick else 3)
     result = run_bench(Path(args.out), parts=parts, quick=args.quick, repeats=repeats,
-                       scratch=Path(args.scratch) if args.scratch else None,
-                       train_runs=[Path(r) for r in args.train_runs])
+                       scratch=Path(args.scratch) if args.scratch else None)
     print(render_markdown(result))
     print(f"written: {Path(args.out) / 'bench.json'}, {Path(args.out) / 'bench.md'}")
     return 0
@@ -653,37 +652,201 @@ def bench_scaling(scratch: Path, quick: bool, repeats: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ stall
-def bench_stall(runs: list[Path]) -> dict[str, Any]:
-    """Training data stall from the trainer's own per-epoch ``data_wait_share`` (time waiting for the
-    next batch / epoch time, measured inside the run); the median over epochs per run."""
-    from hpcvid.errors import ConfigError
-    from hpcvid.fileio import read_json
+STALL_TRAIN = {"train.backbone": "small", "train.batch_size": 16, "train.lr": 0.002, "train.chunk": 8,
+               "train.layers": 1, "train.hidden": 128, "train.flow_stack": 10, "train.flip": False,
+               "train.val_fraction": 0.15}
+"""The demo's training settings (hpcvid.cli.demo): the small CNN on 64 px frames is the cheapest step there
+is to feed, so the hardest case for the input pipeline."""
+STALL_RATIO_TARGET = 0.9
+"""The trainer's samples/s over the bare loop's: what reading and preparing inputs may cost in all."""
+STALL_VARIANTS = {"workers=0, no cache": {"train.workers": 0, "train.cache_gb": 0.0},
+                  "workers=1, no cache": {"train.workers": 1, "train.cache_gb": 0.0},
+                  "workers=2": {"train.workers": 2}}
+"""Settings the flow model (the most input per step) also runs with: what a worker, the cache and a second
+worker (more processes than cores here) each change."""
 
-    if not runs:
-        raise ConfigError("the stall part needs --train-runs WORK/runs/<model> (folders of real training runs)")
+
+def stall_work(scratch: Path, quick: bool) -> Path:
+    """The demo's pipeline at a bench's size: a synthetic set (6 classes, 16 frames of 64x64) indexed and
+    extracted in 2 shards (JPEG frames, Farneback flow; no CNN: the LSTM reads the fine-tuned frame CNN's
+    features, :func:`stall_features`)."""
+    from hpcvid.config import SynthConfig, resolve_config
+    from hpcvid.stages import extract
+    from hpcvid.stages.index import index_dataset
+    from hpcvid.stages.synth import generate
+
+    work, side = scratch / "stall-work", size("stall_side", quick)
+    synth = SynthConfig(classes=6, per_class=size("stall_per_class", quick), test_per_class=2,
+                        frames=size("stall_frames", quick), size=f"{side}x{side}", seed=7)
+    dataset = generate(scratch / "stall-synth", synth)
+    config = resolve_config(overrides={
+        "work": str(work), "dataset.root": str(dataset), "dataset.format": "ucf101", "extract.size": side,
+        "extract.resize": "square", "extract.sampling": "all", "extract.flow": "farneback",
+        "extract.backbone": "none", "extract.device": "cpu", "extract.shards": 2})
+    index_dataset(config)
+    for spec in extract.plan(config):
+        extract.run_shard(config, spec)
+    return work
+
+
+def stall_features(config: Any) -> None:
+    """The features stage with the trained frame CNN, then its merged file (what a feature model reads first)."""
+    from hpcvid.stages import features
+    from hpcvid.stages.merge import merge
+    from hpcvid.workfolder import WorkFolder
+
+    for spec in features.plan(config):
+        features.run_shard(config, spec)
+    merge(config.work_dir, features_dir=WorkFolder.of(config).unit_dir(features.unit(config)))
+
+
+def stall_config(work: Path, model: str, epochs: int, **extra: Any) -> Any:
+    from hpcvid.config import load_resolved, replace
+
+    return replace(load_resolved(work), **{**STALL_TRAIN, "train.seq_len": size("stall_frames", False),
+                                           "train.model": model, "train.epochs": epochs, **extra})
+
+
+def bare_rate(trainer: Any, batch: list[Any], steps: int) -> float:
+    """Samples/s of the kind's training step alone: ``steps`` steps of the trainer's model, optimiser and
+    schedule on one batch already on its device (nothing read, prepared or moved). The trainer's step
+    counters are put back, so its checkpoints still count only its own steps."""
+    import torch
+
+    *inputs, labels = batch
+    counters = (trainer.global_step, trainer.step_in_epoch)
+    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+    trainer.model.train()
+    sync()
+    started = time.perf_counter()
+    for _ in range(steps):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.impl.train_step(trainer.model, inputs, labels, trainer.config, trainer.tools)
+    sync()
+    seconds = time.perf_counter() - started
+    trainer.global_step, trainer.step_in_epoch = counters
+    return steps * len(labels) / seconds
+
+
+def input_seconds(trainer: Any, indices: list[int], epoch: int) -> float:
+    """Seconds one worker spends on one batch (read from the cache or the files, then prepared), timed here on
+    one thread, as in a worker."""
+    import torch
+
+    from hpcvid.learn.loader import make_batch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        started = time.perf_counter()
+        make_batch(trainer.parts["train"], indices, epoch, prepare=True)
+        return time.perf_counter() - started
+    finally:
+        torch.set_num_threads(threads)
+
+
+def stall_run(config: Any) -> dict[str, Any]:
+    """Train ``config``'s model (one process, from every core) and, after each epoch, time the bare loop for
+    as many steps as the epoch had batches on the epoch's first batch, and one batch's input work."""
+    import math
+
+    import torch
+
+    from hpcvid.launch.distributed import DistEnv
+    from hpcvid.launch.executors import usable_cores
+    from hpcvid.learn.loader import make_batch
+    from hpcvid.learn.trainer import Trainer
+    from hpcvid.stages.train import load_data
+
+    torch.set_num_threads(usable_cores())     # each run starts from every core (a trainer lowers it beside workers)
+    run = config.work_dir / "runs" / config.train.model
+    if run.exists():        # an earlier setting's run: set aside, so this one trains from the start
+        run.rename(run.with_name(f"{run.name}.{len(list(run.parent.glob(run.name + '.*')))}"))
+    trainer = Trainer(config, DistEnv(), load_data)
+    bare: list[float] = []
+    inputs: list[float] = []
+
+    def after_epoch(t: Any) -> None:
+        dataset = t.parts["train"]
+        first = list(range(min(t.per_rank_batch, len(dataset))))
+        batch = [b.to(t.device) for b in make_batch(dataset, first, t.epoch - 1, prepare=True, device=t.device)]
+        bare.append(bare_rate(t, batch, math.ceil(len(dataset) / t.per_rank_batch)))
+        inputs.append(input_seconds(t, first, t.epoch - 1))
+
+    trainer.after_epoch.append(after_epoch)
+    load = os.getloadavg()[0]
+    result = trainer.fit()
+    epochs = result["history"]
+    return {"inputs": trainer.inputs, "device": str(trainer.device), "train_samples": epochs[0]["train_samples"],
+            "load_average": [round(load, 2), round(os.getloadavg()[0], 2)],
+            "stall": [round(e["data_wait_share"], 4) for e in epochs],
+            "samples_per_s": [round(e["samples_per_s"], 2) for e in epochs], "bare_per_s": [round(b, 2) for b in bare],
+            "input_ms_per_batch": [round(1e3 * s, 2) for s in inputs]}
+
+
+def stall_row(model: str, config: Any, run: dict[str, Any], label: str = "") -> dict[str, Any]:
+    """One row: the first (cold) epoch apart, medians over the others (the steady state a run spends its
+    time in). ``input / step`` is one batch's input work (one thread) over one bare step: above the number
+    of workers, the workers cannot keep up however the input path is written, and only more cores help."""
+    from hpcvid.launch.executors import usable_cores
+
+    steady = slice(1, None) if len(run["stall"]) > 1 else slice(None)
+    ratios = [s / b for s, b in zip(run["samples_per_s"], run["bare_per_s"])]
+    stall, ratio = statistics.median(run["stall"][steady]), statistics.median(ratios[steady])
+    step_ms = 1e3 * config.train.batch_size / statistics.median(run["bare_per_s"][steady])
+    input_ms = statistics.median(run["input_ms_per_batch"][steady])
+    return {"model": model, "setting": label or "default", "device": run["device"], "backbone": config.train.backbone,
+            "batch_size": config.train.batch_size, "workers": run["inputs"]["workers"],
+            "threads": run["inputs"]["threads"], "cores": usable_cores(),
+            "cached": run["inputs"]["cached"], "cache_gb": run["inputs"]["gb"], "prepared": run["inputs"]["prepared"],
+            "epochs": len(run["stall"]), "train_samples": run["train_samples"], "per_epoch": run,
+            "first_epoch_stall": run["stall"][0], "median_stall": round(stall, 4),
+            "max_stall": round(max(run["stall"][steady]), 4), "ratio": round(ratio, 3),
+            "samples_per_s": statistics.median(run["samples_per_s"][steady]),
+            "bare_per_s": statistics.median(run["bare_per_s"][steady]),
+            "input_ms": round(input_ms, 2), "step_ms": round(step_ms, 2),
+            "input_per_step": round(input_ms / step_ms, 3),
+            "verdict": "pass" if stall <= TARGETS["stall"] and ratio >= STALL_RATIO_TARGET else "FAIL"}
+
+
+def bench_stall(scratch: Path, quick: bool, repeats: int) -> dict[str, Any]:
+    """Every model kind trained for 1 + ``repeats`` epochs with the default input settings, in table order (the
+    LSTM after the features stage has run with the trained frame CNN), on the CPU and, when there is one, on a
+    CUDA GPU; then the flow model with each setting of :data:`STALL_VARIANTS`."""
+    import torch
+
+    from hpcvid.learn.kinds import FEATURES, KINDS
+
+    work = stall_work(scratch, quick)
+    epochs = 1 + repeats
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
-    for run in runs:
-        metrics_file = run / "metrics.jsonl"
-        if not metrics_file.is_file():
-            raise ConfigError(f"{metrics_file} does not exist: give the folder of a run made by `hpcvid run train`")
-        epochs = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-        shares = [float(e["data_wait_share"]) for e in epochs if "data_wait_share" in e]
-        if not shares:
-            raise ConfigError(f"{metrics_file} has no data_wait_share: the trainer predates the measurement")
-        train = read_json(run / "config.resolved.json")["config"]["train"] if (run / "config.resolved.json").is_file() else {}
-        share = statistics.median(shares)
-        rows.append({"run": str(run), "model": train.get("model", run.name), "backbone": train.get("backbone"),
-                     "batch_size": train.get("batch_size"), "workers": train.get("workers"), "epochs": len(shares),
-                     "median_share": round(share, 4), "max_share": round(max(shares), 4),
-                     "verdict": "pass" if share <= TARGETS["stall"] else "FAIL"})
-    return {"target": TARGETS["stall"], "what": "median over epochs of the trainer's data_wait_share (time spent "
-            "waiting for the next batch / epoch time), read from each run's metrics.jsonl; target <= 5 %",
+    for device in devices:
+        for model, kind in KINDS.items():
+            config = stall_config(work, model, epochs, **{"train.device": device})
+            if FEATURES in kind.reads and device == devices[0]:
+                stall_features(config)
+            rows.append(stall_row(model, config, stall_run(config)))
+        for label, settings in STALL_VARIANTS.items():
+            config = stall_config(work, "flow", epochs, **{"train.device": device, **settings})
+            rows.append(stall_row("flow", config, stall_run(config), label))
+    first = rows[0]
+    return {"target": TARGETS["stall"], "ratio_target": STALL_RATIO_TARGET, "devices": devices,
+            "what": f"short real trainings (hpcvid.learn.trainer, one process, {epochs} epochs of "
+            f"{first['train_samples']} videos) of every model kind on a synthetic set extracted here (6 classes, "
+            f"{size('stall_frames', quick)} frames of {size('stall_side', quick)} px, JPEG frames, uint8 flow; the "
+            "LSTM on the fine-tuned frame CNN's merged features; the demo's settings: the small CNN, batch 16), "
+            "with the default input settings (workers from the task's cores, decoded inputs cached when they fit "
+            "train.cache_gb); stall = the trainer's data_wait_share (time waiting for the next batch / epoch "
+            "time); ratio = the trainer's samples/s / a bare loop of the same training step on one batch already "
+            "in memory, timed after each epoch (alternately); input / step = one batch's input work on one "
+            "thread (what a worker does) / one bare step: above the number of workers they cannot keep up; first "
+            "epoch (workers start, cache fills) apart, medians over the others; targets: stall <= 5 %, ratio >= 0.9",
             "rows": rows}
 
 
 # ------------------------------------------------------------------------------------------ report
-def run_bench(out: Path, *, parts: list[str], quick: bool, repeats: int, scratch: Path | None = None,
-              train_runs: list[Path] | tuple = ()) -> dict[str, Any]:
+def run_bench(out: Path, *, parts: list[str], quick: bool, repeats: int, scratch: Path | None = None) -> dict[str, Any]:
     import cv2
     import torch
 
@@ -700,7 +863,7 @@ def run_bench(out: Path, *, parts: list[str], quick: bool, repeats: int, scratch
                    "features": lambda: bench_features(quick, repeats),
                    "storage": lambda: bench_storage(folder, quick, repeats),
                    "scaling": lambda: bench_scaling(folder, quick, repeats),
-                   "stall": lambda: bench_stall(list(train_runs)),
+                   "stall": lambda: bench_stall(folder, quick, repeats),
                    "flow_gpu": lambda: bench_flow_gpu(folder, quick, repeats)}
         for part in parts:
             log.info("bench: %s", part)
@@ -719,7 +882,6 @@ def run_bench(out: Path, *, parts: list[str], quick: bool, repeats: int, scratch
 
 
 NOT_MEASURED = {
-    "stall": ("training data stall", "give --train-runs WORK/runs/<model> of real training runs"),
     "flow_gpu": ("TV-L1 in torch on a GPU", "run `hpcvid bench --only flow_gpu` on a machine with a CUDA GPU"),
 }
 """Parts a default run leaves out: (what the report lists as not measured, how to measure it)."""
@@ -820,8 +982,11 @@ def _scaling_cells(r: dict[str, Any]) -> list[str]:
 
 
 def _stall_cells(r: dict[str, Any]) -> list[str]:
-    return [r["model"], r["backbone"], f"{r['batch_size']}", f"{r['workers']}", f"{r['epochs']}",
-            f"{r['median_share']:.1%}", f"{r['max_share']:.1%}", r["verdict"]]
+    cache = f"{r['cache_gb'] * 1024:.0f} MB" if r["cached"] else "off"
+    return [r["model"], r["setting"], r["device"], f"{r['workers']} / {r['threads']} / {r['cores']}", cache,
+            r["prepared"], f"{r['first_epoch_stall']:.1%}", f"{r['median_stall']:.1%}", f"{r['samples_per_s']:.0f}",
+            f"{r['bare_per_s']:.0f}", f"{r['ratio']:.2f}", r["verdict"],
+            f"{r['input_ms']:.0f} / {r['step_ms']:.0f} ({r['input_per_step']:.2f})"]
 
 
 # Part -> (section title, table columns, one row's cells), in the order the report shows them.
@@ -843,8 +1008,10 @@ TABLES: dict[str, tuple[str, tuple[str, ...], Any]] = {
                 ("workers", "videos", "start-up s", "1-worker s", "S-worker s", "1st video starts 1 / S workers s",
                  "ratio raw", "ratio without start-up", "verdict", "ratio after 1st video",
                  "busy s 1 / S workers (ratio)"), _scaling_cells),
-    "stall": ("Training data stall (target <= {target:.0%})",
-              ("model", "backbone", "batch", "workers", "epochs", "median stall", "max", "verdict"), _stall_cells),
+    "stall": ("Training data stall (target <= {target:.0%}, trainer / bare loop >= 0.9)",
+              ("model", "setting", "device", "workers / threads / cores", "cache", "prepared", "stall 1st epoch",
+               "stall (median)", "trainer samples/s", "bare loop samples/s", "ratio", "verdict",
+               "input / step ms per batch"), _stall_cells),
 }
 
 

@@ -10,10 +10,21 @@ Input preparation (evaluation must call the same functions, so it sees exactly w
   :mod:`hpcvid.learn.statistics` (std floored scale-relatively: untrained GoogLeNet features are ~1e-12),
   then centred in time with the clip's mean appended (centring took the LSTM from 50-73 % to 93-99 %).
 
+These are the batched operations of :mod:`hpcvid.learn.preparation` applied to a batch of one; the datasets
+apply them to whole batches.
+
 Sequences: videos shorter than the window are padded by playing them backwards and forwards
 (:func:`ping_pong_indices`); longer ones give a random window in training and the centre window in
 validation (:func:`sequence_indices`). Randomness comes from ``(seed, epoch, index)``, never from global
 state, so an epoch replays identically after a resume and with any number of DataLoader workers.
+
+Batches. The datasets here read a whole batch at once (:meth:`FrameDataset.load_batch`: the sources' batched
+reads, in storage order, one HDF5 read per video or per run of neighbouring feature windows) and prepare it
+with tensor operations (:meth:`FrameDataset.prepare_batch`), in a DataLoader worker or on the GPU
+(:mod:`hpcvid.learn.loader`). ``dataset[i]`` remains the one-sample view of the same two steps. A source
+needs only :class:`VideoSource`'s or :class:`FeatureSource`'s one-video methods; the batched ones
+(``frames_batch``, ``flow_batch``, ``jpeg_batch``, ``windows``, and ``layout`` for the in-memory cache of
+:mod:`hpcvid.learn.cache`) are used when it has them.
 
 HDF5 files are opened lazily in the process that reads them (never before a DataLoader fork). A read
 that fails (a damaged chunk) raises a one-line StoreError naming the file and the video; when that happens
@@ -28,11 +39,13 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from hpcvid.errors import HpcvidError
-from hpcvid.learn.statistics import FeatureStatistics, feature_statistics, normalise_features
+from hpcvid.errors import HpcvidError, StoreError
+from hpcvid.learn.preparation import (compensate_camera_batch, crop_resize_batch, decode_jpeg_batch, dequantise_flow,
+                                      normalise_frames, prepare_feature_batch, resize_to, stack_flow)
+from hpcvid.learn.statistics import FeatureStatistics, feature_statistics, normalise_features  # noqa: F401 (public here)
+from hpcvid.storage.shards import StoredFlow
 
 
 # ------------------------------------------------------------------------------ index arithmetic
@@ -88,10 +101,8 @@ def centre_in_time(x: np.ndarray) -> np.ndarray:
 def prepare_features(window: np.ndarray, mean: np.ndarray | None, std: np.ndarray | None,
                      centring: bool = True) -> np.ndarray:
     """The LSTM's input for one window ``(T, D)``: normalised (train statistics), optionally centred."""
-    x = np.asarray(window, dtype=np.float32)
-    if mean is not None and std is not None:
-        x = normalise_features(x, mean, std)
-    return centre_in_time(x) if centring else x
+    batch = torch.from_numpy(np.ascontiguousarray(window, dtype=np.float32))[None]
+    return prepare_feature_batch(batch, mean, std, centring)[0].numpy()
 
 
 def feature_input_dim(feature_dim: int, centring: bool) -> int:
@@ -100,20 +111,13 @@ def feature_input_dim(feature_dim: int, centring: bool) -> int:
 
 def compensate_camera(flow: np.ndarray, mode: str = "median") -> np.ndarray:
     """Subtract each pair's median (or mean) displacement from flow ``(n, H, W, 2)``: removes camera motion."""
-    flow = np.asarray(flow, dtype=np.float32)
-    if mode == "none":
-        return flow
-    reduce = np.median if mode == "median" else np.mean
-    if mode not in ("median", "mean"):
-        raise ValueError(f"unknown camera compensation {mode!r}; choose median, mean or none")
-    return flow - reduce(flow, axis=(1, 2), keepdims=True).astype(np.float32)
+    flow = np.ascontiguousarray(flow, dtype=np.float32)
+    return compensate_camera_batch(torch.from_numpy(flow), mode).numpy()
 
 
 def prepare_flow(flow: np.ndarray, compensation: str = "median") -> np.ndarray:
     """``(L, H, W, 2)`` -> ``(2L, H, W)`` channels u0, v0, u1, v1, ... after camera compensation."""
-    flow = compensate_camera(flow, compensation)
-    steps, height, width, _ = flow.shape
-    return np.ascontiguousarray(flow.transpose(0, 3, 1, 2).reshape(2 * steps, height, width))
+    return stack_flow(torch.from_numpy(compensate_camera(flow, compensation))[None])[0].numpy()
 
 
 def prepare_frames(frames: np.ndarray) -> torch.Tensor:
@@ -156,18 +160,16 @@ class Augment:
 
 def crop_resize(x: torch.Tensor, box: tuple[int, int, int, int, bool], flow_channels: bool = False) -> torch.Tensor:
     """Apply a drawn box to ``(C, H, W)``. For flow, vectors are rescaled and u negated on a flip."""
-    top, left, crop_h, crop_w, flip = box
-    height, width = x.shape[-2:]
-    out = x[:, top:top + crop_h, left:left + crop_w]
-    if (crop_h, crop_w) != (height, width):
-        out = F.interpolate(out[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-    if flip:
-        out = out.flip(-1)
-    if flow_channels:
-        scale = torch.tensor([width / crop_w, height / crop_h], dtype=out.dtype).repeat(out.shape[0] // 2)
-        sign = torch.tensor([-1.0 if flip else 1.0, 1.0], dtype=out.dtype).repeat(out.shape[0] // 2)
-        out = out * (scale * sign).view(-1, 1, 1)
-    return out.contiguous()
+    return crop_resize_batch(x[None], torch.tensor([[int(v) for v in box]]), flow_channels)[0]
+
+
+def draw_boxes(augment: Augment | None, rngs: Sequence[np.random.Generator | None], height: int,
+               width: int) -> torch.Tensor | None:
+    """One box per sample (rows ``top, left, crop_h, crop_w, flip``) from its own random stream; None when
+    nothing is augmented (validation, or augmentation off)."""
+    if augment is None or any(rng is None for rng in rngs):
+        return None
+    return torch.tensor([[int(v) for v in augment.draw(rng, height, width)] for rng in rngs], dtype=torch.int64)
 
 
 # ------------------------------------------------------------------------------ sources
@@ -222,17 +224,56 @@ class _ShardReaders:
 
 
 class ShardVideoSource:
-    """Frames and flow from the extraction shards, each HDF5 file opened in the process that reads it."""
+    """Frames and flow from the extraction shards, each HDF5 file opened in the process that reads it.
+
+    Beside the one-video reads of :class:`VideoSource` it reads a batch's requests together
+    (:meth:`frames_batch`, :meth:`flow_batch`, :meth:`jpeg_batch`), in storage order: by shard, then by
+    group, each video's frames or pairs in one HDF5 read.
+    """
 
     def __init__(self, shard_of: dict[str, str]) -> None:
         self.shard_of = dict(shard_of)        # video id -> shard path
         self._readers = _ShardReaders()
 
+    def _reader(self, video_id: str) -> Any:
+        return self._readers.reader(self.shard_of[video_id])
+
     def frames(self, video_id: str, indices: Sequence[int]) -> np.ndarray:
-        return self._readers.reader(self.shard_of[video_id]).frames(video_id, list(indices))
+        return self._reader(video_id).frames(video_id, list(indices))
 
     def flow(self, video_id: str, start: int, stop: int) -> np.ndarray:
-        return self._readers.reader(self.shard_of[video_id]).flow(video_id, start, stop)
+        return self._reader(video_id).flow(video_id, start, stop)
+
+    def frames_batch(self, requests: Sequence[tuple[str, Sequence[int]]]) -> list[np.ndarray]:
+        """Decoded uint8 ``(n, H, W, 3)`` per ``(video id, positions)``, in the asked order."""
+        return self._in_storage_order(requests, lambda reader, vid, indices: reader.frames(vid, list(indices)))
+
+    def jpeg_batch(self, requests: Sequence[tuple[str, Sequence[int]]]) -> list[list[np.ndarray]] | None:
+        """The undecoded JPEG bytes of each request's frames (for a GPU decoder); None when any video stores
+        its frames raw."""
+        rows = self._in_storage_order(requests, lambda reader, vid, indices: reader.jpeg(vid, list(indices)))
+        return None if any(row is None for row in rows) else rows
+
+    def flow_batch(self, requests: Sequence[tuple[str, int, int]]) -> list[Any]:
+        """Each ``(video id, start, stop)``'s pairs as stored (:class:`hpcvid.storage.shards.StoredFlow`)."""
+        return self._in_storage_order(requests, lambda reader, vid, start, stop: reader.stored_flow(vid, start, stop))
+
+    def layout(self, video_id: str, part: str) -> Any:
+        """The :class:`hpcvid.storage.h5.RowLayout` of a video's ``frames`` or ``flow`` once read."""
+        return self._reader(video_id).layout(video_id, part)
+
+    def storage_key(self, video_id: str) -> tuple[str, str]:
+        return self.shard_of[video_id], video_id
+
+    def close(self) -> None:
+        """Close every file this process opened (before DataLoader workers fork)."""
+        self._readers.close()
+
+    def _in_storage_order(self, requests: Sequence[tuple[Any, ...]], read: Callable[..., Any]) -> list[Any]:
+        out: list[Any] = [None] * len(requests)
+        for k in sorted(range(len(requests)), key=lambda k: self.storage_key(requests[k][0])):
+            out[k] = read(self._reader(requests[k][0]), *requests[k])
+        return out
 
 
 class FeatureSource(Protocol):
@@ -284,6 +325,19 @@ class MergedFeatureSource:
     def window(self, index: int, start: int, length: int) -> np.ndarray:
         return self.merged.window(index, start, length)
 
+    def windows(self, requests: Sequence[tuple[int, int, int]]) -> list[np.ndarray]:
+        """A batch's windows ``(index, start, length)``, read in file order (neighbours in one slice)."""
+        return self.merged.windows(requests)
+
+    def layout(self, index: int) -> Any:
+        return self.merged.layout(index)
+
+    def storage_key(self, index: int) -> int:
+        return self.merged.entries[index].offset
+
+    def close(self) -> None:
+        self.merged.close()
+
 
 class ShardFeatureSource:
     """Per-frame features of one named set (``features/<name>``) read from shard files, window by window.
@@ -315,6 +369,20 @@ class ShardFeatureSource:
         item = self.items[index]
         return self._readers.reader(self.paths[index]).features(item.id, self.name, start, start + length)
 
+    def windows(self, requests: Sequence[tuple[int, int, int]]) -> list[np.ndarray]:
+        """A batch's windows ``(index, start, length)``, read shard by shard in stored order."""
+        out: list[Any] = [None] * len(requests)
+        for k in sorted(range(len(requests)), key=lambda k: self.storage_key(requests[k][0])):
+            out[k] = self.window(*requests[k])
+        return out
+
+    def layout(self, index: int) -> Any:
+        item = self.items[index]
+        return self._readers.reader(self.paths[index]).layout(item.id, f"features/{self.name}")
+
+    def storage_key(self, index: int) -> tuple[str, str]:
+        return self.paths[index], self.items[index].id
+
     def fit_statistics(self, items: Sequence[FeatureItem]) -> None:
         stats = FeatureStatistics()
         for item in items:
@@ -324,6 +392,32 @@ class ShardFeatureSource:
 
     def close(self) -> None:
         self._readers.close()
+
+
+# ------------------------------------------------------------------------------ a batch's reads, any source
+def read_frames(source: VideoSource, requests: Sequence[tuple[str, Sequence[int]]]) -> list[np.ndarray]:
+    """Decoded frames of each ``(video id, positions)``: the source's batched read when it has one."""
+    batched = getattr(source, "frames_batch", None)
+    if batched is not None:
+        return batched(requests)
+    return [source.frames(vid, indices) for vid, indices in requests]
+
+
+def read_flow(source: VideoSource, requests: Sequence[tuple[str, int, int]]) -> list[StoredFlow]:
+    """Each ``(video id, start, stop)``'s flow pairs as stored (float32 pixels from a source without
+    :meth:`ShardVideoSource.flow_batch`)."""
+    batched = getattr(source, "flow_batch", None)
+    if batched is not None:
+        return batched(requests)
+    return [StoredFlow(np.asarray(source.flow(vid, start, stop), dtype=np.float32)) for vid, start, stop in requests]
+
+
+def read_windows(source: FeatureSource, requests: Sequence[tuple[int, int, int]]) -> list[np.ndarray]:
+    """Feature windows ``(index, start, length)``: the source's batched read when it has one."""
+    batched = getattr(source, "windows", None)
+    if batched is not None:
+        return batched(requests)
+    return [source.window(index, start, length) for index, start, length in requests]
 
 
 def one_line_errors(batches: Iterable[Any]) -> Iterator[Any]:
@@ -350,13 +444,24 @@ def one_line_errors(batches: Iterable[Any]) -> Iterator[Any]:
 
 # ------------------------------------------------------------------------------ datasets
 class _EpochDataset(Dataset):
-    """Shared bits: items, labels, a per-(seed, epoch, index) random stream when training."""
+    """Shared bits: items, labels, a per-(seed, epoch, index) random stream when training, and the batched
+    interface the trainer reads through.
+
+    A batch is made in two steps: :meth:`load_batch` reads and decodes the samples and draws their random
+    windows and crops (``(seed, epoch, index)`` streams: the same whichever process does it), returning
+    tensors as stored (uint8 frames or JPEG bytes, stored flow, feature rows); :meth:`prepare_batch` turns
+    them into model inputs with batched tensor operations on any device. ``dataset[i]`` is the batch of one,
+    so a sample is the same alone, in a batch, in a worker or on the training process.
+    """
+
+    parts: tuple[str, ...] = ()       # what it reads of each video: "frames", "flow" or "features" (cache keys)
 
     def __init__(self, items: Sequence[Any], train: bool, seed: int) -> None:
         self.items = list(items)
         self.train = train
         self.seed = seed
         self.epoch = 0
+        self.decode_later = False     # hand JPEG bytes to prepare_batch (a GPU decodes them) instead of pixels
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -364,103 +469,257 @@ class _EpochDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def rng(self, index: int) -> np.random.Generator | None:
-        return item_rng(self.seed, self.epoch, index) if self.train else None
+    def rng(self, index: int, epoch: int | None = None) -> np.random.Generator | None:
+        return item_rng(self.seed, self.epoch if epoch is None else epoch, index) if self.train else None
 
     @property
     def labels(self) -> list[int]:
         return [item.label for item in self.items]
 
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        *inputs, labels = self.batch([index])
+        return (*(x[0] for x in inputs), int(labels[0]))
 
-def _flow_window(source: VideoSource, item: VideoItem, stack: int, rng: np.random.Generator | None,
-                 compensation: str) -> tuple[np.ndarray, int]:
-    """``stack`` flow fields (ping-pong padded if the video has fewer pairs); returns (2L, H, W), start."""
-    pairs = max(1, item.frames - 1)
-    start = window_start(pairs, stack, rng)
-    if pairs >= stack:
-        flow = source.flow(item.id, start, start + stack)
-    else:
-        flow = source.flow(item.id, 0, pairs)[ping_pong_indices(pairs, stack)]
-    return prepare_flow(flow, compensation), start
+    def batch(self, indices: Sequence[int], epoch: int | None = None, device: Any = None) -> tuple[torch.Tensor, ...]:
+        """Model inputs and labels of ``indices``, stacked: ``prepare_batch(load_batch(...))``."""
+        return self.prepare_batch(self.load_batch(indices, epoch), device)
+
+    def load_batch(self, indices: Sequence[int], epoch: int | None = None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def prepare_batch(self, raw: dict[str, Any], device: Any = None) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def _labels(self, indices: Sequence[int]) -> torch.Tensor:
+        return torch.tensor([self.items[i].label for i in indices], dtype=torch.int64)
+
+    # what an in-memory cache needs to know (hpcvid.learn.cache)
+    def cache_layout(self) -> dict[tuple[str, Any], Any] | None:
+        """The rows a cache would hold for this dataset's videos, ``(part, key) -> RowLayout``; None when its
+        source cannot say (it is then read uncached)."""
+        return None
+
+    def use_cache(self, cache: Any) -> None:
+        """Read through ``cache`` (a :class:`hpcvid.learn.cache.RowCache` made from :meth:`cache_layout`)."""
+        raise NotImplementedError
+
+    def storage_order(self) -> list[int]:
+        """Positions of the items sorted by where the source stores them (for locality-keeping shuffles)."""
+        key = getattr(getattr(self, "source", None), "storage_key", None)
+        if key is None:
+            return list(range(len(self.items)))
+        return sorted(range(len(self.items)), key=lambda i: key(self._key(self.items[i])))
+
+    def _key(self, item: Any) -> Any:
+        return item.id
 
 
-class FrameDataset(_EpochDataset):
+class _VideoDataset(_EpochDataset):
+    """What the frame and flow datasets share: reading a batch's frames (decoded, or as JPEG bytes for a GPU
+    decoder) and flow windows, and turning them into inputs."""
+
+    source: VideoSource
+
+    def cache_layout(self) -> dict[tuple[str, Any], Any] | None:
+        """Sized from the first video (an extraction stores every video at one size; a video of another size
+        is never cached) and each video's number of frames."""
+        layout = getattr(self.source, "layout", None)
+        if layout is None or not self.items:
+            return None
+        out = {}
+        for part in self.parts:
+            first = layout(self.items[0].id, part)
+            for item in self.items:
+                out[(part, item.id)] = first._replace(rows=max(0, item.frames - 1 if part == "flow" else item.frames))
+        return out
+
+    def use_cache(self, cache: Any) -> None:
+        from hpcvid.learn.cache import CachedVideoSource
+
+        self.source = CachedVideoSource(self.source, cache)
+
+    def _read_frames(self, requests: Sequence[tuple[str, Sequence[int]]]) -> tuple[dict[str, Any], tuple[int, int]]:
+        """``{"frames": uint8 (B, H, W, 3)}``, or ``{"jpeg", "jpeg_offsets"}`` when decoding is left to
+        :meth:`prepare_batch`; and (H, W)."""
+        jpeg = getattr(self.source, "jpeg_batch", None)
+        layout = getattr(self.source, "layout", None)
+        rows = jpeg(requests) if self.decode_later and jpeg is not None and layout is not None else None
+        if rows is not None:
+            flat = [row for video in rows for row in video]
+            offsets = np.cumsum([0] + [len(row) for row in flat], dtype=np.int64)
+            height, width = layout(requests[0][0], "frames").shape[:2]
+            return {"jpeg": torch.from_numpy(np.concatenate(flat)), "jpeg_offsets": torch.from_numpy(offsets)}, \
+                (height, width)
+        frames = _stack([np.asarray(f) for f in read_frames(self.source, requests)], "frames")
+        return {"frames": torch.from_numpy(frames.reshape((-1,) + frames.shape[-3:]))}, frames.shape[-3:-1]
+
+    def _read_flow(self, items: Sequence[VideoItem], rngs: Sequence[np.random.Generator | None]
+                   ) -> tuple[dict[str, Any], list[int]]:
+        """``stack`` stored flow fields per item (ping-pong padded when the video has fewer pairs), a random
+        window in training and the centre one otherwise: ``{"flow", "scale", "offset"}`` and the starts."""
+        starts, requests, pads = [], [], []
+        for item, rng in zip(items, rngs):
+            pairs = max(1, item.frames - 1)
+            start = window_start(pairs, self.stack, rng)
+            starts.append(start)
+            if pairs >= self.stack:
+                requests.append((item.id, start, start + self.stack))
+                pads.append(None)
+            else:
+                requests.append((item.id, 0, pairs))
+                pads.append(ping_pong_indices(pairs, self.stack))
+        stored = read_flow(self.source, requests)
+        if len({s.values.dtype for s in stored}) > 1:      # videos stored differently: pixels for all
+            stored = [StoredFlow(s.pixels()) for s in stored]
+        values = _stack([s.values if pad is None else s.values[pad] for s, pad in zip(stored, pads)], "flow fields")
+        return {"flow": torch.from_numpy(values), "scale": torch.tensor([float(s.scale) for s in stored]),
+                "offset": torch.tensor([float(s.offset) for s in stored])}, starts
+
+    def _pixels(self, raw: dict[str, Any], device: Any) -> torch.Tensor:
+        """uint8 ``(B, 3, H, W)`` on ``device``: decoded there, or the decoded frames moved there."""
+        if "jpeg" in raw:
+            return decode_jpeg_batch(raw["jpeg"], raw["jpeg_offsets"], device or "cpu")
+        return raw["frames"].to(device or "cpu", non_blocking=True).permute(0, 3, 1, 2)
+
+    def _flow_stack(self, raw: dict[str, Any], device: Any) -> torch.Tensor:
+        """Stored flow -> pixels -> camera motion removed -> ``(B, 2L, H, W)`` on ``device``."""
+        values = raw["flow"].to(device or "cpu", non_blocking=True)
+        flow = dequantise_flow(values, raw["scale"], raw["offset"])
+        return stack_flow(compensate_camera_batch(flow, self.compensation, values, raw["scale"], raw["offset"]))
+
+
+class FrameDataset(_VideoDataset):
     """One frame per video: a random frame in training (augmented), the middle frame in validation.
 
     The middle frame, not the first: a growing object's first frame leaks its size (DESIGN 8).
     """
+
+    parts = ("frames",)
 
     def __init__(self, source: VideoSource, items: Sequence[VideoItem], *, train: bool, seed: int = 0,
                  augment: Augment | None = None) -> None:
         super().__init__(items, train, seed)
         self.source, self.augment = source, augment
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        item, rng = self.items[index], self.rng(index)
-        frame = int(rng.integers(item.frames)) if rng is not None else item.frames // 2
-        image = prepare_frames(self.source.frames(item.id, [frame]))[0]
-        if rng is not None and self.augment is not None:
-            image = crop_resize(image, self.augment.draw(rng, *image.shape[-2:]))
-        return image, item.label
+    def load_batch(self, indices: Sequence[int], epoch: int | None = None) -> dict[str, Any]:
+        items, rngs = [self.items[i] for i in indices], [self.rng(i, epoch) for i in indices]
+        frames = [int(rng.integers(item.frames)) if rng is not None else item.frames // 2
+                  for item, rng in zip(items, rngs)]
+        raw, (height, width) = self._read_frames([(item.id, [frame]) for item, frame in zip(items, frames)])
+        raw.update(labels=self._labels(indices), boxes=draw_boxes(self.augment, rngs, height, width))
+        return raw
+
+    def prepare_batch(self, raw: dict[str, Any], device: Any = None) -> tuple[torch.Tensor, ...]:
+        images = normalise_frames(self._pixels(raw, device))
+        if raw.get("boxes") is not None:
+            images = crop_resize_batch(images, raw["boxes"])
+        return images, raw["labels"].to(images.device)
 
 
-class FlowDataset(_EpochDataset):
+class FlowDataset(_VideoDataset):
     """A stack of ``stack`` consecutive flow fields: a random window in training, the centre one otherwise."""
 
+    parts = ("flow",)
+
     def __init__(self, source: VideoSource, items: Sequence[VideoItem], *, stack: int, train: bool,
                  seed: int = 0, compensation: str = "median", augment: Augment | None = None) -> None:
         super().__init__(items, train, seed)
         self.source, self.stack, self.compensation, self.augment = source, stack, compensation, augment
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        item, rng = self.items[index], self.rng(index)
-        flow, _ = _flow_window(self.source, item, self.stack, rng, self.compensation)
-        stack = torch.from_numpy(flow)
-        if rng is not None and self.augment is not None:
-            stack = crop_resize(stack, self.augment.draw(rng, *stack.shape[-2:]), flow_channels=True)
-        return stack, item.label
+    def load_batch(self, indices: Sequence[int], epoch: int | None = None) -> dict[str, Any]:
+        items, rngs = [self.items[i] for i in indices], [self.rng(i, epoch) for i in indices]
+        raw, _ = self._read_flow(items, rngs)
+        height, width = raw["flow"].shape[2:4]
+        raw.update(labels=self._labels(indices), boxes=draw_boxes(self.augment, rngs, height, width))
+        return raw
+
+    def prepare_batch(self, raw: dict[str, Any], device: Any = None) -> tuple[torch.Tensor, ...]:
+        stack = self._flow_stack(raw, device)
+        if raw.get("boxes") is not None:
+            stack = crop_resize_batch(stack, raw["boxes"], flow_channels=True)
+        return stack, raw["labels"].to(stack.device)
 
 
-class TwoStreamDataset(_EpochDataset):
+class TwoStreamDataset(_VideoDataset):
     """A flow stack and the RGB frame in its middle, cropped and flipped together."""
 
+    parts = ("frames", "flow")
+
     def __init__(self, source: VideoSource, items: Sequence[VideoItem], *, stack: int, train: bool,
                  seed: int = 0, compensation: str = "median", augment: Augment | None = None) -> None:
         super().__init__(items, train, seed)
         self.source, self.stack, self.compensation, self.augment = source, stack, compensation, augment
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        item, rng = self.items[index], self.rng(index)
-        flow, start = _flow_window(self.source, item, self.stack, rng, self.compensation)
-        middle = min(item.frames - 1, start + self.stack // 2)
-        image = prepare_frames(self.source.frames(item.id, [middle]))[0]
-        stack = torch.from_numpy(flow)
-        if image.shape[-2:] != stack.shape[-2:]:
-            image = F.interpolate(image[None], size=tuple(stack.shape[-2:]), mode="bilinear",
-                                  align_corners=False)[0]
-        if rng is not None and self.augment is not None:
-            box = self.augment.draw(rng, *stack.shape[-2:])
-            image, stack = crop_resize(image, box), crop_resize(stack, box, flow_channels=True)
-        return image, stack, item.label
+    def load_batch(self, indices: Sequence[int], epoch: int | None = None) -> dict[str, Any]:
+        items, rngs = [self.items[i] for i in indices], [self.rng(i, epoch) for i in indices]
+        raw, starts = self._read_flow(items, rngs)
+        middles = [min(item.frames - 1, start + self.stack // 2) for item, start in zip(items, starts)]
+        frames, _ = self._read_frames([(item.id, [middle]) for item, middle in zip(items, middles)])
+        height, width = raw["flow"].shape[2:4]
+        raw.update(frames, labels=self._labels(indices), boxes=draw_boxes(self.augment, rngs, height, width))
+        return raw
+
+    def prepare_batch(self, raw: dict[str, Any], device: Any = None) -> tuple[torch.Tensor, ...]:
+        stack = self._flow_stack(raw, device)
+        images = resize_to(normalise_frames(self._pixels(raw, device)), stack.shape[-2:])
+        if raw.get("boxes") is not None:
+            images = crop_resize_batch(images, raw["boxes"])
+            stack = crop_resize_batch(stack, raw["boxes"], flow_channels=True)
+        return images, stack, raw["labels"].to(stack.device)
 
 
 class FeatureDataset(_EpochDataset):
     """Windows of ``seq_len`` prepared features for the LSTM (ping-pong padded when short)."""
+
+    parts = ("features",)
 
     def __init__(self, source: FeatureSource, items: Sequence[FeatureItem], *, seq_len: int, train: bool,
                  seed: int = 0, centring: bool = True) -> None:
         super().__init__(items, train, seed)
         self.source, self.seq_len, self.centring = source, seq_len, centring
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        item, rng = self.items[index], self.rng(index)
-        if item.frames >= self.seq_len:
-            start = window_start(item.frames, self.seq_len, rng)
-            window = self.source.window(item.index, start, self.seq_len)
-        else:
-            window = self.source.window(item.index, 0, item.frames)[ping_pong_indices(item.frames, self.seq_len)]
-        x = prepare_features(window, self.source.mean, self.source.std, self.centring)
-        return torch.from_numpy(x), item.label
+    def load_batch(self, indices: Sequence[int], epoch: int | None = None) -> dict[str, Any]:
+        requests, pads = [], []
+        for i in indices:
+            item, rng = self.items[i], self.rng(i, epoch)
+            if item.frames >= self.seq_len:
+                requests.append((item.index, window_start(item.frames, self.seq_len, rng), self.seq_len))
+                pads.append(None)
+            else:
+                requests.append((item.index, 0, item.frames))
+                pads.append(ping_pong_indices(item.frames, self.seq_len))
+        windows = [np.asarray(w, dtype=np.float32) if pad is None else np.asarray(w, dtype=np.float32)[pad]
+                   for w, pad in zip(read_windows(self.source, requests), pads)]
+        return {"features": torch.from_numpy(_stack(windows, "feature windows")), "labels": self._labels(indices)}
+
+    def prepare_batch(self, raw: dict[str, Any], device: Any = None) -> tuple[torch.Tensor, ...]:
+        x = prepare_feature_batch(raw["features"].to(device or "cpu", non_blocking=True), self.source.mean,
+                                  self.source.std, self.centring)
+        return x, raw["labels"].to(x.device)
+
+    def use_cache(self, cache: Any) -> None:
+        from hpcvid.learn.cache import CachedFeatureSource
+
+        self.source = CachedFeatureSource(self.source, cache)
+
+    def cache_layout(self) -> dict[tuple[str, Any], Any] | None:
+        layout = getattr(self.source, "layout", None)
+        if layout is None or not self.items:
+            return None
+        first = layout(self.items[0].index)
+        return {("features", item.index): first._replace(rows=item.frames) for item in self.items}
+
+    def _key(self, item: Any) -> Any:
+        return item.index
+
+
+def _stack(arrays: Sequence[np.ndarray], what: str) -> np.ndarray:
+    """One array of a batch's samples; samples of different sizes are refused with the sizes found."""
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise StoreError(f"the {what} of one batch have different sizes {sorted(shapes)}: extract every video at "
+                         "one size (extract.resize = \"square\") to train on them together")
+    return np.stack(arrays)
 
 
 # ------------------------------------------------------------------------------ splits

@@ -73,8 +73,14 @@ def feature_statistics(videos: Iterable[np.ndarray]) -> tuple[np.ndarray, np.nda
 def normalise_features(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """``(x - mean) / std`` in float64, returned as float32. ``std`` must come from :func:`feature_statistics`
     (already floored); a zero or non-finite std is refused rather than turned into inf or NaN inputs."""
+    return ((np.asarray(x, dtype=np.float64) - mean) / checked_std(std)).astype(np.float32)
+
+
+def checked_std(std: Any) -> np.ndarray:
+    """``std`` as float64, refused when it has a zero or non-finite entry (it did not come from
+    :func:`feature_statistics`, whose floor prevents both)."""
     std = np.asarray(std, dtype=np.float64)
     if not np.all(std > 0) or not np.all(np.isfinite(std)):
         raise ValueError("the feature std has zero or non-finite entries: it must come from "
                          "hpcvid.learn.statistics.feature_statistics (retrain the run to refit it)")
-    return ((np.asarray(x, dtype=np.float64) - mean) / std).astype(np.float32)
+    return std

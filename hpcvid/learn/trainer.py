@@ -7,6 +7,10 @@ batch, a warm start) comes from the kind's module (:mod:`hpcvid.learn.kinds`); t
 ``data_factory`` the caller gives (the train stage's :func:`hpcvid.stages.train.load_data`, or arrays in
 tests), so this module chooses no input files.
 
+Inputs come through one DataLoader whose workers are kept for the whole run (:mod:`hpcvid.learn.loader`):
+batches are read and prepared together in the workers, or prepared on the GPU when training on CUDA, and
+decoded inputs stay in memory when the set fits ``train.cache_gb`` (:mod:`hpcvid.learn.cache`).
+
 Rank 0 writes a checkpoint (:mod:`hpcvid.learn.checkpoints`) after every epoch and, on a deferred stop
 request (SLURM's pre-timeout signal), at the end of the current optimiser step. A rerun resumes from the
 newest valid checkpoint. Randomness is reseeded from ``(seed, epoch, rank)`` at each epoch and data
@@ -18,6 +22,7 @@ torch is imported inside functions: the train stage imports this module on a log
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -26,7 +31,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from hpcvid.config import Config, write_resolved
 from hpcvid.launch.sharding import ShardSpec
@@ -40,6 +45,7 @@ from hpcvid.learn.checkpoints import (BEST_NAME, CHECKPOINT_FORMAT, CHECKPOINT_V
                                       run_dir, save_checkpoint, write_metrics)
 from hpcvid.learn.datasets import one_line_errors
 from hpcvid.learn.kinds import DataBundle, StepTools, get_kind
+from hpcvid.learn.loader import close_loader, worker_died
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +106,12 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best_val = math.inf
         self.bad_epochs = 0
+        self.loader: Any = None
+        self.stream: Iterator[Any] | None = None     # the loader's batches, one iterator for the whole run
+        self.slots: Any = None
+        self.worker_pids: list[int] = []
+        self.phase = "start"
+        self.after_epoch: list[Callable[[Trainer], None]] = []   # called after each epoch's checkpoint (the bench)
 
     # -------------------------------------------------------------- the run, top to bottom
     def fit(self) -> dict[str, Any]:
@@ -113,6 +125,7 @@ class Trainer:
         self._build_model()
         self._build_optimiser()
         skip = self._resume()
+        self._start_inputs(skip)
         self.progress_origin = (time.time(), self.epoch)     # this start's pace, for the ETA in `hpcvid status`
         self.board = EpochBoard.open(self.config.train.tensorboard and self.env.is_main, self.run, self.epoch)
         if self.env.is_distributed:
@@ -129,9 +142,17 @@ class Trainer:
                 skip = 0
                 val_loss, val_acc = self.validate()
                 stopped_early = self._end_epoch(train_stats, val_loss, val_acc)
+                for hook in self.after_epoch:
+                    hook(self)
                 self._maybe_stop()
             finished = True
+        except RuntimeError as error:    # torch's report of a dead worker, raised wherever this process was
+            died = worker_died(error, self.worker_pids, f"while loading {self.phase} batches of epoch {self.epoch + 1}")
+            if died is None:
+                raise
+            raise died from None
         finally:
+            close_loader(self.loader)
             self.board.close()
             if self.env.is_distributed and dist.is_initialized():
                 if finished:       # a rank leaving on a signal or an error must not wait for the others
@@ -275,37 +296,115 @@ class Trainer:
                      self.step_in_epoch)
         return (self.step_in_epoch // self.impl.steps_per_batch(self.config)) * self.per_rank_batch
 
-    # -------------------------------------------------------------- one epoch
-    def _loader(self, dataset: Any, sampler: Any) -> Any:
+    # -------------------------------------------------------------- inputs
+    def _start_inputs(self, skip: int) -> None:
+        """The loader of the rest of the run (its workers started at the first batch and kept), and the input
+        cache. ``skip``: the samples of the current epoch already done (a resumed run).
+
+        Inputs are prepared in the DataLoader workers, or, on CUDA with ``train.gpu_prepare``, handed over as
+        stored (uint8 frames or JPEG bytes, stored flow) and prepared on the GPU by this process. The decoded
+        inputs stay in memory when the whole set fits ``train.cache_gb``; no HDF5 file is left open here when
+        the workers fork.
+        """
         import torch
-        from torch.utils.data import DataLoader
 
-        workers = self.config.train.workers
-        # its own generator: creating the iterator must not draw from the global stream (dropout), or a
-        # resume in the middle of an epoch would shift every random number after it
-        generator = torch.Generator().manual_seed(self.config.train.seed + self.epoch)
-        return DataLoader(dataset, batch_size=self.per_rank_batch, sampler=sampler, num_workers=workers,
-                          generator=generator,
-                          pin_memory=self.device.type == "cuda", persistent_workers=False,
-                          multiprocessing_context="spawn" if workers and sys.platform == "darwin" else None)
+        from hpcvid.learn.cache import cache_inputs
+        from hpcvid.learn.loader import Batches, Plan, make_loader, task_cores, training_threads, worker_count
+        from hpcvid.learn.preparation import can_decode_jpeg
 
+        t = self.config.train
+        parts = {"train": self.bundle.train}
+        if self.bundle.val is not None and len(self.bundle.val):
+            parts["val"] = self.bundle.val
+        on_device = self.device.type == "cuda" and t.gpu_prepare
+        cached = cache_inputs(list(parts.values()), t.cache_gb)
+        if on_device and not cached["cached"] and can_decode_jpeg():
+            for dataset in parts.values():
+                if hasattr(dataset, "decode_later"):
+                    dataset.decode_later = True      # JPEG bytes to the GPU's decoder
+        workers = worker_count(self.config, self.env.world_size, self.device.type == "cuda")
+        if self.device.type == "cpu" and workers:       # the workers' cores are theirs (never more threads)
+            cores = task_cores(self.config, self.env.world_size)
+            torch.set_num_threads(min(torch.get_num_threads(), training_threads(cores, workers)))
+        self.parts = parts
+        self.slots = self._slots(workers, t.prefetch, prepare=not on_device) if workers else None
+        plan = Plan(functools.partial(self._requests, self.epoch, skip))
+        self.loader = make_loader(Batches(parts, prepare=not on_device, slots=self.slots), plan, workers=workers,
+                                  prefetch=t.prefetch, pin_memory=self.device.type == "cuda", seed=t.seed)
+        where = "on the GPU" if on_device else ("in the DataLoader workers" if workers else "in this process")
+        self.inputs = {"workers": workers, "threads": torch.get_num_threads(), "prepared": where, **cached}
+        if self.env.is_main:
+            log.info("inputs: %d DataLoader worker(s) per process (%d torch threads here), prepared %s; %s",
+                     workers, torch.get_num_threads(), where, cached["why"])
+
+    def _slots(self, workers: int, prefetch: int, prepare: bool) -> Any:
+        """Shared memory for the batches in flight (:class:`hpcvid.learn.loader.Slots`), a slot sized from a
+        first batch of each pass made here (with room for larger JPEG bytes); the files it opened are closed
+        before the workers fork."""
+        from hpcvid.learn.loader import Slots, make_batch
+
+        biggest = 0
+        for dataset in self.parts.values():
+            batch = make_batch(dataset, list(range(min(self.per_rank_batch, len(dataset)))), self.epoch, prepare)
+            biggest = max(biggest, Slots.room_for(batch))
+            close = getattr(getattr(dataset, "source", None), "close", None)
+            if close is not None:
+                close()
+        return Slots(workers * prefetch + 2, 2 * biggest + 4096)
+
+    def _requests(self, first: int, skip: int) -> Iterator[Any]:
+        """Every batch of the run from epoch ``first`` on, in the order the epoch loop consumes them."""
+        for epoch in range(first, self.config.train.epochs):
+            yield from self._train_requests(epoch, skip if epoch == first else 0)
+            yield from self._val_requests(epoch)
+
+    def _train_requests(self, epoch: int, skip: int) -> list[Any]:
+        from hpcvid.learn.loader import train_requests
+
+        t, dataset = self.config.train, self.parts["train"]
+        blocks = t.shuffle == "blocks" and hasattr(dataset, "storage_order")
+        return train_requests(len(dataset), batch=self.per_rank_batch, epoch=epoch, seed=t.seed,
+                              world=self.env.world_size, rank=self.env.rank, skip=skip,
+                              storage_order=dataset.storage_order() if blocks else None, block=t.shuffle_block)
+
+    def _val_requests(self, epoch: int) -> list[Any]:
+        """This rank's validation videos: disjoint, no padding (every video counted once over the ranks)."""
+        from hpcvid.learn.loader import val_requests
+
+        if "val" not in self.parts:
+            return []
+        return val_requests(len(self.parts["val"]), batch=self.per_rank_batch, epoch=epoch,
+                            world=self.env.world_size, rank=self.env.rank)
+
+    def _batches(self, requests: list[Any], phase: str) -> Iterator[list[Any]]:
+        """The loader's next ``len(requests)`` batches (those ``requests``), as model inputs on this process's
+        device."""
+        from hpcvid.learn.loader import worker_pids
+
+        self.phase = phase
+        if self.stream is None:
+            self.stream = one_line_errors(iter(self.loader))
+            self.worker_pids = worker_pids(self.loader)
+        for request in requests:
+            batch = next(self.stream)
+            if self.slots is not None:
+                batch = self.slots.take(batch, pin=self.device.type == "cuda")
+            if isinstance(batch, dict):       # stored tensors: prepared here, on the device
+                batch = self.parts[request.part].prepare_batch(batch, self.device)
+            yield [b.to(self.device, non_blocking=True) for b in batch]
+
+    # -------------------------------------------------------------- one epoch
     def train_epoch(self, skip: int = 0) -> EpochStats:
         """One pass over this rank's share of the training set (the first ``skip`` samples already done)."""
-        from torch.utils.data.distributed import DistributedSampler
-
-        dataset = self.bundle.train
-        dataset.set_epoch(self.epoch)
-        sampler = DistributedSampler(dataset, num_replicas=self.env.world_size, rank=self.env.rank,
-                                     shuffle=True, seed=self.config.train.seed, drop_last=False)
-        sampler.set_epoch(self.epoch)
-        loader = self._loader(dataset, _SkipSampler(sampler, skip))
+        self.bundle.train.set_epoch(self.epoch)
+        requests = self._train_requests(self.epoch, skip)
         self.model.train()
         stats = EpochStats()
         start = time.perf_counter()
         waited_since = time.perf_counter()
-        for batch in one_line_errors(loader):
+        for inputs_and_labels in self._batches(requests, "training"):
             stats.wait += time.perf_counter() - waited_since
-            *inputs, labels = [b.to(self.device, non_blocking=True) for b in batch]
+            *inputs, labels = inputs_and_labels
             self.at_safe_point = False
             self.optimizer.zero_grad(set_to_none=True)
             loss, correct = self.impl.train_step(self.model, inputs, labels, self.config, self.tools)
@@ -348,13 +447,12 @@ class Trainer:
         if dataset is None or len(dataset) == 0:
             return float("nan"), float("nan")
         dataset.set_epoch(self.epoch)
-        mine = list(range(self.env.rank, len(dataset), self.env.world_size))     # disjoint, no padding
-        loader = self._loader(dataset, mine)
+        requests = self._val_requests(self.epoch)
         self.model.eval()
         stats = EpochStats()
         with torch.no_grad():
-            for batch in one_line_errors(loader):
-                *inputs, labels = [b.to(self.device) for b in batch]
+            for batch in self._batches(requests, "validation"):
+                *inputs, labels = batch
                 with self._autocast():
                     output = self.model(*inputs)
                 loss, logits = self.impl.validation_loss(output, labels, self.config)
@@ -456,21 +554,6 @@ class Trainer:
             callback, self.stop_callback = self.stop_callback, None
             self.save_if_safe()
             callback()          # submitit's handler: checkpoint() sees the file, requeues and exits
-
-
-class _SkipSampler:
-    """Yields a sampler's indices after the first ``skip`` (resuming mid-epoch on the same order)."""
-
-    def __init__(self, base: Any, skip: int) -> None:
-        self.base, self.skip = base, skip
-
-    def __iter__(self) -> Any:
-        import itertools
-
-        return itertools.islice(iter(self.base), self.skip, None)
-
-    def __len__(self) -> int:
-        return max(0, len(self.base) - self.skip)
 
 
 def _plateau_type() -> type:

@@ -66,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", choices=(*BACKBONES, "small"), help="CNN trunk (small: a 4-layer CNN for CPUs)")
     parser.add_argument("--weights", metavar="FILE", help="local backbone weights; empty = random init")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to train")
-    parser.add_argument("--workers", type=int, metavar="W", help="DataLoader workers per process")
+    parser.add_argument("--workers", type=int, metavar="W",
+                        help="DataLoader workers per process; -1 (default) = from the task's cores")
     parser.add_argument("--tensorboard", action="store_true", default=None,
                         help="also write TensorBoard event files into the run folder (needs hpcvid[tensorboard])")
 

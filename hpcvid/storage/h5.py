@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Self, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Self, Sequence
 
 import numpy as np
 
@@ -77,6 +77,22 @@ def read_text(dataset: Any) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- reading
+class RowLayout(NamedTuple):
+    """What one video's rows of a dataset hold once read (a decoded frame, a flow pair, a feature row): their
+    count, the shape and numpy type of one row, and for quantised flow the rule ``pixels = value * scale -
+    offset``. An in-memory cache of decoded inputs sizes itself from these."""
+
+    rows: int
+    shape: tuple[int, ...]
+    dtype: str
+    scale: float = 1.0
+    offset: float = 0.0
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.rows * np.prod(self.shape, dtype=np.int64) * np.dtype(self.dtype).itemsize)
+
+
 class H5File:
     """One HDF5 file, opened read-only on first use in the current process; picklable, fork-safe.
 
@@ -92,6 +108,7 @@ class H5File:
         self._handle: Any = None
         self._pid: int | None = None
         self._datasets: dict[str, Any] = {}
+        self._memo: dict[Any, Any] = {}
 
     @property
     def fix(self) -> str:
@@ -109,7 +126,7 @@ class H5File:
             import h5py
 
             # a handle inherited through a fork belongs to the parent: forget it, never close it here
-            self._handle, self._datasets = None, {}
+            self._handle, self._datasets, self._memo = None, {}, {}
             try:
                 handle = h5py.File(self.path, "r")
             except OSError as exc:
@@ -129,6 +146,14 @@ class H5File:
             with self.reading():
                 self._datasets[name] = handle[name]
         return self._datasets[name]
+
+    def memo(self, key: Any, make: Callable[[], Any]) -> Any:
+        """``make()`` once per opening of the file in this process (dataset objects and the attributes a hot
+        read path needs: h5py's group lookups and attribute reads cost more than a small chunk read)."""
+        self.handle
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
 
     def _accept(self, handle: Any) -> None:
         with self.reading():
@@ -152,11 +177,11 @@ class H5File:
     def close(self) -> None:
         if self.is_open:
             self._handle.close()
-        self._handle, self._pid, self._datasets = None, None, {}
+        self._handle, self._pid, self._datasets, self._memo = None, None, {}, {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(_handle=None, _pid=None, _datasets={})
+        state.update(_handle=None, _pid=None, _datasets={}, _memo={})
         return state
 
 

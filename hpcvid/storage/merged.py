@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
 from hpcvid.errors import StoreError
-from hpcvid.storage.h5 import H5File, H5Reader, read_text
+from hpcvid.storage.h5 import FEATURE_CHUNK_ROWS, H5File, H5Reader, RowLayout, read_text
 
 MERGED_SCHEMA_VERSION = 2
 MERGED_KIND = "hpcvid.merged"
@@ -103,6 +103,45 @@ class MergedFeatures(H5Reader):
         with self._h5.reading(entry.id):
             return features[entry.offset + start: entry.offset + start + length]
 
+    def windows(self, requests: Sequence[tuple[int, int, int]]) -> list[np.ndarray]:
+        """float32 windows ``(video i, start, length)`` of a batch, in the asked order, read in file order:
+        windows that share or touch a chunk are read as one contiguous slice (each chunk read and verified
+        once). One selection of every window in a single HDF5 call was measured slower: HDF5's irregular
+        hyperslab reads cost ~20x the plain slices on a 16-window batch."""
+        spans = []
+        for k, (i, start, length) in enumerate(requests):
+            entry = self.entries[i]
+            if start < 0 or length < 0 or start + length > entry.length:
+                raise ValueError(f"window [{start}, {start + length}) is outside video {entry.id!r} "
+                                 f"of {entry.length} frames")
+            spans.append((entry.offset + start, entry.offset + start + length, k))
+        features = self._h5.dataset(f"features/{self.backbone}")
+        out: list[np.ndarray] = [np.zeros((0, self.dim), np.float32)] * len(spans)
+        for first, last, members in _contiguous(sorted(spans), FEATURE_CHUNK_ROWS):
+            video = self.entries[requests[members[0][2]][0]].id       # the first video of the slice, for errors
+            with self._h5.reading(video):
+                rows = features[first:last]
+            for start, stop, k in members:
+                out[k] = rows[start - first:stop - first]
+        return out
+
+    def layout(self, i: int) -> RowLayout:
+        """One feature row per frame of video ``i`` (for an in-memory cache of the windows)."""
+        return RowLayout(self.entries[i].length, (self.dim,), "<f4")
+
     def video(self, i: int) -> np.ndarray:
         """float32 (T, D): every frame's features of video ``i``."""
         return self.window(i, 0, self.entries[i].length)
+
+
+def _contiguous(spans: Sequence[tuple[int, int, int]], gap: int) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
+    """Sorted ``(start, stop, tag)`` row spans -> ``(first, last, members)`` slices covering them, joining
+    spans less than ``gap`` rows apart (what a chunk of ``gap`` rows would make the reader fetch anyway)."""
+    joined: list[tuple[int, int, list[tuple[int, int, int]]]] = []
+    for span in spans:
+        if joined and span[0] - joined[-1][1] < gap:
+            first, last, members = joined[-1]
+            joined[-1] = (first, max(last, span[1]), members + [span])
+        else:
+            joined.append((span[0], span[1], [span]))
+    return joined

@@ -41,14 +41,14 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 from urllib.parse import quote, unquote
 
 import numpy as np
 
 from hpcvid.errors import StoreError
 from hpcvid.fileio import atomic_path, write_record
-from hpcvid.storage.h5 import FEATURE_CHUNK_ROWS, H5File, H5Reader, plain, write_array
+from hpcvid.storage.h5 import FEATURE_CHUNK_ROWS, H5File, H5Reader, RowLayout, plain, write_array
 
 SCHEMA_VERSION = 2
 KIND_EXTRACT = "hpcvid.extract"
@@ -343,41 +343,53 @@ class ShardReader(H5Reader):
     def frames(self, video_id: str, indices: Iterable[int] | None = None) -> np.ndarray:
         """uint8 (n, H, W, 3) RGB; ``indices`` are positions among the kept frames (default: all), in any
         order, repeats allowed. Only the chunks holding the requested frames are read."""
-        dataset = self._dataset(video_id, "frames")
-        with self.reading(video_id):
-            shape = tuple(int(v) for v in dataset.attrs["shape"])
-            storage = plain(dataset.attrs["storage"])
-            positions = np.arange(shape[0]) if indices is None else np.asarray(list(indices), dtype=np.int64)
-            if positions.size == 0:
-                return np.zeros((0,) + shape[1:], dtype=np.uint8)
-            if positions.min() < 0 or positions.max() >= shape[0]:
-                raise IndexError(f"frame positions {positions.tolist()} are outside video {video_id!r} of "
-                                 f"{shape[0]} frames")
-            wanted = np.unique(positions)
-            if storage == "jpeg":
-                offsets = self._dataset(video_id, "frame_offsets")[()]
-                images = np.stack([self._decode(video_id, row) for row in _jpeg_rows(dataset, offsets, wanted)])
-            else:
-                images = np.concatenate([dataset[start:stop] for start, stop in _runs(wanted)])
+        stored = self._stored(video_id, "frames")
+        positions, wanted = self._positions(video_id, stored, indices)
+        if wanted.size == 0:
+            return np.zeros((0,) + stored.shape[1:], dtype=np.uint8)
+        if stored.storage == "jpeg":
+            images = np.stack([self._decode(video_id, row) for row in self._jpeg_rows(video_id, stored, wanted)])
+        else:
+            with self.reading(video_id):
+                images = np.concatenate([stored.dataset[start:stop] for start, stop in _runs(wanted)])
         if len(wanted) == len(positions) and np.array_equal(wanted, positions):
             return images  # already in the asked order: no copy
         return images[np.searchsorted(wanted, positions)]
 
+    def jpeg(self, video_id: str, indices: Iterable[int]) -> list[np.ndarray] | None:
+        """The stored JPEG bytes of the frames at ``indices`` (in that order), undecoded, for a decoder that
+        works on many frames at once (a GPU's); None when the frames are stored raw."""
+        stored = self._stored(video_id, "frames")
+        if stored.storage != "jpeg":
+            return None
+        positions, wanted = self._positions(video_id, stored, indices)
+        rows = list(self._jpeg_rows(video_id, stored, wanted))
+        return [rows[int(k)] for k in np.searchsorted(wanted, positions)]
+
     def flow(self, video_id: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """float32 (n, H, W, 2) pixel displacements of pairs ``start..stop-1``, however they are stored."""
-        dataset = self._dataset(video_id, "flow")
-        with self.reading(video_id):
-            values = dataset[start:stop]
-            if plain(dataset.attrs["storage"]) == "uint8":
-                from hpcvid.media.flow import dequantise
+        return self.stored_flow(video_id, start, stop).pixels()
 
-                return np.asarray(dequantise(values, float(dataset.attrs["bound"])), dtype=np.float32)
-        return values.astype(np.float32)
+    def stored_flow(self, video_id: str, start: int = 0, stop: int | None = None) -> StoredFlow:
+        """Pairs ``start..stop-1`` as stored (quantised uint8 or float16) with the rule that turns them into
+        pixels: moving uint8 instead of float32 to where the pixels are computed moves a quarter of the bytes."""
+        stored = self._stored(video_id, "flow")
+        with self.reading(video_id):
+            values = stored.dataset[start:stop]
+        return StoredFlow(values, stored.scale, stored.offset)
 
     def features(self, video_id: str, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        dataset = self._dataset(video_id, f"features/{name}")
+        stored = self._stored(video_id, f"features/{name}")
         with self.reading(video_id):
-            return dataset[start:stop].astype(np.float32, copy=False)
+            return stored.dataset[start:stop].astype(np.float32, copy=False)
+
+    def layout(self, video_id: str, name: str) -> RowLayout:
+        """What one row of ``name`` (frames, flow or features/<set>) holds once read: decoded frames are
+        uint8 (H, W, 3) whatever their storage, flow pairs keep their stored type."""
+        stored = self._stored(video_id, name)
+        if name == "frames":
+            return RowLayout(stored.shape[0], stored.shape[1:], "uint8")
+        return RowLayout(stored.shape[0], stored.shape[1:], stored.dataset.dtype.str, stored.scale, stored.offset)
 
     def scores(self, video_id: str, name: str) -> np.ndarray:
         dataset = self._dataset(video_id, f"scores/{name}")
@@ -402,11 +414,45 @@ class ShardReader(H5Reader):
             yield self.video(video_id)
 
     def _dataset(self, video_id: str, name: str) -> Any:
+        return self._stored(video_id, name).dataset
+
+    def _stored(self, video_id: str, name: str) -> _Stored:
+        """Dataset ``name`` of a video with what every read of it needs, looked up once per opening."""
+        return self._h5.memo((video_id, name), lambda: self._look_up(video_id, name))
+
+    def _look_up(self, video_id: str, name: str) -> _Stored:
         group = self.group(video_id)
         with self.reading(video_id):
             if name not in group:
                 raise StoreError(f"video {video_id!r} in {self.path} has no {name!r} (it was extracted without it)")
-            return group[name]
+            dataset = group[name]
+            attrs = {k: plain(v) for k, v in dataset.attrs.items()}
+            shape = tuple(int(v) for v in attrs.get("shape", dataset.shape))
+            offsets = group["frame_offsets"][()] if name == "frames" and attrs.get("storage") == "jpeg" else None
+        scale, offset = np.float32(1.0), np.float32(0.0)
+        if name == "flow" and attrs.get("storage") == "uint8":
+            # the constants of hpcvid.media.flow.dequantise, so both give the same pixels bit for bit
+            bound = float(attrs["bound"])
+            scale, offset = np.float32(2.0 * bound / 255.0), np.float32(bound)
+        return _Stored(dataset, str(attrs.get("storage", "")), shape, offsets, scale, offset)
+
+    def _positions(self, video_id: str, stored: _Stored, indices: Iterable[int] | None) -> tuple[np.ndarray, np.ndarray]:
+        """(the asked positions, the distinct ones sorted), refused when outside the video."""
+        count = stored.shape[0]
+        positions = np.arange(count) if indices is None else np.asarray(list(indices), dtype=np.int64)
+        if positions.size and (positions.min() < 0 or positions.max() >= count):
+            raise IndexError(f"frame positions {positions.tolist()} are outside video {video_id!r} of {count} frames")
+        return positions, np.unique(positions)
+
+    def _jpeg_rows(self, video_id: str, stored: _Stored, positions: np.ndarray) -> Iterator[np.ndarray]:
+        """The JPEG bytes of each of ``positions`` (sorted, distinct): one read per run of consecutive frames."""
+        offsets = stored.offsets
+        with self.reading(video_id):
+            for start, stop in _runs(positions):
+                first = int(offsets[start])
+                data = stored.dataset[first:int(offsets[stop])]
+                for i in range(start, stop):
+                    yield data[int(offsets[i]) - first:int(offsets[i + 1]) - first]
 
     def _decode(self, video_id: str, row: np.ndarray) -> np.ndarray:
         try:
@@ -415,16 +461,33 @@ class ShardReader(H5Reader):
             raise StoreError(f"{self.path}, video {video_id!r}: {exc}; {self._h5.fix}") from None
 
 
+class _Stored(NamedTuple):
+    """One dataset of a video and what its reads need: storage kind, decoded shape, JPEG offsets, flow scale."""
+
+    dataset: Any
+    storage: str
+    shape: tuple[int, ...]
+    offsets: np.ndarray | None
+    scale: np.float32
+    offset: np.float32
+
+
+@dataclass(frozen=True)
+class StoredFlow:
+    """Flow pairs as stored, and the rule that gives pixels: ``values * scale - offset`` in float32 (quantised
+    uint8), or the values themselves (scale 1, offset 0: float16)."""
+
+    values: np.ndarray
+    scale: np.float32 = np.float32(1.0)
+    offset: np.float32 = np.float32(0.0)
+
+    def pixels(self) -> np.ndarray:
+        if self.values.dtype == np.uint8:
+            return self.values.astype(np.float32) * self.scale - self.offset
+        return self.values.astype(np.float32)
+
+
 def _runs(positions: np.ndarray) -> list[tuple[int, int]]:
     """Sorted distinct positions -> [start, stop) runs of consecutive ones: [1, 2, 3, 7] -> [(1, 4), (7, 8)]."""
     breaks = np.flatnonzero(np.diff(positions) != 1) + 1
     return [(int(run[0]), int(run[-1]) + 1) for run in np.split(positions, breaks)]
-
-
-def _jpeg_rows(dataset: Any, offsets: np.ndarray, positions: np.ndarray) -> Iterator[np.ndarray]:
-    """The JPEG bytes of each of ``positions`` (sorted, distinct): one read per run of consecutive frames."""
-    for start, stop in _runs(positions):
-        first = int(offsets[start])
-        data = dataset[first:int(offsets[stop])]
-        for i in range(start, stop):
-            yield data[int(offsets[i]) - first:int(offsets[i + 1]) - first]
