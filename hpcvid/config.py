@@ -138,6 +138,10 @@ class ExtractConfig:
     flow_bound: float = option(20.0, check=POSITIVE, help="pixels; flow is clipped to +-bound when quantised")
     flow_compression: str = option("lzf", choices=("none", "lzf", "gzip"),
                                    help="HDF5 filter on stored flow (6-13x smaller): lzf fastest, gzip (level 1) smallest")
+    chunk_frames: int = option(128, check=POSITIVE,
+                               help="kept frames decoded, flowed and featured at a time: bounds memory, not the output")
+    workers: int = option(-1, check=Check(lambda v: v >= -1, "-1 (the task's cores - 1), 0 or more"),
+                          help="decode-and-flow processes feeding the CNN's; -1 = the task's cores - 1, 0 = none")
     max_attempts: int = option(3, check=POSITIVE,
                                help="starts of one video whose process dies on it (crash, OOM kill) before it is listed as failed")
     dis_preset: str = option("fast", choices=("ultrafast", "fast", "medium"), help="DIS optical flow preset")

@@ -55,7 +55,9 @@ def write_folder_manifest(root: Path, work: Path, *, files: Iterable[Path] | Non
 
 
 def extract_config(work: Path, **extract: Any) -> Config:
-    """A config for tiny tests: 32 px frames, Farneback flow, no CNN unless asked."""
-    settings = {"work": str(work), "extract.size": 32, "extract.backbone": "none", "extract.flow": "farneback"}
+    """A config for tiny tests: 32 px frames, Farneback flow, no CNN unless asked, in one process unless
+    ``workers`` says otherwise (so that a test can patch what runs per video)."""
+    settings = {"work": str(work), "extract.size": 32, "extract.backbone": "none", "extract.flow": "farneback",
+                "extract.workers": 0}
     settings.update({f"extract.{k}": v for k, v in extract.items()})
     return resolve_config(None, None, settings)

@@ -130,14 +130,19 @@ def test_other_pixel_formats_and_odd_sizes_match_ffmpeg(clips, tmp_path, kind) -
     assert np.array_equal(small[0], small[1])
 
 
-def test_streaming_gives_the_same_frames(clips) -> None:
-    from hpcvid.media.decode import iter_frames
+@pytest.mark.parametrize("chunk", [1, 3, 4, 100])
+def test_streaming_gives_the_same_frames_in_any_chunks(clips, chunk) -> None:
+    from hpcvid.media.decode import FrameChunk, StreamInfo, VideoFacts, stream_video
 
     cfg = ExtractConfig(sampling="every", every=3, size=32)
-    streamed = list(iter_frames(clips["avi"], cfg))
+    items = list(stream_video(clips["avi"], cfg, chunk))
+    assert isinstance(items[0], StreamInfo) and isinstance(items[-1], VideoFacts)
+    chunks = items[1:-1]
+    assert all(isinstance(c, FrameChunk) for c in chunks) and [len(c) for c in chunks][:-1] == [chunk] * (len(chunks) - 1)
     whole = read_video(clips["avi"], cfg)
-    assert [i for i, _ in streamed] == whole.indices.tolist()
-    assert np.array_equal(np.stack([f for _, f in streamed]), whole.frames)
+    assert np.concatenate([c.indices for c in chunks]).tolist() == whole.indices.tolist()
+    assert np.array_equal(np.concatenate([c.frames for c in chunks]), whole.frames)
+    assert items[-1].kept == len(whole) and items[-1].total_frames == whole.total_frames
 
 
 @pytest.mark.parametrize("decoder", DECODERS)

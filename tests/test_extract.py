@@ -91,17 +91,17 @@ class _Interrupt(BaseException):
 
 def interrupt_shard(monkeypatch, config, spec: ShardSpec, after: int) -> None:
     """Run the shard until ``after`` videos are finished, then stop it mid-video as a kill would."""
-    original = extract._VideoRunner.compute
+    original = extract._VideoRunner.extract
 
-    def compute_or_die(self, entry, path):
+    def extract_or_die(self, entry, path, assembly):
         if self.processed == after:
             raise _Interrupt()
-        return original(self, entry, path)
+        return original(self, entry, path, assembly)
 
-    monkeypatch.setattr(extract._VideoRunner, "compute", compute_or_die)
+    monkeypatch.setattr(extract._VideoRunner, "extract", extract_or_die)
     with pytest.raises(_Interrupt):
         extract.run_shard(config, spec)
-    monkeypatch.setattr(extract._VideoRunner, "compute", original)
+    monkeypatch.setattr(extract._VideoRunner, "extract", original)
 
 
 def test_an_interrupted_shard_resumes_and_ends_like_a_clean_run(synthetic_work, monkeypatch):
@@ -223,14 +223,14 @@ def test_a_video_that_kills_its_process_is_listed_after_max_attempts(synthetic_w
     config, manifest = synthetic_work("w", flow="none", max_attempts=2)
     spec = ShardSpec(0, 6)
     victim = sorted(v.id for v in manifest.videos)[6]  # the shard's second video
-    original = extract._VideoRunner.compute
+    original = extract._VideoRunner.extract
 
-    def crash_on_victim(self, entry, path):
+    def crash_on_victim(self, entry, path, assembly):
         if entry.id == victim:
             os.kill(os.getpid(), signal.SIGKILL)  # what a segfault or the OOM killer does to the process
-        return original(self, entry, path)
+        return original(self, entry, path, assembly)
 
-    monkeypatch.setattr(extract._VideoRunner, "compute", crash_on_victim)
+    monkeypatch.setattr(extract._VideoRunner, "extract", crash_on_victim)
     context = multiprocessing.get_context("fork")
     for _ in range(3):  # two deaths are tolerated (e.g. walltime kills); the third start gives up on it
         child = context.Process(target=_run_shard_in_child, args=(config, spec))

@@ -18,9 +18,9 @@ Sampling (``ExtractConfig.sampling``) picks source frame indices:
   N = 1 gives the middle frame, never the first (a growing object's first frame is small: its size leaks the motion);
 * ``named`` — the frames of :func:`named_frame_indices` listed in ``named_frames``.
 
-``max_frames`` then caps the kept frames to the first ``max_frames`` (decoding stops there). Frames
-are decoded and resized one at a time (:func:`iter_frames`), so memory holds only the kept, resized
-frames, however long or large the source is.
+``max_frames`` then caps the kept frames to the first ``max_frames`` (decoding stops there).
+:func:`stream_video` yields the kept, resized frames in chunks of a given number of frames, so memory
+holds one chunk however long or large the source is; :func:`read_video` joins them into one array.
 """
 from __future__ import annotations
 
@@ -46,6 +46,9 @@ MAX_RAW_BYTES = 8 << 30
 """Refuse ``resize = none`` outputs larger than this (a huge video would otherwise exhaust memory)."""
 IMAGE_FORMATS = ("image2", "gif", "webp", "apng")
 """Container formats that hold still images; ffmpeg opens them, but they are not videos."""
+Convert = Callable[..., np.ndarray]
+"""``convert(size, out=None)``: a decoded frame as RGB at ``size`` = (width, height), into ``out`` if given.
+Made only for the frames sampling keeps."""
 
 
 @dataclass(frozen=True)
@@ -176,7 +179,8 @@ def resize_frame(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ decoders
-def i420_to_rgb(y: np.ndarray, u: np.ndarray, v: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def i420_to_rgb(y: np.ndarray, u: np.ndarray, v: np.ndarray, size: tuple[int, int],
+                out: np.ndarray | None = None) -> np.ndarray:
     """4:2:0 planes (limited-range BT.601, what mpeg4/h264 store) -> RGB uint8 (height, width, 3).
 
     Why resize first: a swscale conversion to RGB (``to_ndarray(format="rgb24")``) ran at ~1,400 frames/s
@@ -184,6 +188,7 @@ def i420_to_rgb(y: np.ndarray, u: np.ndarray, v: np.ndarray, size: tuple[int, in
     U and V to half of it, ``INTER_LINEAR`` — and converting afterwards with
     ``cv2.cvtColor(COLOR_YUV2RGB_I420)`` converts 5-10x fewer pixels. Both decoders use this, so they
     give identical frames. Needs an even output size (callers fall back to RGB + resize otherwise).
+    ``out``: a (height, width, 3) uint8 array to convert into (a row of a chunk), else a new one.
     """
     import cv2
 
@@ -202,11 +207,11 @@ def i420_to_rgb(y: np.ndarray, u: np.ndarray, v: np.ndarray, size: tuple[int, in
             target[...] = plane
         else:
             cv2.resize(plane, chroma, dst=target, interpolation=cv2.INTER_LINEAR)
-    return cv2.cvtColor(i420, cv2.COLOR_YUV2RGB_I420)
+    return cv2.cvtColor(i420, cv2.COLOR_YUV2RGB_I420, dst=out)
 
 
-def pyav_frame_to_rgb(frame, size: tuple[int, int]) -> np.ndarray:
-    """A decoded PyAV frame -> RGB uint8 (height, width, 3) at ``size`` = (width, height).
+def pyav_frame_to_rgb(frame, size: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
+    """A decoded PyAV frame -> RGB uint8 (height, width, 3) at ``size`` = (width, height), into ``out`` if given.
 
     Limited-range 4:2:0 (``yuv420p``) of even size goes through :func:`i420_to_rgb`; anything else
     (4:4:4, full-range ``yuvj420p`` MJPEG, RGB, odd sizes) takes swscale's RGB + ``cv2.resize``, exactly
@@ -214,11 +219,18 @@ def pyav_frame_to_rgb(frame, size: tuple[int, int]) -> np.ndarray:
     """
     width, height = size
     if frame.width % 2 or frame.height % 2 or frame.format.name != "yuv420p":
-        return resize_frame(frame.to_ndarray(format="rgb24"), size)
+        return _into(resize_frame(frame.to_ndarray(format="rgb24"), size), out)
     y, u, v = (_plane_view(plane) for plane in frame.planes)
     if width % 2 or height % 2:  # convert at the source size, then resize the RGB
-        return resize_frame(i420_to_rgb(y, u, v, (frame.width, frame.height)), size)
-    return i420_to_rgb(y, u, v, size)
+        return _into(resize_frame(i420_to_rgb(y, u, v, (frame.width, frame.height)), size), out)
+    return i420_to_rgb(y, u, v, size, out)
+
+
+def _into(frame: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    if out is None:
+        return frame
+    out[...] = frame
+    return out
 
 
 def _plane_view(plane) -> np.ndarray:
@@ -296,17 +308,17 @@ def count_packets(path: Path | str) -> int:
         return sum(1 for packet in container.demux(stream) if packet.size > 0)
 
 
-def _pyav_source(path: Path, cfg: ExtractConfig) -> tuple[StreamInfo, Iterator[tuple[int, Callable[[], np.ndarray]]]]:
+def _pyav_source(path: Path, cfg: ExtractConfig) -> tuple[StreamInfo, Iterator[tuple[int, Convert]]]:
     """(info, iterator of (index, convert)) where ``convert()`` makes the RGB array only when kept."""
     import av
 
     container, stream, info = _open_pyav(path, cfg.decoder_threads)
 
-    def frames() -> Iterator[tuple[int, Callable[[], np.ndarray]]]:
+    def frames() -> Iterator[tuple[int, Convert]]:
         index = 0
         try:
             for frame in container.decode(stream):
-                yield index, (lambda size, f=frame: pyav_frame_to_rgb(f, size))
+                yield index, (lambda size, out=None, f=frame: pyav_frame_to_rgb(f, size, out))
                 index += 1
         except av.FFmpegError as exc:
             if index == 0:
@@ -335,7 +347,7 @@ def _start_imageio(path: Path, pix_fmt: str, threads: list[str]):
         raise VideoError(f"{path} is not a readable video (ffmpeg: {text})") from exc
 
 
-def _imageio_source(path: Path, cfg: ExtractConfig) -> tuple[StreamInfo, Iterator[tuple[int, Callable[[], np.ndarray]]]]:
+def _imageio_source(path: Path, cfg: ExtractConfig) -> tuple[StreamInfo, Iterator[tuple[int, Convert]]]:
     """The portable decoder: imageio-ffmpeg's ffmpeg binary, raw 4:2:0 (or RGB) frames over a pipe."""
     threads = ["-threads", str(cfg.decoder_threads)]
     declared = _declared_info(path)  # PyAV's clear reasons (no video stream, image, too small) first
@@ -362,27 +374,27 @@ def _imageio_source(path: Path, cfg: ExtractConfig) -> tuple[StreamInfo, Iterato
     luma = width * height
     frame_bytes = luma * 3 // 2 if planar else luma * 3
 
-    def convert(raw: bytes, size: tuple[int, int]) -> np.ndarray:
+    def convert(raw: bytes, size: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
         data = np.frombuffer(raw, np.uint8)
         if not planar:
-            return resize_frame(data.reshape(height, width, 3), size)
+            return _into(resize_frame(data.reshape(height, width, 3), size), out)
         if size[0] % 2 or size[1] % 2:
             import cv2
 
             i420 = data.reshape(height * 3 // 2, width)
-            return resize_frame(cv2.cvtColor(i420, cv2.COLOR_YUV2RGB_I420), size)
+            return _into(resize_frame(cv2.cvtColor(i420, cv2.COLOR_YUV2RGB_I420), size), out)
         quarter = luma // 4
         chroma = (height // 2, width // 2)
         return i420_to_rgb(data[:luma].reshape(height, width), data[luma:luma + quarter].reshape(chroma),
-                           data[luma + quarter:].reshape(chroma), size)
+                           data[luma + quarter:].reshape(chroma), size, out)
 
-    def frames() -> Iterator[tuple[int, Callable[[tuple[int, int]], np.ndarray]]]:
+    def frames() -> Iterator[tuple[int, Convert]]:
         index = 0
         try:
             for raw in reader:
                 if len(raw) != frame_bytes:
                     break
-                yield index, (lambda size, r=raw: convert(r, size))
+                yield index, (lambda size, out=None, r=raw: convert(r, size, out))
                 index += 1
         except (OSError, RuntimeError) as exc:
             raise VideoError(f"{path} is truncated or corrupt after frame {index} ({_one_line(exc)})") from exc
@@ -437,17 +449,107 @@ def _total_for_selection(path: Path, cfg: ExtractConfig, info: StreamInfo) -> in
 
 
 # ------------------------------------------------------------------------------------------ reading
-def iter_frames(path: Path | str, cfg: ExtractConfig, total: int | None = None
-                ) -> Iterator[tuple[int, np.ndarray]]:
-    """Stream (source index, resized RGB frame) of the kept frames, one at a time (bounded memory).
+READ_CHUNK_FRAMES = 64
+"""Chunk of :func:`read_video`, which joins its chunks anyway: any value gives the same frames."""
 
-    For ``count``/``named`` sampling pass ``total`` (else it is counted first). Raises VideoError.
+
+@dataclass(frozen=True)
+class FrameChunk:
+    """Consecutive kept frames of a video: uint8 (n, H, W, 3) RGB and the source frame number of each."""
+
+    frames: np.ndarray
+    indices: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.frames.shape[0])
+
+
+@dataclass(frozen=True)
+class Restart:
+    """Sampling chose its frames from a frame count that decoding fell short of: everything streamed so far
+    is void, and the video streams again, choosing from ``total`` (the frames that really decode)."""
+
+    total: int
+
+
+@dataclass(frozen=True)
+class VideoFacts:
+    """What is known once a video has streamed to its end: the last item of :func:`stream_video`."""
+
+    fps: float
+    total_frames: int
+    width: int
+    height: int
+    kept: int
+
+
+StreamItem = StreamInfo | FrameChunk | Restart | VideoFacts
+
+
+def stream_video(path: Path | str, cfg: ExtractConfig, chunk_frames: int, total: int | None = None
+                 ) -> Iterator[StreamItem]:
+    """Decode, sample and resize one video in chunks of ``chunk_frames`` kept frames (bounded memory).
+
+    Yields the container's :class:`StreamInfo`, then :class:`FrameChunk` s in order, then
+    :class:`VideoFacts`. Each chunk is a new array, so a consumer may keep it. Frames are converted straight
+    into their chunk, with no copy per frame. For ``count``/``named`` sampling pass ``total`` (else it is
+    counted first); when decoding then falls short of the count the sampling chose from, it yields a
+    :class:`Restart` and streams the video once more from the true count, so a consumer drops what it got
+    before it. Raises VideoError with a one-line reason naming the file.
     """
-    *_, generator = _stream(Path(path), cfg, total)
-    yield from generator
+    path = Path(path)
+    if chunk_frames < 1:
+        raise ValueError(f"chunk_frames must be at least 1, got {chunk_frames}")
+    retried = False
+    while True:
+        info, total, selector, size, tracked = _stream(path, cfg, total)
+        try:
+            yield info
+            kept = 0
+            for chunk in _chunks(path, tracked, size, chunk_frames):
+                kept += len(chunk)
+                yield chunk
+        finally:
+            tracked.close()
+        decoded, reached_end = tracked.state["decoded"], tracked.state["reached_end"]
+        if decoded == 0:
+            raise VideoError(f"{path} has no decodable frame")
+        if selector.needs_total and reached_end and selector.last is not None and decoded <= selector.last:
+            if retried:
+                raise VideoError(f"{path}: only {decoded} of its frames decode")
+            retried, total = True, decoded
+            yield Restart(decoded)
+            continue
+        if reached_end:
+            _check_not_truncated(path, decoded, info.frames)
+        if kept == 0:
+            raise VideoError(f"{path}: no video frames could be decoded")
+        total_frames = decoded if reached_end else max(decoded, info.frames, total or 0)
+        yield VideoFacts(fps=info.fps, total_frames=int(total_frames), width=info.width, height=info.height,
+                         kept=kept)
+        return
+
+
+def _chunks(path: Path, tracked: "_Tracked", size: tuple[int, int], chunk_frames: int) -> Iterator[FrameChunk]:
+    """The kept frames of ``tracked``, converted into chunk arrays of ``chunk_frames`` rows."""
+    buffer = np.empty((chunk_frames, size[1], size[0], 3), np.uint8)
+    indices: list[int] = []
+    for index, convert in tracked:
+        try:
+            convert(size, buffer[len(indices)])
+        except ValueError as exc:  # a frame of another size than the stream's first
+            raise VideoError(f"{path}: the frame size changes mid-stream ({exc}); use resize = 'square' or "
+                             "'short_side'") from exc
+        indices.append(index)
+        if len(indices) == chunk_frames:
+            yield FrameChunk(buffer, np.asarray(indices, dtype=np.int64))
+            buffer, indices = np.empty_like(buffer), []
+    if indices:  # a copy of the last, partial chunk: the whole buffer need not stay alive behind it
+        yield FrameChunk(buffer[:len(indices)].copy(), np.asarray(indices, dtype=np.int64))
 
 
 def _stream(path: Path, cfg: ExtractConfig, total: int | None):
+    """(info, total, selector, output size, iterator of (source index, convert) of the kept frames)."""
     if cfg.decoder not in _SOURCES:
         raise ConfigError(f"extract.decoder = {cfg.decoder!r} is not valid; choose {', '.join(_SOURCES)}")
     _check_file(path)
@@ -468,17 +570,15 @@ def _stream(path: Path, cfg: ExtractConfig, total: int | None):
     except BaseException:
         source.close()
         raise
-    size = output_size(info.width, info.height, cfg)
     state = {"decoded": 0, "reached_end": False}
 
-    def generator() -> Iterator[tuple[int, np.ndarray]]:
+    def generator() -> Iterator[tuple[int, Convert]]:
         kept = 0
         try:
             for index, convert in source:
                 state["decoded"] = index + 1
                 if selector.keep(index):
-                    frame = convert(size)
-                    yield index, frame
+                    yield index, convert
                     kept += 1
                     if cfg.max_frames and kept >= cfg.max_frames:
                         return
@@ -488,7 +588,7 @@ def _stream(path: Path, cfg: ExtractConfig, total: int | None):
         finally:
             source.close()
 
-    return info, total, selector, _Tracked(generator(), state)
+    return info, total, selector, output_size(info.width, info.height, cfg), _Tracked(generator(), state)
 
 
 class _Tracked:
@@ -509,42 +609,26 @@ class _Tracked:
 
 
 def read_video(path: Path | str, cfg: ExtractConfig) -> DecodedVideo:
-    """Decode, sample and resize one video. Raises :class:`VideoError` with a one-line reason naming the file."""
-    return _read_once(Path(path), cfg, total=None)
-
-
-def _read_once(path: Path, cfg: ExtractConfig, total: int | None, retried: bool = False) -> DecodedVideo:
-    info, total, selector, tracked = _stream(path, cfg, total)
-    indices: list[int] = []
-    frames: list[np.ndarray] = []
-    for index, frame in tracked:
-        if not frames and cfg.resize == "none":
-            _check_raw_budget(path, frame, info)
-        if frames and frame.shape != frames[0].shape:
-            raise VideoError(f"{path}: the frame size changes mid-stream ({frames[0].shape[1]}x"
-                             f"{frames[0].shape[0]} -> {frame.shape[1]}x{frame.shape[0]}); use resize = "
-                             "'square' or 'short_side'")
-        indices.append(index)
-        frames.append(frame)
-    decoded, reached_end = tracked.state["decoded"], tracked.state["reached_end"]
-    if decoded == 0:
-        raise VideoError(f"{path} has no decodable frame")
-    if selector.needs_total and reached_end and selector.last is not None and decoded <= selector.last:
-        # the demuxer counted more frames than decode: choose again from the true count, once
-        if retried:
-            raise VideoError(f"{path}: only {decoded} of its frames decode")
-        return _read_once(path, cfg, total=decoded, retried=True)
-    if reached_end:
-        _check_not_truncated(path, decoded, info.frames)
-    declared = info.frames
-    if reached_end:
-        total_frames = decoded
-    else:
-        total_frames = max(decoded, declared, total or 0)
+    """Decode, sample and resize one whole video into memory (:func:`stream_video` joined; the extract stage
+    streams instead). Raises :class:`VideoError` with a one-line reason naming the file."""
+    path = Path(path)
+    chunks: list[FrameChunk] = []
+    facts = None
+    for item in stream_video(path, cfg, READ_CHUNK_FRAMES):
+        if isinstance(item, StreamInfo):
+            if cfg.resize == "none":
+                _check_raw_budget(path, item)
+        elif isinstance(item, Restart):
+            chunks = []
+        elif isinstance(item, FrameChunk):
+            chunks.append(item)
+        else:
+            facts = item
+    assert facts is not None  # stream_video ends with its facts or raises
     return DecodedVideo(
-        frames=np.stack(frames).astype(np.uint8, copy=False),
-        indices=np.asarray(indices, dtype=np.int64),
-        fps=info.fps, total_frames=int(total_frames), width=info.width, height=info.height,
+        frames=chunks[0].frames if len(chunks) == 1 else np.concatenate([c.frames for c in chunks]),
+        indices=np.concatenate([c.indices for c in chunks]),
+        fps=facts.fps, total_frames=facts.total_frames, width=facts.width, height=facts.height,
     )
 
 
@@ -555,8 +639,8 @@ def _check_not_truncated(path: Path, found: int, declared: int) -> None:
                          "re-copy it")
 
 
-def _check_raw_budget(path: Path, frame: np.ndarray, info: StreamInfo) -> None:
-    expected = max(info.frames, 1) * frame.nbytes
+def _check_raw_budget(path: Path, info: StreamInfo) -> None:
+    expected = max(info.frames, 1) * info.width * info.height * 3
     if expected > MAX_RAW_BYTES:
         raise VideoError(f"{path}: {info.width}x{info.height} x {info.frames} frames is too large to hold "
                          f"unresized ({expected / 2**30:.1f} GiB); use resize = 'short_side' or 'square'")

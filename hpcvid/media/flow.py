@@ -205,6 +205,48 @@ def compute_flow(frames: np.ndarray, algorithm: str = "farneback", **params: Any
     return _cached_flow(algorithm, params)(frames)
 
 
+class FlowStream:
+    """The flow of one video's consecutive pairs, computed as its frames arrive in chunks.
+
+    :meth:`push` takes the next chunk of frames and returns the flow of every pair it completes, including
+    the pair that spans the previous chunk and this one (computed once: the last frame of a chunk is kept
+    for it). The torch algorithms take their pairs in batches of ``batch_size`` counted from the video's
+    first pair, exactly as :func:`compute_flow` takes them on the whole video, so the concatenated output is
+    the whole video's flow whatever the chunks are (a batch's numbers may depend on what else is in it);
+    their frames wait until a batch is complete, and :meth:`finish` computes the last, partial one.
+    """
+
+    def __init__(self, algorithm: str = "farneback", **params: Any) -> None:
+        self._video = _cached_flow(algorithm, params)
+        settings = flow_parameters(algorithm, **params)
+        self._batch = int(settings["batch_size"]) if algorithm in TORCH_ALGORITHMS else 0
+        self._pending: np.ndarray | None = None  # frames not yet the first frame of a computed pair
+
+    def push(self, frames: np.ndarray) -> np.ndarray:
+        """The next frames (uint8 (n, H, W, 3) RGB or (n, H, W) gray) -> float32 (m, H, W, 2), the pairs completed."""
+        frames = np.asarray(frames)
+        if frames.dtype != np.uint8 or frames.ndim not in (3, 4):
+            raise ValueError(f"frames must be uint8 (T, H, W, 3) or (T, H, W), got {frames.dtype} {frames.shape}")
+        pending = frames if self._pending is None else np.concatenate([self._pending, frames])
+        pairs = len(pending) - 1
+        if self._batch:  # whole batches only, counted from the first pair
+            pairs -= pairs % self._batch
+        self._pending = pending[pairs:]
+        return self._flow(pending[:pairs + 1])
+
+    def finish(self) -> np.ndarray:
+        """The flow of the pairs still waiting (a torch algorithm's last, partial batch); the stream is done."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            raise ValueError("FlowStream.finish() without any frame pushed")
+        return self._flow(pending)
+
+    def _flow(self, frames: np.ndarray) -> np.ndarray:
+        if len(frames) < 2:
+            return np.zeros((0,) + frames.shape[1:3] + (2,), dtype=np.float32)
+        return self._video(frames)
+
+
 # --------------------------------------------------------------------------------------------- storage
 def quantise(flow: np.ndarray, bound: float) -> np.ndarray:
     """float flow -> uint8: clip to ±bound, map linearly to 0..255 (0 -> 127.5 -> 128), round."""

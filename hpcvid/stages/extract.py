@@ -29,11 +29,12 @@ import logging
 import shutil
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from hpcvid.config import Config
-from hpcvid.errors import PartialFailure, ResourceError, StoreError, VideoError, machine_fault
+from hpcvid.errors import ConfigError, PartialFailure, ResourceError, StoreError, VideoError, machine_fault
 from hpcvid.fileio import atomic_write_json, read_json, write_record
 from hpcvid.launch.sharding import ShardSpec, all_shards, select
 from hpcvid.learn.backbones import BACKBONES, FEATURE_DIMS
@@ -174,7 +175,7 @@ def run_shard(config: Config, spec: ShardSpec) -> dict[str, Any]:
     ok_parts = [parts / f"{part_key(v)}.h5" for v, outcome in zip(videos, outcomes) if outcome["ok"]]
     from hpcvid.storage.shards import KIND_EXTRACT, assemble_shard
 
-    meta = {"shard": spec.name, "config": config.extract.__dict__, "dataset": manifest.dataset}
+    meta = {"shard": spec.name, "config": _settings_fingerprint(config), "dataset": manifest.dataset}
     assemble_shard(shard_file, ok_parts, kind=KIND_EXTRACT, meta=meta)
     fields = {**_make_record(config, spec, videos, outcomes, runner, started), "set": shard_set.id}
     record = write_record(record_file, fields, kind="hpcvid.extract.record", schema_version=RECORD_SCHEMA_VERSION,
@@ -233,7 +234,9 @@ def calibrate(config: Config, manifest: Manifest, videos: int = 3, log_to: Any =
                                    dataset={**manifest.dataset, "root": str(roots[0]),
                                             "extra_roots": [str(r) for r in roots[1:]]})
         write_manifest(mini, scratch)
-        trial = replace(config, work=scratch, **{"extract.shards": 1, "dataset.root": str(roots[0])})
+        # one process: the busy seconds are then one core's, and the wall time around them the start-up
+        trial = replace(config, work=scratch, **{"extract.shards": 1, "dataset.root": str(roots[0]),
+                                                 "extract.workers": 0})
         began = time.perf_counter()
         record = run_shard(trial, ShardSpec(0, 1))
         wall = time.perf_counter() - began
@@ -328,6 +331,8 @@ def _prepare_parts(config: Config, parts: Path, shard_file: Path, record_file: P
     settings_file = parts / "settings.json"
     if parts.is_dir():
         remove_stale_partials(parts)
+        for spool in parts.glob("*.spool"):  # a video in flight when the last run was killed
+            shutil.rmtree(spool, ignore_errors=True)
         if not settings_file.is_file() or read_json(settings_file) != settings:
             log.info("%s was made with other settings: starting this shard over", parts)
             shutil.rmtree(parts, ignore_errors=True)
@@ -339,7 +344,8 @@ def _prepare_parts(config: Config, parts: Path, shard_file: Path, record_file: P
 def _settings_fingerprint(config: Config) -> dict[str, Any]:
     """The settings that change a video's stored contents (not the shard count: contents do not depend on it)."""
     settings = dict(config.extract.__dict__)
-    for name in ("shards", "batch_size", "flow_batch_size", "tvl1_compile", "device", "max_attempts"):
+    for name in ("shards", "batch_size", "flow_batch_size", "tvl1_compile", "device", "max_attempts", "chunk_frames",
+                 "workers"):
         settings.pop(name, None)
     return json.loads(json.dumps(settings, sort_keys=True))
 
@@ -362,8 +368,190 @@ def dataset_roots(config: Config, manifest: Manifest) -> list[Path]:
 
 
 # --------------------------------------------------------------------------------------- per video
+# A video goes through two halves. The producer (:func:`produce`: decode, flow, and the stored forms of frames
+# and flow, a chunk of frames at a time) runs in this process, or in worker processes that feed this one; the
+# consumer (:class:`_Assembly`: CNN features in batches, the spool, the part file) always runs here, where the
+# CNN's weights and the GPU are. Both paths run the same two halves, so they store the same bytes.
+
+@dataclass
+class _Chunk:
+    """The next kept frames of a video: their numbers, the frames themselves (for the CNN; None without
+    one), their stored form, and the stored form of the flow pairs they complete."""
+
+    indices: Any
+    frames: Any
+    stored: Any
+    frame_shape: tuple[int, ...]
+    flow: Any
+    seconds: dict[str, float]
+
+
+@dataclass
+class _Restart:
+    """Drop what the video sent so far: it streams again (see :class:`hpcvid.media.decode.Restart`)."""
+
+
+@dataclass
+class _End:
+    """The video streamed to its end: its facts, the last flow pairs (a torch flow's last batch)."""
+
+    facts: Any
+    flow: Any
+    seconds: dict[str, float]
+
+
+@dataclass
+class _Failed:
+    """The producer raised (a bad video, or a fault of the machine): the error, or its one-line stand-in."""
+
+    error: BaseException
+
+
+def check_video_file(entry: VideoEntry, path: Path) -> None:
+    """Refuse, before decoding, a video that indexing could not read or that is not the file it indexed."""
+    if entry.probe_error:
+        raise VideoError(f"indexing could not read it: {entry.probe_error}")
+    if not path.is_file():
+        raise VideoError(f"{path} does not exist (moved or deleted since indexing? a moved dataset: "
+                         "pass --dataset NEW_ROOT)")
+    size = path.stat().st_size
+    if size != entry.size:
+        raise VideoError(f"{path} is not the video that was indexed ({size} bytes, indexed {entry.size}): "
+                         "re-index with `hpcvid index` if the dataset changed")
+
+
+def produce(cfg: Any, entry: VideoEntry, path: Path, want_frames: bool) -> Iterator[_Chunk | _Restart | _End]:
+    """Decode, flow and encoding of one video, ``cfg.chunk_frames`` kept frames at a time (raises VideoError
+    on bad input). Memory holds a chunk, the flow's carried frames and what the consumer has not taken."""
+    from hpcvid.media.decode import FrameChunk, Restart, StreamInfo, stream_video
+    from hpcvid.media.flow import FlowStream
+    from hpcvid.storage.shards import StorageOptions, encode_flow, encode_frames
+
+    check_video_file(entry, path)
+    options = StorageOptions.from_config(cfg)
+    items = stream_video(path, cfg, cfg.chunk_frames)
+    flow = None
+    seconds = {"decode": 0.0, "flow": 0.0, "write": 0.0}
+    while True:
+        began = time.perf_counter()
+        item = next(items)
+        seconds["decode"] += time.perf_counter() - began
+        if isinstance(item, StreamInfo):
+            flow = FlowStream(cfg.flow, **flow_params(cfg)) if cfg.flow != "none" else None
+        elif isinstance(item, Restart):
+            yield _Restart()
+        elif isinstance(item, FrameChunk):
+            began = time.perf_counter()
+            pairs = None if flow is None else flow.push(item.frames)
+            seconds["flow"] += time.perf_counter() - began
+            began = time.perf_counter()
+            stored = encode_frames(item.frames, options)
+            pairs = None if pairs is None else encode_flow(pairs, options)
+            seconds["write"] += time.perf_counter() - began
+            yield _Chunk(item.indices, item.frames if want_frames else None, stored, item.frames.shape, pairs, seconds)
+            seconds = dict.fromkeys(seconds, 0.0)
+        else:
+            began = time.perf_counter()
+            tail = None if flow is None else encode_flow(flow.finish(), options)
+            seconds["flow"] += time.perf_counter() - began
+            yield _End(item, tail, seconds)
+            return
+
+
+class _FeatureBatches:
+    """A video's frames to the CNN in batches counted from its first frame, as the CNN would batch the whole
+    video (a batch's numbers may depend on what else is in it), whatever the chunks are."""
+
+    def __init__(self, extractor: Any) -> None:
+        self.extractor = extractor
+        self.pending: Any = None
+
+    def push(self, frames: Any) -> Any:
+        """Features of the batches completed by ``frames`` (None when none is)."""
+        import numpy as np
+
+        pending = frames if self.pending is None else np.concatenate([self.pending, frames])
+        ready = len(pending) - len(pending) % self.extractor.batch_size
+        self.pending = pending[ready:].copy() if ready else pending
+        return self.extractor.extract(pending[:ready]) if ready else None
+
+    def finish(self) -> Any:
+        pending, self.pending = self.pending, None
+        return self.extractor.extract(pending) if pending is not None and len(pending) else None
+
+
+class _Assembly:
+    """The consumer half of one video: features in batches, the spooled part, the part file."""
+
+    def __init__(self, runner: "_VideoRunner", entry: VideoEntry, path: Path, parts: Path) -> None:
+        from hpcvid.storage.shards import PartWriter, StorageOptions
+
+        self.runner, self.entry, self.path, self.parts = runner, entry, path, parts
+        self.key = part_key(entry)
+        self.options = StorageOptions.from_config(runner.cfg)
+        with self.writing():
+            _check_room(parts, estimate_bytes(runner.config, [entry]), entry)  # the spool and the part
+            self.writer = PartWriter(parts / f"{self.key}.spool", self.options)
+        self.features = _FeatureBatches(runner.extractor) if runner.extractor is not None else None
+
+    def writing(self) -> Any:
+        return _writing(self.parts, self.entry)
+
+    def take(self, message: _Chunk | _Restart | _End) -> dict[str, Any] | None:
+        """One message of the producer; the part's summary once the video ends."""
+        runner = self.runner
+        for name, value in message.seconds.items() if not isinstance(message, _Restart) else ():
+            runner.seconds[name] += value
+        if isinstance(message, _Restart):
+            self.reset()
+            return None
+        features = None
+        if isinstance(message, _Chunk) and self.features is not None:
+            features = self._features(self.features.push(message.frames))
+        elif isinstance(message, _End) and self.features is not None:
+            features = self._features(self.features.finish())
+        began = time.perf_counter()
+        with self.writing():
+            if isinstance(message, _Chunk):
+                self.writer.add(frame_indices=message.indices, frames=message.stored, frame_shape=message.frame_shape,
+                                flow=message.flow, features=features)
+            else:
+                self.writer.add(flow=message.flow, features=features)
+                summary = self.writer.finish(self.parts / f"{self.key}.h5", self.entry.id,
+                                             self._attrs(message.facts), has_flow=runner.cfg.flow != "none")
+        runner.seconds["write"] += time.perf_counter() - began
+        return summary if isinstance(message, _End) else None
+
+    def _features(self, values: Any) -> dict[str, Any] | None:
+        import numpy as np
+
+        if values is None:
+            return None
+        if not np.isfinite(values).all():
+            raise VideoError(f"{self.path}: the {self.runner.cfg.backbone} features are not finite (NaN or inf)")
+        return {self.runner.cfg.backbone: np.asarray(values, dtype=np.float32)}
+
+    def _attrs(self, facts: Any) -> dict[str, Any]:
+        entry = self.entry
+        return {"label": int(entry.label), "class_name": entry.class_name, "split": entry.split,
+                "fps": float(facts.fps or 0.0), "total_frames": int(facts.total_frames or 0),
+                "source": str(self.path), "width": int(facts.width), "height": int(facts.height)}
+
+    def reset(self) -> None:
+        from hpcvid.storage.shards import PartWriter
+
+        self.writer.discard()
+        with self.writing():
+            self.writer = PartWriter(self.parts / f"{self.key}.spool", self.options)
+        self.features = _FeatureBatches(self.runner.extractor) if self.runner.extractor is not None else None
+
+    def discard(self) -> None:
+        self.writer.discard()
+
+
 class _VideoRunner:
-    """Runs decode -> flow -> features -> part file for each video, reusing finished parts."""
+    """Runs every video of a shard (decode -> flow -> features -> part file), reusing finished parts; in this
+    process, or with decoding and flow in ``workers`` processes (:class:`_Workers`)."""
 
     def __init__(self, config: Config, manifest: Manifest, roots: list[Path]) -> None:
         self.config = config
@@ -376,12 +564,15 @@ class _VideoRunner:
         self.processed = 0
         self.processed_frames = 0
         self.reused = 0
+        self.cores = task_cores(config)
+        self.workers = worker_count(config)
+        self.work_seconds = 0.0
 
     @property
     def extractor(self) -> Any:
         if self._extractor is None and self.cfg.backbone != "none":
-            self._extractor = feature_extractor(self.cfg.backbone, self.cfg.weights, self.cfg.device,
-                                                self.cfg.batch_size)
+            self._extractor = _TimedExtractor(feature_extractor(self.cfg.backbone, self.cfg.weights, self.cfg.device,
+                                                                self.cfg.batch_size), self.seconds)
             self.feature_info = {**self._extractor.describe(), "random_init_seed": RANDOM_INIT_SEED}
             if self._extractor.random_init:
                 log.warning("features come from a RANDOMLY INITIALISED %s (no --weights given): fine for tests, "
@@ -394,110 +585,426 @@ class _VideoRunner:
 
         from hpcvid.launch.progress import write_progress
 
-        _ = self.extractor  # a missing or bad weights file stops the shard here, not once per video
-        outcomes: list[dict[str, Any]] = []
-        started, wall = time.perf_counter(), time.time()
-        write_progress(self.config.work, UNIT, spec, done=0, total=len(videos), started=wall)
-        with tqdm(total=len(videos), desc=f"extract {spec.name}", unit="video", mininterval=1.0) as bar:
-            for entry in videos:
-                outcomes.append(self.run_one(entry, parts))
-                failed = sum(not o["ok"] for o in outcomes)
-                write_progress(self.config.work, UNIT, spec, done=len(outcomes), total=len(videos),
-                               failed=failed, started=wall)
-                elapsed = max(time.perf_counter() - started, 1e-9)
-                bar.set_postfix(frames_s=f"{self.processed_frames / elapsed:.1f}", failed=failed, refresh=False)
-                bar.update(1)
-        return outcomes
+        todo = [position for position, entry in enumerate(videos) if not self._finished(entry, parts)]
+        workers = min(self.workers, len(todo)) if _may_start_processes() else 0
+        pool = _Workers(self.cfg, workers) if workers else None  # they start while the CNN loads
+        try:
+            _ = self.extractor  # a missing or bad weights file stops the shard here, not once per video
+            outcomes: list[dict[str, Any] | None] = [None] * len(videos)
+            started, wall = time.perf_counter(), time.time()
+            write_progress(self.config.work, UNIT, spec, done=0, total=len(videos), started=wall)
+            with tqdm(total=len(videos), desc=f"extract {spec.name}", unit="video", mininterval=1.0) as bar:
+                def record(position: int, outcome: dict[str, Any]) -> None:
+                    outcomes[position] = outcome
+                    done = [o for o in outcomes if o is not None]
+                    failed = sum(not o["ok"] for o in done)
+                    write_progress(self.config.work, UNIT, spec, done=len(done), total=len(videos),
+                                   failed=failed, started=wall)
+                    elapsed = max(time.perf_counter() - started, 1e-9)
+                    bar.set_postfix(frames_s=f"{self.processed_frames / elapsed:.1f}", failed=failed, refresh=False)
+                    bar.update(1)
 
-    def run_one(self, entry: VideoEntry, parts: Path) -> dict[str, Any]:
+                for position, entry in enumerate(videos):
+                    if position not in todo:
+                        record(position, self._reuse(entry, parts))
+                if pool is None:
+                    for position in todo:
+                        record(position, self.run_one(videos[position], parts))
+                else:
+                    with _threads_for_the_cnn(max(1, self.cores - workers)):
+                        self._run_parallel(pool, videos, todo, parts, record)
+            self.work_seconds = time.perf_counter() - started
+        finally:
+            if pool is not None:
+                pool.close()
+        return [o for o in outcomes if o is not None]
+
+    # ------------------------------------------------------------------ the videos done before
+    def _finished(self, entry: VideoEntry, parts: Path) -> bool:
         key = part_key(entry)
-        part_file, failed_file = parts / f"{key}.h5", parts / f"{key}.failed.json"
-        if part_file.is_file():
-            self.reused += 1
+        return (parts / f"{key}.h5").is_file() or (parts / f"{key}.failed.json").is_file()
+
+    def _reuse(self, entry: VideoEntry, parts: Path) -> dict[str, Any]:
+        key = part_key(entry)
+        self.reused += 1
+        if (parts / f"{key}.h5").is_file():
             from hpcvid.storage.shards import read_video_file_summary
 
-            return {"ok": True, "summary": read_video_file_summary(part_file)}
-        if failed_file.is_file():
-            self.reused += 1
-            return {"ok": False, "failure": read_json(failed_file)}
+            return {"ok": True, "summary": read_video_file_summary(parts / f"{key}.h5")}
+        return {"ok": False, "failure": read_json(parts / f"{key}.failed.json")}
+
+    # ------------------------------------------------------------------ one process
+    def run_one(self, entry: VideoEntry, parts: Path) -> dict[str, Any]:
+        """One video here: produce and assemble in this process."""
+        key = part_key(entry)
         path = video_path(self.roots, entry)
         attempts = _count_attempt(parts / f"{key}.attempts.json")
-        writing = False
+        assembly = None
         try:
             if attempts > self.cfg.max_attempts:
-                raise VideoError(f"the extracting process died {attempts - 1} times while on this video (a crash "
-                                 "in a decoder/flow library, or killed for memory?); skipped")
-            video = self.compute(entry, path)
-            began = time.perf_counter()
-            from hpcvid.storage.shards import StorageOptions, write_video_file
-
-            writing = True
-            _check_room(parts, estimate_bytes(self.config, [entry]) // 2, entry)
-            summary = write_video_file(part_file, video, StorageOptions.from_config(self.cfg))
-            self.seconds["write"] += time.perf_counter() - began
+                raise _too_many_deaths(attempts)
+            assembly = _Assembly(self, entry, path, parts)
+            summary = self.extract(entry, path, assembly)
         except ResourceError:
             raise
         except Exception as exc:  # noqa: BLE001 - one bad video must not stop the shard
-            fault = _machine_fault(exc, parts.parent, entry, writing)
-            if fault is not None:
-                raise fault from exc
-            failure = {"video": entry.id, "path": str(path), "reason": one_line_reason(exc)}
-            log.warning("video %s (%s) failed: %s", entry.id, path, failure["reason"])
-            atomic_write_json(failed_file, failure)
-            return {"ok": False, "failure": failure}
+            if assembly is not None:
+                assembly.discard()
+            return self._failed(entry, path, parts, exc)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 (parts / f"{key}.attempts.json").unlink()
+        return self._done(summary)
+
+    def extract(self, entry: VideoEntry, path: Path, assembly: _Assembly) -> dict[str, Any]:
+        """Stream one video through both halves here; its part's summary."""
+        summary = None
+        try:
+            for message in produce(self.cfg, entry, path, want_frames=self.extractor is not None):
+                summary = assembly.take(message)
+        except ResourceError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified: the machine's, or the video's
+            fault = _machine_fault(exc, assembly.parts.parent, entry, writing=False)
+            if fault is not None:
+                raise fault from exc
+            raise
+        return summary
+
+    def _done(self, summary: dict[str, Any]) -> dict[str, Any]:
         self.processed += 1
         self.processed_frames += summary["frames"]
         return {"ok": True, "summary": summary}
 
-    def compute(self, entry: VideoEntry, path: Path) -> Any:
-        """Decode, flow and features of one video -> VideoData (raises VideoError on bad input)."""
-        import numpy as np
+    def _failed(self, entry: VideoEntry, path: Path, parts: Path, error: BaseException) -> dict[str, Any]:
+        fault = _machine_fault(error, parts.parent, entry, writing=False)
+        if fault is not None:
+            raise fault from error
+        failure = {"video": entry.id, "path": str(path), "reason": one_line_reason(error)}
+        log.warning("video %s (%s) failed: %s", entry.id, path, failure["reason"])
+        atomic_write_json(parts / f"{part_key(entry)}.failed.json", failure)  # a full disk: ResourceError
+        return {"ok": False, "failure": failure}
 
-        from hpcvid.media.decode import read_video
-        from hpcvid.storage.shards import VideoData
+    # ------------------------------------------------------------------ worker processes
+    def _run_parallel(self, pool: "_Workers", videos: Sequence[VideoEntry], todo: list[int], parts: Path,
+                      record: Any) -> None:
+        """Hand the videos to the workers, one at a time each, and assemble what they send back.
 
-        if entry.probe_error:
-            raise VideoError(f"indexing could not read it: {entry.probe_error}")
-        if not path.is_file():
-            raise VideoError(f"{path} does not exist (moved or deleted since indexing? a moved dataset: "
-                             "pass --dataset NEW_ROOT)")
-        size = path.stat().st_size
-        if size != entry.size:
-            raise VideoError(f"{path} is not the video that was indexed ({size} bytes, indexed {entry.size}): "
-                             "re-index with `hpcvid index` if the dataset changed")
+        A worker that dies (a segfault in a native library, the OOM killer) leaves its video's attempts marker
+        behind, exactly as the whole process dying would; its video goes back to the front of the queue on a
+        new worker, and after ``extract.max_attempts`` starts it is listed as failed.
+        """
+        pending = list(todo)
+        busy: dict[int, tuple[int, _Assembly]] = {}
+        try:
+            self._dispatch(pool, videos, pending, busy, parts, record)
+        except ResourceError:
+            for position, assembly in busy.values():  # the machine's fault: not a start that counts
+                assembly.discard()
+                self._forget_attempts(parts, part_key(videos[position]))
+            raise
+
+    def _dispatch(self, pool: "_Workers", videos: Sequence[VideoEntry], pending: list[int],
+                  busy: dict[int, tuple[int, "_Assembly"]], parts: Path, record: Any) -> None:
+        while pending or busy:
+            for slot in pool.idle(busy):
+                if not pending:
+                    break
+                position = pending.pop(0)
+                entry = videos[position]
+                key = part_key(entry)
+                attempts = _count_attempt(parts / f"{key}.attempts.json")
+                path = video_path(self.roots, entry)
+                try:
+                    if attempts > self.cfg.max_attempts:
+                        raise _too_many_deaths(attempts)
+                    assembly = _Assembly(self, entry, path, parts)
+                except ResourceError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - this video fails, the shard goes on
+                    self._forget_attempts(parts, key)
+                    record(position, self._failed(entry, path, parts, exc))
+                    continue
+                pool.send(slot, (entry, path, self.extractor is not None))
+                busy[slot] = (position, assembly)
+            if not busy:
+                continue
+            for slot, message in pool.receive(busy):
+                position, assembly = busy[slot]
+                entry = videos[position]
+                if message is None:  # the worker died on this video
+                    log.warning("the worker extracting %s died (exit code %s): trying it again",
+                                entry.id, pool.exit_code(slot))
+                    assembly.discard()
+                    del busy[slot]
+                    pool.restart(slot)
+                    pending.insert(0, position)
+                    continue
+                try:
+                    if isinstance(message, _Failed):
+                        raise message.error
+                    summary = assembly.take(message)
+                except ResourceError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - this video fails, the shard goes on
+                    assembly.discard()
+                    del busy[slot]
+                    if not isinstance(message, _Failed):
+                        pool.restart(slot)  # it may still be sending this video's chunks
+                    self._forget_attempts(parts, part_key(entry))
+                    record(position, self._failed(entry, assembly.path, parts, exc))
+                    continue
+                if summary is not None:
+                    del busy[slot]
+                    self._forget_attempts(parts, part_key(entry))
+                    record(position, self._done(summary))
+
+    @staticmethod
+    def _forget_attempts(parts: Path, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (parts / f"{key}.attempts.json").unlink()
+
+
+@contextlib.contextmanager
+def _writing(parts: Path, entry: VideoEntry) -> Iterator[None]:
+    """Any error of the machine while writing a video's spool or part (a full disk, EACCES, EIO) stops the shard."""
+    try:
+        yield
+    except ResourceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - classified: the machine's, or raised as it is
+        fault = _machine_fault(exc, parts.parent, entry, writing=True)
+        if fault is not None:
+            raise fault from exc
+        raise
+
+
+def _too_many_deaths(attempts: int) -> VideoError:
+    return VideoError(f"the extracting process died {attempts - 1} times while on this video (a crash in a "
+                      "decoder/flow library, or killed for memory?); skipped")
+
+
+class _TimedExtractor:
+    """The feature extractor, its time counted into the stage's ``features`` seconds."""
+
+    def __init__(self, extractor: Any, seconds: dict[str, float]) -> None:
+        self._extractor, self._seconds = extractor, seconds
+
+    def extract(self, frames: Any) -> Any:
         began = time.perf_counter()
-        decoded = read_video(path, self.cfg)
-        frames = np.asarray(decoded.frames)
-        self.seconds["decode"] += time.perf_counter() - began
-        if frames.ndim != 4 or len(frames) == 0:
-            raise VideoError(f"{path}: no video frames could be decoded")
-        flow = None
-        if self.cfg.flow != "none":
-            began = time.perf_counter()
-            if len(frames) < 2:
-                flow = np.zeros((0,) + frames.shape[1:3] + (2,), dtype=np.float32)
-            else:
-                from hpcvid.media.flow import compute_flow
+        try:
+            return self._extractor.extract(frames)
+        finally:
+            self._seconds["features"] += time.perf_counter() - began
 
-                flow = compute_flow(frames, self.cfg.flow, **flow_params(self.cfg))
-            self.seconds["flow"] += time.perf_counter() - began
-        features = {}
-        if self.extractor is not None:
-            began = time.perf_counter()
-            values = np.asarray(self.extractor.extract(frames), dtype=np.float32)
-            self.seconds["features"] += time.perf_counter() - began
-            if not np.isfinite(values).all():
-                raise VideoError(f"{path}: the {self.cfg.backbone} features are not finite (NaN or inf)")
-            features[self.cfg.backbone] = values
-        attrs = {
-            "label": int(entry.label), "class_name": entry.class_name, "split": entry.split,
-            "fps": float(decoded.fps or 0.0), "total_frames": int(decoded.total_frames or 0),
-            "source": str(path), "width": int(decoded.width), "height": int(decoded.height),
-        }
-        return VideoData(entry.id, attrs, np.asarray(decoded.indices, dtype=np.int64), frames, flow, features)
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._extractor, name)
+
+
+# ------------------------------------------------------------------------------------ the workers
+def task_cores(config: Config) -> int:
+    """The cores this shard's task may use: ``launch.cpus_per_task`` under SLURM, else this process's
+    affinity mask, capped by OMP_NUM_THREADS when it is set (``hpcvid run --jobs N`` gives each of its N
+    processes its share of the cores that way)."""
+    import os
+
+    from hpcvid.launch.executors import usable_cores
+
+    cores = usable_cores()
+    if os.environ.get("SLURM_JOB_ID"):
+        return max(1, min(cores, config.launch.for_stage("extract").cpus_per_task))
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    return max(1, min(cores, int(threads))) if threads.isdigit() and int(threads) > 0 else max(1, cores)
+
+
+def worker_count(config: Config) -> int:
+    """Decode-and-flow worker processes of a shard: ``extract.workers``, or with -1 (the default) the task's
+    cores less the one the CNN's process keeps."""
+    return config.extract.workers if config.extract.workers >= 0 else task_cores(config) - 1
+
+
+def _may_start_processes() -> bool:
+    """A daemonic process (a multiprocessing pool's worker) may not have children: extract in it alone.
+
+    A worker being started imports the parent's main script; one whose body is not guarded by ``if __name__
+    == '__main__':`` would extract the shard again inside the worker. That is refused here, so the worker
+    dies before it is ready and the parent says why.
+    """
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise ConfigError("the extract stage was started while a worker process was starting: guard the script's "
+                          "body with `if __name__ == '__main__':`")
+    return not multiprocessing.current_process().daemon
+
+
+@contextlib.contextmanager
+def _threads_for_the_cnn(threads: int) -> Iterator[None]:
+    """The CNN's process keeps ``threads`` CPU threads while the workers use the other cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(before, threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _worker_main(conn: Any, cfg: Any) -> None:
+    """A worker process: take a video (entry, path, want_frames), send its chunks back, until told to stop.
+
+    One CPU thread for OpenCV and torch (the cores are shared out as processes); SIGINT is left to the
+    parent, which stops the workers itself. An exception is sent back as the video's failure, as itself when
+    it pickles (the parent tells a fault of the machine from a bad video by it), else as its one line.
+    """
+    import os
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[name] = "1"
+    import cv2
+
+    cv2.setNumThreads(1)
+    conn.send(_READY)
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:
+            return
+        if task is None:
+            return
+        entry, path, want_frames = task
+        try:
+            for message in produce(cfg, entry, path, want_frames):
+                conn.send(message)
+        except Exception as exc:  # noqa: BLE001 - sent to the parent, which decides what it is
+            conn.send(_Failed(_portable(exc)))
+
+
+def _portable(error: BaseException) -> BaseException:
+    """``error`` if it survives pickling (the parent needs its type and errno), else a RuntimeError of its line."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - any unpicklable exception
+        return RuntimeError(one_line_reason(error))
+
+
+_READY = "ready"
+"""A worker's first message: it started (a worker that dies before it cannot start at all)."""
+
+_WORKER_TARGET = _worker_main
+"""The function each worker process runs (tests put a wrapper here that dies on a chosen video)."""
+
+
+class _Workers:
+    """Decode-and-flow worker processes, each with its own pipe to this process.
+
+    A pipe per worker rather than one shared queue: a worker killed in the middle of a message (SIGKILL, a
+    segfault) then damages only its own pipe, which this process reads as the worker's death, instead of
+    a queue every worker shares. A worker sends a chunk only when this process takes the previous one, so
+    each holds at most a chunk in hand and one in the pipe: memory stays bounded by the chunk. Started with
+    ``spawn``: no CUDA context, OpenMP pool or HDF5 handle of this process is inherited.
+    """
+
+    def __init__(self, cfg: Any, count: int) -> None:
+        import multiprocessing
+
+        self.context = multiprocessing.get_context("spawn")
+        self.cfg = cfg
+        self.target = _WORKER_TARGET
+        self.slots: list[tuple[Any, Any]] = []
+        self.ready: set[int] = set()
+        for _ in range(count):
+            self.slots.append(self._start())
+
+    def _start(self) -> tuple[Any, Any]:
+        parent, child = self.context.Pipe(duplex=True)
+        process = self.context.Process(target=self.target, args=(child, self.cfg), daemon=True,
+                                       name="hpcvid-extract-worker")
+        process.start()
+        child.close()
+        return process, parent
+
+    def idle(self, busy: dict[int, Any]) -> list[int]:
+        return [slot for slot in range(len(self.slots)) if slot not in busy]
+
+    def send(self, slot: int, task: Any) -> None:
+        """Give an idle worker its next video (a worker that died while idle is replaced first)."""
+        if not self.slots[slot][0].is_alive():
+            self.restart(slot)
+        try:
+            self.slots[slot][1].send(task)
+        except OSError:
+            self.restart(slot)
+            self.slots[slot][1].send(task)
+
+    def receive(self, busy: dict[int, Any]) -> list[tuple[int, Any]]:
+        """Wait until a busy worker sends something or dies: [(slot, message, or None for a death)]."""
+        from multiprocessing.connection import wait
+
+        by_handle = {}
+        for slot in busy:
+            process, conn = self.slots[slot]
+            by_handle[conn] = slot
+            by_handle[process.sentinel] = slot
+        out = []
+        while not out:
+            for slot in sorted({by_handle[handle] for handle in wait(list(by_handle))}):
+                message = self._recv(slot)
+                if message == _READY:
+                    self.ready.add(slot)
+                elif message is None and slot not in self.ready:
+                    raise ResourceError(f"an extract worker process could not start (exit code "
+                                        f"{self.exit_code(slot)}; its error is above): a script that calls the "
+                                        "stage must guard its body with `if __name__ == '__main__':`; or set "
+                                        "extract.workers = 0 to extract in one process")
+                else:
+                    out.append((slot, message))
+        return out
+
+    def _recv(self, slot: int) -> Any:
+        """The next message of ``slot``, or None when it died (a pipe cut mid-message reads as a death too)."""
+        process, conn = self.slots[slot]
+        try:
+            if conn.poll():
+                return conn.recv()
+        except Exception:  # noqa: BLE001 - EOFError, a truncated pickle: the worker is gone
+            pass
+        return None
+
+    def exit_code(self, slot: int) -> Any:
+        process = self.slots[slot][0]
+        process.join(timeout=5)
+        return process.exitcode
+
+    def restart(self, slot: int) -> None:
+        self._stop(*self.slots[slot])
+        self.ready.discard(slot)
+        self.slots[slot] = self._start()
+
+    @staticmethod
+    def _stop(process: Any, conn: Any) -> None:
+        with contextlib.suppress(OSError):
+            conn.close()
+        if process.is_alive():
+            process.kill()
+        process.join(timeout=10)
+
+    def close(self) -> None:
+        """Ask every worker to stop, then stop those that do not (one busy sending a chunk nobody takes)."""
+        for process, conn in self.slots:
+            with contextlib.suppress(OSError, ValueError):
+                conn.send(None)
+        deadline = time.monotonic() + 5
+        for process, conn in self.slots:
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
+            self._stop(process, conn)
+        self.slots = []
 
 
 _EXTRACTORS: dict[tuple, Any] = {}
@@ -609,6 +1116,7 @@ def _make_record(config: Config, spec: ShardSpec, videos: Sequence[VideoEntry],
             "frames_processed": runner.processed_frames,
             "frames_per_s": round(runner.processed_frames / max(sum(runner.seconds.values()), 1e-9), 2),
             "stage_seconds": {k: round(v, 3) for k, v in runner.seconds.items()},
+            "work_seconds": round(runner.work_seconds, 3), "cores": runner.cores, "workers": runner.workers,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },

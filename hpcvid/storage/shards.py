@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
@@ -48,7 +49,7 @@ import numpy as np
 
 from hpcvid.errors import StoreError
 from hpcvid.fileio import atomic_path, write_record
-from hpcvid.storage.h5 import FEATURE_CHUNK_ROWS, H5File, H5Reader, RowLayout, plain, write_array
+from hpcvid.storage.h5 import FEATURE_CHUNK_ROWS, H5File, H5Reader, RowLayout, create_array, plain, write_array
 
 SCHEMA_VERSION = 2
 KIND_EXTRACT = "hpcvid.extract"
@@ -124,53 +125,153 @@ def decode_jpeg(row: np.ndarray) -> np.ndarray:
     return image[..., ::-1]
 
 
-def _hash_array(digest: "hashlib._Hash", name: str, array: np.ndarray) -> None:
-    digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
-    digest.update(np.ascontiguousarray(array).tobytes())
+def encode_frames(frames: np.ndarray, options: StorageOptions) -> list[np.ndarray] | np.ndarray:
+    """Frames as they are stored: a JPEG byte row per frame, or the raw uint8 frames."""
+    frames = np.asarray(frames, dtype=np.uint8)
+    if options.frame_storage == "jpeg":
+        return [encode_jpeg(frame, options.jpeg_quality) for frame in frames]
+    return frames
+
+
+def encode_flow(flow: np.ndarray, options: StorageOptions) -> np.ndarray:
+    """float32 flow as it is stored: quantised uint8 (``+-flow_bound``) or float16."""
+    if options.flow_storage == "uint8":
+        from hpcvid.media.flow import quantise
+
+        return quantise(np.asarray(flow, dtype=np.float32), options.flow_bound)
+    return np.asarray(flow, dtype=np.float32).astype(np.float16)
+
+
+def _bytes_of(array: np.ndarray) -> np.ndarray:
+    """An array's bytes in C order, as a uint8 view (no copy when it is contiguous already)."""
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+
+
+WRITE_BLOCK_BYTES = 8 << 20
+"""A dataset is written (and hashed) in blocks of whole chunks of about this size, whether its rows are in
+memory or in a spool file, so that the bytes of the file depend on the contents alone."""
+
+
+class _Rows:
+    """The rows of one dataset, in order, read in blocks: an array in memory, or a spool file."""
+
+    def __init__(self, dtype: Any, shape: Sequence[int], array: np.ndarray | None = None,
+                 spool: Path | None = None) -> None:
+        self.dtype, self.shape = np.dtype(dtype), tuple(int(n) for n in shape)
+        self.array, self.spool = array, spool
+
+    @classmethod
+    def of(cls, array: Any, dtype: Any = None) -> "_Rows":
+        array = np.asarray(array, dtype=dtype)
+        return cls(array.dtype, array.shape, array=array)
+
+    def blocks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, block) of at most ``rows`` rows each."""
+        if self.array is not None:
+            for start in range(0, self.shape[0], rows):
+                yield start, self.array[start:start + rows]
+            return
+        row_shape = self.shape[1:]
+        per_row = int(np.prod(row_shape, dtype=np.int64))
+        with open(self.spool, "rb") as handle:
+            for start in range(0, self.shape[0], rows):
+                count = min(rows, self.shape[0] - start)
+                block = np.fromfile(handle, dtype=self.dtype, count=count * per_row)
+                if block.size != count * per_row:
+                    raise StoreError(f"{self.spool} ended early: the spool of a video in flight was cut short")
+                yield start, block.reshape((count,) + row_shape)
+
+
+class _GroupWriter:
+    """Writes one video's datasets below its group in the shard layout, hashing them into the group checksum."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+        self.digest = hashlib.sha256()
+        self.shapes: dict[str, list[int]] = {}
+
+    def put(self, name: str, rows: _Rows, chunk_rows: int, compression: str | None = None) -> Any:
+        dataset = create_array(self.group, name, rows.shape, rows.dtype, chunk_rows=chunk_rows,
+                               compression=compression)
+        self.digest.update(f"{name}|{rows.dtype.str}|{rows.shape}|".encode())
+        per_row = max(1, rows.dtype.itemsize * int(np.prod(rows.shape[1:], dtype=np.int64)))
+        chunk = dataset.chunks[0]
+        step = max(1, WRITE_BLOCK_BYTES // (per_row * chunk)) * chunk
+        for start, block in rows.blocks(step):
+            block = np.ascontiguousarray(block, dtype=rows.dtype)
+            if block.size:
+                dataset[start:start + len(block)] = block
+            self.digest.update(_bytes_of(block))
+        self.shapes[name] = list(rows.shape)
+        return dataset
 
 
 def write_video(parent: Any, video: VideoData, options: StorageOptions = StorageOptions()) -> dict[str, Any]:
     """Write ``video`` as a group below ``parent`` (an h5py Group); return its summary for the record."""
-    group = parent.create_group(group_name(video.video_id))
-    digest = hashlib.sha256()
-    shapes: dict[str, list[int]] = {}
-
-    def put(name: str, data: np.ndarray, chunk_rows: int, compression: str | None = None) -> Any:
-        dataset = write_array(group, name, data, chunk_rows=chunk_rows, compression=compression)
-        _hash_array(digest, name, np.asarray(data))
-        shapes[name] = list(np.asarray(data).shape)
-        return dataset
-
     indices = np.asarray(video.frame_indices, dtype=np.int64)
-    put("frame_indices", indices, INDEX_CHUNK_ROWS)
     kept = len(indices)
+    frames = offsets = flow = None
+    frame_shape: tuple[int, ...] = ()
     if video.frames is not None:
-        frames = np.asarray(video.frames, dtype=np.uint8)
-        _check_rows("frames", frames, kept)
+        raw = np.asarray(video.frames, dtype=np.uint8)
+        _check_rows("frames", raw, kept)
+        frame_shape = raw.shape
+        encoded = encode_frames(raw, options)
         if options.frame_storage == "jpeg":
-            rows = [encode_jpeg(frame, options.jpeg_quality) for frame in frames]
-            offsets = np.cumsum([0] + [len(row) for row in rows], dtype=np.int64)
-            dataset = put("frames", np.concatenate(rows) if rows else np.zeros(0, np.uint8), JPEG_CHUNK_BYTES)
-            put("frame_offsets", offsets, INDEX_CHUNK_ROWS)
+            offsets = _Rows.of(np.cumsum([0] + [len(row) for row in encoded], dtype=np.int64))
+            frames = _Rows.of(np.concatenate(encoded) if encoded else np.zeros(0, np.uint8))
         else:
-            dataset = put("frames", frames, 1)
-        shapes["frames"] = list(frames.shape)
-        dataset.attrs["storage"] = options.frame_storage
-        dataset.attrs["shape"] = np.asarray(frames.shape, dtype=np.int64)
+            frames = _Rows.of(encoded)
     if video.flow is not None:
-        _write_flow(np.asarray(video.flow, dtype=np.float32), options, put, kept)
-    for kind, arrays in (("features", video.features), ("scores", video.scores)):
-        for name, values in sorted(arrays.items()):
+        flow = _Rows.of(encode_flow(video.flow, options))
+    arrays = {}
+    for kind, named in (("features", video.features), ("scores", video.scores)):
+        for name, values in sorted(named.items()):
             values = np.asarray(values, dtype=np.float32)
             _check_rows(f"{kind}/{name}", values, kept)
-            put(f"{kind}/{name}", values, FEATURE_CHUNK_ROWS)
-    attrs = dict(video.attrs)
-    attrs.update(video_id=video.video_id, frames=kept)
+            arrays[f"{kind}/{name}"] = _Rows.of(values)
+    return _write_group(parent, video.video_id, dict(video.attrs), _Rows.of(indices), frames, offsets, frame_shape,
+                        flow, arrays, options)
+
+
+def _write_group(parent: Any, video_id: str, attrs: dict[str, Any], indices: _Rows, frames: _Rows | None,
+                 offsets: _Rows | None, frame_shape: tuple[int, ...], flow: _Rows | None,
+                 arrays: Mapping[str, _Rows], options: StorageOptions) -> dict[str, Any]:
+    """The one layout of a video's group, from rows in memory (:func:`write_video`) or spooled (:class:`PartWriter`)."""
+    writer = _GroupWriter(parent.create_group(group_name(video_id)))
+    kept = indices.shape[0]
+    writer.put("frame_indices", indices, INDEX_CHUNK_ROWS)
+    if frames is not None:
+        if options.frame_storage == "jpeg":
+            dataset = writer.put("frames", frames, JPEG_CHUNK_BYTES)
+            writer.put("frame_offsets", offsets, INDEX_CHUNK_ROWS)
+        else:
+            dataset = writer.put("frames", frames, 1)
+        writer.shapes["frames"] = list(frame_shape)
+        dataset.attrs["storage"] = options.frame_storage
+        dataset.attrs["shape"] = np.asarray(frame_shape, dtype=np.int64)
+    if flow is not None:
+        if flow.shape[0] != max(kept - 1, 0):
+            raise StoreError(f"flow has {flow.shape[0]} fields but the video keeps {kept} frames "
+                             f"(expected {kept - 1})")
+        # one pair per chunk: a window reads (and decompresses) only its own pairs
+        compression = None if options.flow_compression == "none" else options.flow_compression
+        flow_dataset = writer.put("flow", flow, 1, compression)
+        if options.flow_storage == "uint8":
+            flow_dataset.attrs["bound"] = float(options.flow_bound)
+        flow_dataset.attrs["storage"] = options.flow_storage
+        del flow_dataset  # closed before the next dataset is made, as it always was: the file's bytes depend on it
+    for name, rows in arrays.items():
+        if rows.shape[0] != kept:
+            raise StoreError(f"{name} has {rows.shape[0]} rows but the video keeps {kept} frames")
+        writer.put(name, rows, FEATURE_CHUNK_ROWS)
+    group = writer.group
+    attrs.update(video_id=video_id, frames=kept)
     for key, value in attrs.items():
         group.attrs[key] = "" if value is None else value
-    checksum = digest.hexdigest()
+    checksum = writer.digest.hexdigest()
     group.attrs["checksum"] = checksum
-    return {"id": video.video_id, "group": group.name.rsplit("/", 1)[-1], "frames": kept, "shapes": shapes,
+    return {"id": video_id, "group": group.name.rsplit("/", 1)[-1], "frames": kept, "shapes": writer.shapes,
             "checksum": checksum}
 
 
@@ -179,19 +280,110 @@ def _check_rows(name: str, array: np.ndarray, kept: int) -> None:
         raise StoreError(f"{name} has {len(array)} rows but the video keeps {kept} frames")
 
 
-def _write_flow(flow: np.ndarray, options: StorageOptions, put: Any, kept: int) -> None:
-    if len(flow) != max(kept - 1, 0):
-        raise StoreError(f"flow has {len(flow)} fields but the video keeps {kept} frames (expected {kept - 1})")
-    # one pair per chunk: a window reads (and decompresses) only its own pairs
-    compression = None if options.flow_compression == "none" else options.flow_compression
-    if options.flow_storage == "uint8":
-        from hpcvid.media.flow import quantise
+class PartWriter:
+    """One video's part file, written as its frames arrive in chunks, with bounded memory.
 
-        dataset = put("flow", quantise(flow, options.flow_bound), 1, compression)
-        dataset.attrs["bound"] = float(options.flow_bound)
-    else:
-        dataset = put("flow", flow.astype(np.float16), 1, compression)
-    dataset.attrs["storage"] = options.flow_storage
+    HDF5 fixes a dataset's chunk shape when the dataset is created, and the shard layout chooses it from the
+    dataset's final length (``min(rows per chunk, T)``), while the group checksum hashes each dataset's shape
+    before its bytes; neither is known before the video ends. So each :meth:`add` appends the stored form of
+    its rows (JPEG bytes or raw frames, quantised or float16 flow, float32 features) to flat spool files in
+    ``spool`` (one per dataset; frame numbers and JPEG offsets, 16 bytes a frame, stay in memory), and
+    :meth:`finish` writes the part file from them in blocks, through the same writer as
+    :func:`write_video`: the part is byte for byte the one :func:`write_video_file` makes of the whole video
+    in memory, whatever the chunks were. Each byte is written twice (spool, then part); the spool is deleted
+    when the part is written, or by :meth:`discard`.
+    """
+
+    def __init__(self, spool: Path | str, options: StorageOptions = StorageOptions()) -> None:
+        self.spool = Path(spool)
+        self.options = options
+        shutil.rmtree(self.spool, ignore_errors=True)
+        self.spool.mkdir(parents=True)
+        self.indices: list[np.ndarray] = []
+        self.offsets: list[int] = [0]
+        self.frame_shape: tuple[int, ...] | None = None
+        self.flow_shape: tuple[int, ...] | None = None
+        self.rows: dict[str, int] = {}
+        self.row_shapes: dict[str, tuple[tuple[int, ...], Any]] = {}
+        self._files: dict[str, Any] = {}
+
+    def add(self, *, frame_indices: np.ndarray | None = None, frames: Any = None, frame_shape: Sequence[int] = (),
+            flow: np.ndarray | None = None, features: Mapping[str, np.ndarray] | None = None) -> None:
+        """Append the next rows: ``frames`` as :func:`encode_frames` gives them (``frame_shape``: their decoded
+        (n, H, W, 3)), ``flow`` as :func:`encode_flow` gives it, ``features`` as float32 (n, D) per name."""
+        if frame_indices is not None and len(frame_indices):
+            self.indices.append(np.asarray(frame_indices, dtype=np.int64))
+        if frames is not None and len(frames):
+            shape = tuple(int(n) for n in frame_shape)
+            if self.frame_shape is None:
+                self.frame_shape = (0,) + shape[1:]
+            elif shape[1:] != self.frame_shape[1:]:
+                raise StoreError(f"frames of {shape[1:]} after frames of {self.frame_shape[1:]} in one video")
+            self.frame_shape = (self.frame_shape[0] + shape[0],) + shape[1:]
+            if self.options.frame_storage == "jpeg":
+                for row in frames:
+                    self.offsets.append(self.offsets[-1] + len(row))
+                self._append("frames", np.concatenate(frames), ())
+            else:
+                self._append("frames", np.asarray(frames, dtype=np.uint8), shape[1:])
+        if flow is not None:
+            if self.flow_shape is None:
+                self.flow_shape = tuple(flow.shape[1:])
+            self._append("flow", flow, tuple(flow.shape[1:]))
+        for name, values in sorted((features or {}).items()):
+            values = np.asarray(values, dtype=np.float32)
+            self._append(f"features/{name}", values, tuple(values.shape[1:]))
+
+    def _append(self, name: str, rows: np.ndarray, row_shape: tuple[int, ...]) -> None:
+        known = self.row_shapes.setdefault(name, (row_shape, rows.dtype))
+        if known != (row_shape, rows.dtype):
+            raise StoreError(f"{name}: rows of {row_shape} {rows.dtype} after rows of {known[0]} {known[1]}")
+        if name not in self._files:
+            self._files[name] = open(self.spool / (name.replace("/", "-") + ".bin"), "wb")
+        self._files[name].write(_bytes_of(rows))
+        self.rows[name] = self.rows.get(name, 0) + rows.shape[0]
+
+    def _source(self, name: str) -> _Rows:
+        row_shape, dtype = self.row_shapes[name]
+        return _Rows(dtype, (self.rows[name],) + row_shape, spool=self.spool / (name.replace("/", "-") + ".bin"))
+
+    def finish(self, path: Path | str, video_id: str, attrs: Mapping[str, Any], *, has_flow: bool,
+               kind: str = KIND_EXTRACT) -> dict[str, Any]:
+        """Write the part file (atomically) from the spool, delete the spool; return the video's summary.
+        ``has_flow``: store a flow dataset even when it has no pair (a one-frame video)."""
+        import h5py
+
+        for handle in self._files.values():
+            handle.close()
+        self._files = {}
+        indices = np.concatenate(self.indices) if self.indices else np.zeros(0, np.int64)
+        frames = offsets = flow = None
+        if self.frame_shape is not None:
+            frames = self._source("frames")
+            if self.options.frame_storage == "jpeg":
+                offsets = _Rows.of(np.asarray(self.offsets, dtype=np.int64))
+        if has_flow:
+            if "flow" in self.row_shapes:
+                flow = self._source("flow")
+            else:  # fewer than two frames: no pair, an empty dataset of the frames' size
+                dtype = np.uint8 if self.options.flow_storage == "uint8" else np.float16
+                height, width = (self.frame_shape or (0, 0, 0))[1:3]
+                flow = _Rows.of(np.zeros((0, height, width, 2), dtype=dtype))
+        arrays = {name: self._source(name) for name in sorted(self.row_shapes) if name.startswith("features/")}
+        with atomic_path(path) as temporary:
+            with h5py.File(temporary, "w") as handle:
+                summary = _write_group(handle.create_group(VIDEOS), video_id, dict(attrs), _Rows.of(indices), frames,
+                                       offsets, tuple(self.frame_shape or ()), flow, arrays, self.options)
+                _write_root_attrs(handle, kind, {"summary": summary})
+        self.discard()
+        return summary
+
+    def discard(self) -> None:
+        """Drop the spool (a failed or abandoned video)."""
+        for handle in self._files.values():
+            handle.close()
+        self._files = {}
+        shutil.rmtree(self.spool, ignore_errors=True)
 
 
 def _write_root_attrs(handle: Any, kind: str, meta: Mapping[str, Any]) -> None:
