@@ -8,7 +8,8 @@ LSTM) can reach all of it. Both sizes run here (slow):
   model kind, one extraction shared by all): LSTM and two-stream >= 85 %, the flow CNN >= 90 % on the motion
   part of the label, the middle frame <= 50 %; TSN on single RGB frames <= 40 % (three frames, each classified
   alone, cannot order the motion); TSN on RGB differences, TSN flow + RGB fused, C3D and the end-to-end
-  CNN-LSTM >= 90 %; the report shows every model side by side and Grad-CAM examples;
+  CNN-LSTM >= 90 %; the report shows every model side by side and Grad-CAM examples; the trained LSTM
+  classifies held-out clips and finds the class change in a two-class clip (`hpcvid predict --timeline`);
 * ``--size default`` (the demo, 60 + 20 clips per class, the four classic models): LSTM and two-stream >= 95 %,
   and every motion model at least 40 points above the middle frame.
 """
@@ -103,7 +104,7 @@ def test_motion_models_beat_the_middle_frame_by_40_points(demo):
 
 @pytest.mark.slow
 def test_at_ci_size_the_motion_path_works_end_to_end(ci_demo):
-    """Issue 5's bar on the CI-sized set: the motion models see motion, the middle frame cannot."""
+    """The bar on the CI-sized set: the motion models see motion, the middle frame cannot."""
     root, code = ci_demo
     assert code == 0
     summary = json.loads((root / "results" / "summary.json").read_text())
@@ -158,3 +159,34 @@ def test_the_models_that_see_motion_reach_90_percent(ci_demo, run):
     numbers, summary = _default_numbers(root, run)
     shown = {r: round(e["strategies"][e["default_strategy"]]["top1"], 3) for r, e in summary["runs"].items()}
     assert numbers["top1"] >= 0.90, shown
+
+
+# ------------------------------------------------------------------------------ the trained LSTM on new clips
+def _rows(path):
+    import csv
+
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.slow
+def test_the_demo_ends_by_classifying_clips_no_split_holds_with_a_timeline(ci_demo):
+    root, code = ci_demo
+    assert code == 0
+    held = json.loads((root / "work" / "held_out" / "held_out.json").read_text())
+    rows = _rows(root / "results" / "predict" / "predictions.csv")
+    assert len(rows) == len(held["files"]) == 7 and not any(row["error"] for row in rows)
+    singles = [row for row in rows if "sequence" not in row["video"]]
+    right = sum(row["class_1"] == row["true_class"] for row in singles)
+    assert right >= 5, [(row["true_class"], row["class_1"]) for row in singles]
+    # the long clip of two classes: its timeline starts with the first and ends with the second, and switches
+    # within one window of the frame where the clips change
+    name, truth = next((n, f) for n, f in held["files"].items() if "segments" in f)
+    first, second = (segment["class"] for segment in truth["segments"])
+    change_s = truth["segments"][1]["start_frame"] / held["fps"]
+    timeline = _rows(next((root / "results" / "predict").glob(f"predictions_timeline/*{name[:-4]}*.csv")))
+    assert timeline[0]["top_class"] == first and timeline[-1]["top_class"] == second, timeline
+    switch = next(row for row in timeline if row["top_class"] == second)
+    window_s = float(timeline[0]["end_s"]) - float(timeline[0]["start_s"])
+    assert abs(float(switch["start_s"]) - change_s) <= window_s, (switch, change_s)
+    assert list((root / "results" / "predict" / "predictions_timeline").glob("*.png"))

@@ -1,4 +1,4 @@
-"""``hpcvid bench``: the speed targets of DESIGN section 7, each a ratio measured side by side in one run.
+"""``hpcvid bench``: the project's speed and memory targets, each a ratio measured side by side in one run.
 
 Why ratios: the machines are shared and noisy, so absolute frames/s say little; the pipeline and its
 reference are timed alternately in every repeat (same clip, same frames, same process) and the report
@@ -602,7 +602,7 @@ def noop() -> int:
 
 def local_startup_seconds(folder: Path) -> float:
     """Wall time of one no-op job through submitit's local executor (submit -> result), polled the way
-    ``run_shards_locally`` polls: the scheduler start-up that DESIGN 7 allows on top of the work."""
+    ``run_shards_locally`` polls: the scheduler start-up the scaling target allows on top of the work."""
     import submitit
 
     executor = submitit.LocalExecutor(folder=folder / "%j")
@@ -648,7 +648,7 @@ def bench_scaling(scratch: Path, quick: bool, repeats: int) -> dict[str, Any]:
 
     Both go through ``run_shards_locally`` (a fresh process per shard, 1 CPU thread each), so both walls
     contain one scheduler start-up; the verdict takes it out of both: (S-worker - start-up) / ((single -
-    start-up) / S) <= 1.15, which is DESIGN 7's "<= 1.15 x (single / S) plus scheduler start-up".
+    start-up) / S) <= 1.15, which is the target "<= 1.15 x (single / S) plus scheduler start-up".
     """
     from hpcvid.config import SynthConfig
     from hpcvid.launch.executors import usable_cores
@@ -1111,7 +1111,7 @@ def run_bench(out: Path, *, parts: list[str], quick: bool, repeats: int, scratch
     from hpcvid.fileio import atomic_write_json, atomic_write_text
     from hpcvid.version import code_version
 
-    cv2.setNumThreads(1)  # one decoder / flow per core; parallelism comes from processes (DESIGN 8)
+    cv2.setNumThreads(1)  # one decoder / flow per core; parallelism comes from processes
     result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "commit": code_version(),
                               "quick": quick, "repeats": repeats, "machine": machine(), "parts": {}}
     out.mkdir(parents=True, exist_ok=True)  # now, not after the minutes of measuring: a bad --out stops here

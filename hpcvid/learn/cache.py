@@ -103,17 +103,21 @@ class RowCache:
 
 
 # ------------------------------------------------------------------------------ sources that read through it
-class CachedVideoSource:
-    """A :class:`hpcvid.learn.datasets.VideoSource` whose frames and flow pairs come from a :class:`RowCache`
-    once read (keys ``("frames", id)`` and ``("flow", id)``); everything else is the wrapped source's."""
+class _ThroughCache:
+    """A source read through a cache: what the subclass does not define is the wrapped source's."""
 
     def __init__(self, source: Any, cache: RowCache) -> None:
         self.source, self.cache = source, cache
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("source", "cache"):
+        if name in ("source", "cache"):  # not set yet (unpickling): never recurse
             raise AttributeError(name)
         return getattr(self.source, name)
+
+
+class CachedVideoSource(_ThroughCache):
+    """A :class:`hpcvid.learn.datasets.VideoSource` whose frames and flow pairs come from a :class:`RowCache`
+    once read (keys ``("frames", id)`` and ``("flow", id)``); everything else is the wrapped source's."""
 
     def frames(self, video_id: str, indices: Sequence[int]) -> np.ndarray:
         return self.frames_batch([(video_id, indices)])[0]
@@ -151,17 +155,9 @@ class CachedVideoSource:
         return out
 
 
-class CachedFeatureSource:
+class CachedFeatureSource(_ThroughCache):
     """A :class:`hpcvid.learn.datasets.FeatureSource` whose feature rows come from a :class:`RowCache` once
     read (keys ``("features", index)``); mean, std and everything else are the wrapped source's."""
-
-    def __init__(self, source: Any, cache: RowCache) -> None:
-        self.source, self.cache = source, cache
-
-    def __getattr__(self, name: str) -> Any:
-        if name in ("source", "cache"):
-            raise AttributeError(name)
-        return getattr(self.source, name)
 
     @property
     def mean(self) -> Any:

@@ -4,8 +4,8 @@ Input preparation (evaluation must call the same functions, so it sees exactly w
 
 * :func:`prepare_frames` - uint8 ``(n, H, W, 3)`` -> float ``(n, 3, H, W)``, ImageNet mean/std.
 * :func:`prepare_flow`   - float ``(L, H, W, 2)`` -> ``(2L, H, W)``; camera motion removed first by
-  subtracting each pair's median (or mean) displacement (DESIGN 8: raw flow with jitter got 19 %, compensated
-  flow 97-99 %).
+  subtracting each pair's median (or mean) displacement (on the synthetic set with camera jitter, raw flow
+  got 19 % and compensated flow 97-99 %).
 * :func:`prepare_features` - ``(T, D)`` -> ``(T, 2D)``: standardised with the train mean/std of
   :mod:`hpcvid.learn.statistics` (std floored scale-relatively: untrained GoogLeNet features are ~1e-12),
   then centred in time with the clip's mean appended (centring took the LSTM from 50-73 % to 93-99 %).
@@ -591,7 +591,7 @@ class _VideoDataset(_EpochDataset):
 class FrameDataset(_VideoDataset):
     """One frame per video: a random frame in training (augmented), the middle frame in validation.
 
-    The middle frame, not the first: a growing object's first frame leaks its size (DESIGN 8).
+    The middle frame, not the first: a growing object's first frame leaks its size (measured on the synthetic set).
     """
 
     parts = ("frames",)
