@@ -107,3 +107,30 @@ def test_stall_part_trains_every_model_and_times_the_bare_loop(tmp_path, monkeyp
     assert rows[-1]["workers"] == 0 and not rows[-1]["cached"] and rows[-1]["prepared"] == "in this process"
     title, columns, cells = bench.TABLES["stall"]
     assert all(len(cells(r)) == len(columns) for r in rows)
+
+
+@pytest.mark.slow
+def test_memory_and_parallel_parts_extract_for_real_into_folders_that_did_not_exist(tmp_path, monkeypatch) -> None:
+    from hpcvid.cli import bench
+
+    monkeypatch.setitem(bench.MEMORY_FRAMES, True, (20, 40, 60))      # structure, not the 30,000-frame clip
+    monkeypatch.setitem(bench.PARALLEL_CLIPS, True, (2, 12))
+    monkeypatch.setitem(bench.MEMORY_SETTINGS, "size", 64)
+    monkeypatch.setitem(bench.PARALLEL_SETTINGS, "size", 64)
+    out, scratch = tmp_path / "new" / "bench", tmp_path / "new" / "scratch"   # neither exists yet
+    code = main(["bench", "--quick", "--repeats", "1", "--only", "memory,parallel", "--out", str(out),
+                 "--scratch", str(scratch)])
+    assert code == 0
+    result = json.loads((out / "bench.json").read_text())
+    memory = result["parts"]["memory"]
+    assert [row["frames"] for row in memory["rows"]] == [20, 40, 60]
+    assert [row["kept"] for row in memory["rows"]] == [20, 40, 60]             # every frame extracted
+    assert all(row["peak_rss_mb"] > 50 for row in memory["rows"])               # the child's own peak, read
+    assert memory["ratio"] == pytest.approx(memory["rows"][-1]["peak_rss_mb"] / memory["rows"][0]["peak_rss_mb"],
+                                            abs=1e-3)
+    parallel = result["parts"]["parallel"]["rows"][0]
+    assert parallel["identical_contents"] is True and parallel["frames"] == 24   # 1 core and 2 cores stored the same
+    assert set(parallel["rates"]) == {"1 core", "2 cores, 1 worker", "2 cores, threads only"}
+    text = (out / "bench.md").read_text()
+    assert "## Memory" in text and "## Parallel" in text
+    assert scratch.is_dir() and not list(scratch.iterdir())                     # created, and left clean
