@@ -292,11 +292,20 @@ def make_loader(batches: Batches, plan: Plan, *, workers: int, prefetch: int, pi
 
 
 def close_loader(loader: Any) -> None:
-    """Stop the workers of a DataLoader now (kept workers otherwise live until it is garbage-collected)."""
+    """Stop the workers of a DataLoader now (kept workers otherwise live until it is garbage-collected).
+
+    A worker already gone is not an error here: SLURM signals every process of a job step at its walltime
+    or on a cancel, so the workers may have died of the same signal that is ending training, and torch's
+    complaint about them would replace the exit that requeues the job.
+    """
     iterator = getattr(loader, "_iterator", None)
     shutdown = getattr(iterator, "_shutdown_workers", None)
     if shutdown is not None:
-        shutdown()
+        try:
+            shutdown()
+        except RuntimeError as error:       # "DataLoader worker (pid N) is killed by signal: ..."
+            if "DataLoader worker" not in str(error):
+                raise
     if loader is not None:
         loader._iterator = None
 
