@@ -196,6 +196,9 @@ def test_dependency_chain_runs_in_order_and_a_failure_is_named_then_picked_up(
     wait_until(lambda: job_states([merge_bad]).get(merge_bad) is not None
                and job_states([merge_bad])[merge_bad].reason == "DependencyNeverSatisfied", 120,
                "the merge to wait on a failed dependency")
+    # slurmdbd records a finished job a moment after squeue forgets it; until then status says UNKNOWN
+    wait_until(lambda: getattr(job_states([failed_toy]).get(failed_toy), "state", None) == "FAILED", 60,
+               "SLURM's accounting to record the failed task")
     table = _status(bad)
     assert "FAILED" in next(line for line in table.splitlines() if line.startswith("toy "))
     row = next(line for line in table.splitlines() if line.startswith("toymerge"))
