@@ -912,9 +912,11 @@ def gpu_busy_share(clips: list[tuple[Path, int]], scratch: Path) -> dict[str, An
 # ------------------------------------------------------------------------------------------ stall
 STALL_TRAIN = {"train.backbone": "small", "train.batch_size": 16, "train.lr": 0.002, "train.chunk": 8,
                "train.layers": 1, "train.hidden": 128, "train.flow_stack": 10, "train.flip": False,
-               "train.val_fraction": 0.15}
-"""The demo's training settings (hpcvid.cli.demo): the small CNN on 64 px frames is the cheapest step there
-is to feed, so the hardest case for the input pipeline."""
+               "train.val_fraction": 0.15, "train.tsn_segments": 3, "train.tsn_stack": 5,
+               "train.c3d_width": 8, "train.c3d_fc": 128}
+"""The demo's training settings (hpcvid.cli.demo), C3D narrowed as there: the small CNN on 64 px frames is the
+cheapest step there is to feed, so the hardest case for the input pipeline. (C3D at its paper's width trains
+at about 2 samples/s on this 2-core machine: its step, not its input, is then the whole epoch.)"""
 STALL_RATIO_TARGET = 0.9
 """The trainer's samples/s over the bare loop's: what reading and preparing inputs may cost in all."""
 STALL_VARIANTS = {"workers=0, no cache": {"train.workers": 0, "train.cache_gb": 0.0},
