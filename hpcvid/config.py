@@ -138,8 +138,10 @@ class ExtractConfig:
     flow_bound: float = option(20.0, check=POSITIVE, help="pixels; flow is clipped to +-bound when quantised")
     flow_compression: str = option("lzf", choices=("none", "lzf", "gzip"),
                                    help="HDF5 filter on stored flow (6-13x smaller): lzf fastest, gzip (level 1) smallest")
-    chunk_frames: int = option(128, check=POSITIVE,
-                               help="kept frames decoded, flowed and featured at a time: bounds memory, not the output")
+    chunk_frames: int = option(32, check=POSITIVE,
+                               help="kept frames decoded, flowed and featured at a time: bounds memory, not the "
+                                    "output; small enough that a worker's next chunk is ready while the CNN "
+                                    "takes the last")
     workers: int = option(-1, check=Check(lambda v: v >= -1, "-1 (the task's cores - 1), 0 or more"),
                           help="decode-and-flow processes feeding the CNN's; -1 = the task's cores - 1, 0 = none")
     max_attempts: int = option(3, check=POSITIVE,

@@ -688,76 +688,98 @@ class _VideoRunner:
     # ------------------------------------------------------------------ worker processes
     def _run_parallel(self, pool: "_Workers", videos: Sequence[VideoEntry], todo: list[int], parts: Path,
                       record: Any) -> None:
-        """Hand the videos to the workers, one at a time each, and assemble what they send back.
+        """Hand the videos to the workers and assemble what they send back.
 
-        A worker that dies (a segfault in a native library, the OOM killer) leaves its video's attempts marker
-        behind, exactly as the whole process dying would; its video goes back to the front of the queue on a
-        new worker, and after ``extract.max_attempts`` starts it is listed as failed.
+        Each worker holds up to WORKER_QUEUE videos: it starts the next as soon as it has sent the last chunk of
+        one, while this process is still busy with that chunk. A video's attempt is counted when its worker
+        starts it (the head of its queue). A worker that dies (a segfault in a native library, the OOM killer)
+        leaves that video's attempts marker behind, exactly as the whole process dying would; its videos go back
+        to the front of the line, on a new worker, and after ``extract.max_attempts`` starts it is listed as failed.
         """
         pending = list(todo)
-        busy: dict[int, tuple[int, _Assembly]] = {}
+        queues: dict[int, list[tuple[int, _Assembly]]] = {slot: [] for slot in range(pool.size)}
         try:
-            self._dispatch(pool, videos, pending, busy, parts, record)
+            while pending or any(queues.values()):
+                self._fill(pool, videos, pending, queues, parts, record)
+                busy = {slot for slot, queue in queues.items() if queue}
+                for slot, message in pool.receive(busy) if busy else ():
+                    self._take(pool, slot, message, videos, pending, queues, parts, record)
         except ResourceError:
-            for position, assembly in busy.values():  # the machine's fault: not a start that counts
-                assembly.discard()
-                self._forget_attempts(parts, part_key(videos[position]))
+            for queue in queues.values():  # the machine's fault: not a start that counts
+                for position, assembly in queue:
+                    assembly.discard()
+                    self._forget_attempts(parts, part_key(videos[position]))
             raise
 
-    def _dispatch(self, pool: "_Workers", videos: Sequence[VideoEntry], pending: list[int],
-                  busy: dict[int, tuple[int, "_Assembly"]], parts: Path, record: Any) -> None:
-        while pending or busy:
-            for slot in pool.idle(busy):
-                if not pending:
-                    break
+    def _fill(self, pool: "_Workers", videos: Sequence[VideoEntry], pending: list[int],
+              queues: dict[int, list[tuple[int, "_Assembly"]]], parts: Path, record: Any) -> None:
+        """Give every worker videos until its queue is full (a video over its attempts fails here)."""
+        for slot, queue in queues.items():
+            while pending and len(queue) < WORKER_QUEUE:
                 position = pending.pop(0)
                 entry = videos[position]
-                key = part_key(entry)
-                attempts = _count_attempt(parts / f"{key}.attempts.json")
                 path = video_path(self.roots, entry)
                 try:
-                    if attempts > self.cfg.max_attempts:
-                        raise _too_many_deaths(attempts)
+                    deaths = _attempts_so_far(parts / f"{part_key(entry)}.attempts.json")
+                    if deaths >= self.cfg.max_attempts:
+                        raise _too_many_deaths(deaths + 1)
                     assembly = _Assembly(self, entry, path, parts)
                 except ResourceError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - this video fails, the shard goes on
-                    self._forget_attempts(parts, key)
+                    self._forget_attempts(parts, part_key(entry))
                     record(position, self._failed(entry, path, parts, exc))
                     continue
-                pool.send(slot, (entry, path, self.extractor is not None))
-                busy[slot] = (position, assembly)
-            if not busy:
-                continue
-            for slot, message in pool.receive(busy):
-                position, assembly = busy[slot]
-                entry = videos[position]
-                if message is None:  # the worker died on this video
-                    log.warning("the worker extracting %s died (exit code %s): trying it again",
-                                entry.id, pool.exit_code(slot))
+                if not pool.send(slot, (entry, path, self.extractor is not None), idle=not queue):
                     assembly.discard()
-                    del busy[slot]
-                    pool.restart(slot)
-                    pending.insert(0, position)
-                    continue
-                try:
-                    if isinstance(message, _Failed):
-                        raise message.error
-                    summary = assembly.take(message)
-                except ResourceError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - this video fails, the shard goes on
-                    assembly.discard()
-                    del busy[slot]
-                    if not isinstance(message, _Failed):
-                        pool.restart(slot)  # it may still be sending this video's chunks
-                    self._forget_attempts(parts, part_key(entry))
-                    record(position, self._failed(entry, assembly.path, parts, exc))
-                    continue
-                if summary is not None:
-                    del busy[slot]
-                    self._forget_attempts(parts, part_key(entry))
-                    record(position, self._done(summary))
+                    pending.insert(0, position)     # the worker died on its current video: taken up below
+                    break
+                if not queue:
+                    _count_attempt(parts / f"{part_key(entry)}.attempts.json")
+                queue.append((position, assembly))
+
+    def _take(self, pool: "_Workers", slot: int, message: Any, videos: Sequence[VideoEntry], pending: list[int],
+              queues: dict[int, list[tuple[int, "_Assembly"]]], parts: Path, record: Any) -> None:
+        """One message of a worker, for the video at the head of its queue (None: the worker died)."""
+        queue = queues[slot]
+        position, assembly = queue[0]
+        entry = videos[position]
+        if message is None:
+            log.warning("the worker extracting %s died (exit code %s): trying it again", entry.id,
+                        pool.exit_code(slot))
+            self._requeue(pool, slot, queue, pending)
+            return
+        try:
+            if isinstance(message, _Failed):
+                raise message.error
+            summary = assembly.take(message)
+        except ResourceError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - this video fails, the shard goes on
+            queue.pop(0)
+            assembly.discard()
+            self._forget_attempts(parts, part_key(entry))
+            if not isinstance(message, _Failed):  # the worker may still be sending this video: replace it
+                self._requeue(pool, slot, queue, pending)
+            elif queue:
+                _count_attempt(parts / f"{part_key(videos[queue[0][0]])}.attempts.json")
+            record(position, self._failed(entry, assembly.path, parts, exc))
+            return
+        if summary is not None:
+            queue.pop(0)
+            self._forget_attempts(parts, part_key(entry))
+            if queue:  # the worker has started its next video
+                _count_attempt(parts / f"{part_key(videos[queue[0][0]])}.attempts.json")
+            record(position, self._done(summary))
+
+    @staticmethod
+    def _requeue(pool: "_Workers", slot: int, queue: list[tuple[int, "_Assembly"]], pending: list[int]) -> None:
+        """Replace the worker of ``slot``; its videos go back to the front of the line, in order."""
+        for _, assembly in queue:
+            assembly.discard()
+        pending[:0] = [position for position, _ in queue]
+        queue.clear()
+        pool.restart(slot)
 
     @staticmethod
     def _forget_attempts(parts: Path, key: str) -> None:
@@ -894,6 +916,9 @@ def _portable(error: BaseException) -> BaseException:
         return RuntimeError(one_line_reason(error))
 
 
+WORKER_QUEUE = 2
+"""Videos a worker holds: the one it works on and the next, so that it never waits for this process."""
+
 _READY = "ready"
 """A worker's first message: it started (a worker that dies before it cannot start at all)."""
 
@@ -930,20 +955,28 @@ class _Workers:
         child.close()
         return process, parent
 
-    def idle(self, busy: dict[int, Any]) -> list[int]:
-        return [slot for slot in range(len(self.slots)) if slot not in busy]
+    @property
+    def size(self) -> int:
+        return len(self.slots)
 
-    def send(self, slot: int, task: Any) -> None:
-        """Give an idle worker its next video (a worker that died while idle is replaced first)."""
+    def send(self, slot: int, task: Any, *, idle: bool) -> bool:
+        """Give a worker one more video. An idle worker that died is replaced first. A busy one that died is
+        left as it is (False): its death belongs to the video it was working on, which :meth:`receive`
+        reports, and a replacement here would start on this video while that one is still awaited."""
         if not self.slots[slot][0].is_alive():
+            if not idle:
+                return False
             self.restart(slot)
         try:
             self.slots[slot][1].send(task)
         except OSError:
+            if not idle:
+                return False
             self.restart(slot)
             self.slots[slot][1].send(task)
+        return True
 
-    def receive(self, busy: dict[int, Any]) -> list[tuple[int, Any]]:
+    def receive(self, busy: set[int]) -> list[tuple[int, Any]]:
         """Wait until a busy worker sends something or dies: [(slot, message, or None for a death)]."""
         from multiprocessing.connection import wait
 
@@ -1026,11 +1059,16 @@ def feature_extractor(backbone: str, weights: str, device: str, batch_size: int)
     return _EXTRACTORS[key]
 
 
+def _attempts_so_far(marker: Path) -> int:
+    """How many starts on a video its attempts marker counts (0 without a marker)."""
+    return read_json(marker)["attempts"] if marker.is_file() else 0
+
+
 def _count_attempt(marker: Path) -> int:
     """Count one more start on a video. The marker outlives the process only when it dies on that video
     (SIGKILL, walltime, a segfault in a native library, the OOM killer), so the count says how often that
     happened; a video that keeps killing its process is eventually listed as failed instead of looping."""
-    attempts = (read_json(marker)["attempts"] if marker.is_file() else 0) + 1
+    attempts = _attempts_so_far(marker) + 1
     atomic_write_json(marker, {"attempts": attempts})
     return attempts
 
