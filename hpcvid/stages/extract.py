@@ -761,15 +761,14 @@ class _VideoRunner:
             self._forget_attempts(parts, part_key(entry))
             if not isinstance(message, _Failed):  # the worker may still be sending this video: replace it
                 self._requeue(pool, slot, queue, pending)
-            elif queue:
-                _count_attempt(parts / f"{part_key(videos[queue[0][0]])}.attempts.json")
+            else:
+                _count_next_start(parts, videos, queue)
             record(position, self._failed(entry, assembly.path, parts, exc))
             return
         if summary is not None:
             queue.pop(0)
             self._forget_attempts(parts, part_key(entry))
-            if queue:  # the worker has started its next video
-                _count_attempt(parts / f"{part_key(videos[queue[0][0]])}.attempts.json")
+            _count_next_start(parts, videos, queue)
             record(position, self._done(summary))
 
     @staticmethod
@@ -1062,6 +1061,12 @@ def feature_extractor(backbone: str, weights: str, device: str, batch_size: int)
 def _attempts_so_far(marker: Path) -> int:
     """How many starts on a video its attempts marker counts (0 without a marker)."""
     return read_json(marker)["attempts"] if marker.is_file() else 0
+
+
+def _count_next_start(parts: Path, videos: Sequence[VideoEntry], queue: list[tuple[int, Any]]) -> None:
+    """A worker that ended one video has started the next it held (the head of its queue, if any)."""
+    if queue:
+        _count_attempt(parts / f"{part_key(videos[queue[0][0]])}.attempts.json")
 
 
 def _count_attempt(marker: Path) -> int:
