@@ -102,7 +102,10 @@ def test_stall_part_trains_every_model_and_times_the_bare_loop(tmp_path, monkeyp
     for row in rows:
         assert row["epochs"] == 2 and len(row["per_epoch"]["bare_per_s"]) == 2
         assert row["samples_per_s"] > 0 and row["bare_per_s"] > 0 and row["ratio"] > 0 and row["input_ms"] > 0
-        assert 0 <= row["median_stall"] <= 1 and row["verdict"] in ("pass", "FAIL")
+        assert 0 <= row["median_stall"] <= 1 and row["verdict"] in ("pass", "machine", "FAIL")
+        # beside the input work whenever workers do it; with none, the training process does it itself
+        assert len(row["per_epoch"]["bare_beside_input_per_s"]) == (2 if row["workers"] else 0)
+        assert (row["bare_beside_input_per_s"] is None) == (row["workers"] == 0)
     assert all(r["workers"] >= 1 for r in rows[:-1])                         # the default: workers
     # the cache serves the kinds whose datasets read in batches (the segment, clip and sequence datasets of
     # TSN, C3D and the CNN-LSTM are read item by item)
@@ -137,3 +140,35 @@ def test_memory_and_parallel_parts_extract_for_real_into_folders_that_did_not_ex
     text = (out / "bench.md").read_text()
     assert "## Memory" in text and "## Parallel" in text
     assert scratch.is_dir() and not list(scratch.iterdir())                     # created, and left clean
+
+
+def _stall_run(trainer: list[float], bare: list[float], beside: list[float], stall: float = 0.03) -> dict:
+    return {"inputs": {"workers": 1, "threads": 1, "cached": False, "gb": 0.0, "prepared": "in the DataLoader workers"},
+            "device": "cpu", "train_samples": 480, "stall": [0.3] + [stall] * (len(trainer) - 1),
+            "samples_per_s": trainer, "bare_per_s": bare, "bare_beside_input_per_s": beside,
+            "input_ms_per_batch": [10.0] * len(trainer)}
+
+
+def test_stall_rates_weigh_each_epoch_by_its_seconds_and_the_verdict_names_the_machine() -> None:
+    """Rates over the steady epochs are samples over seconds (one slow epoch weighs what it lasted, the cold
+    first epoch not at all); a trainer within 0.9 of the bare loop beside the input work but not of the bare
+    loop alone is the machine's share, a long stall is a failure whatever the rates."""
+    from types import SimpleNamespace
+
+    from hpcvid.cli import bench
+
+    config = SimpleNamespace(train=SimpleNamespace(backbone="small", batch_size=16))
+    row = bench.stall_row("flow", config, _stall_run([10.0, 300.0, 100.0], [1.0, 300.0, 300.0], [1.0, 200.0, 200.0]))
+    assert row["samples_per_s"] == 150.0 and row["bare_per_s"] == 300.0       # 2 x 480 / (1.6 + 4.8) s
+    assert row["ratio"] == 0.5 and row["machine_share"] == 0.333 and row["beside_ratio"] == 0.75
+    assert row["verdict"] == "FAIL" and row["bare_spread"] == 1.0
+
+    machine = bench.stall_row("flow", config, _stall_run([1.0, 200.0, 200.0], [1.0, 300.0, 300.0], [1.0, 210.0, 210.0]))
+    assert machine["ratio"] < 0.9 <= machine["beside_ratio"] and machine["verdict"] == "machine"
+    passing = bench.stall_row("flow", config, _stall_run([1.0, 290.0, 290.0], [1.0, 300.0, 300.0], [1.0, 290.0, 290.0]))
+    assert passing["verdict"] == "pass"
+    stalled = bench.stall_row("flow", config, _stall_run([1.0, 290.0, 290.0], [1.0, 300.0, 300.0], [1.0, 290.0, 290.0],
+                                                         stall=0.08))
+    assert stalled["verdict"] == "FAIL"
+    title, columns, cells = bench.TABLES["stall"]
+    assert len(cells(machine)) == len(columns) and "33%" in " ".join(cells(row))
