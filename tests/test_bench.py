@@ -54,7 +54,7 @@ def test_scaling_part_runs_both_ways_and_keeps_the_other_parts(tmp_path, monkeyp
     assert set(measured) == {"startup", "single", "parallel", "single_latency", "parallel_latency",
                              "single_busy", "parallel_busy"}
     assert all(len(v["samples"]) == 1 and v["median"] == v["samples"][0] for v in measured.values())  # one repeat
-    assert row["verdict"] in ("pass", "FAIL") and row["ratio"] > 0 and row["ratio_raw"] > 0
+    assert row["verdict"] in ("pass", "machine", "FAIL") and row["ratio"] > 0 and row["ratio_raw"] > 0
     assert "## Scaling" in (out / "bench.md").read_text()
     assert "scaling" not in result["not_measured"]
 
@@ -172,3 +172,16 @@ def test_stall_rates_weigh_each_epoch_by_its_seconds_and_the_verdict_names_the_m
     assert stalled["verdict"] == "FAIL"
     title, columns, cells = bench.TABLES["stall"]
     assert len(cells(machine)) == len(columns) and "33%" in " ".join(cells(row))
+
+
+def test_a_machine_verdict_needs_the_measurement_that_takes_the_machine_out() -> None:
+    """Decode: a wall ratio that fails with a CPU-time ratio that passes is the machine, both failing is the
+    code. Scaling: the per-video work within the target once the slowdown of S videos at once is taken out."""
+    from hpcvid.cli import bench
+
+    assert bench.machine_verdict(0.95, 0.5, 0.9) == "pass"
+    assert bench.machine_verdict(0.75, 1.2, 0.9) == "machine"
+    assert bench.machine_verdict(0.75, 0.85, 0.9) == "FAIL"
+    assert bench.scaling_verdict(1.10, 1.10, 1.3) == "pass"
+    assert bench.scaling_verdict(1.77, 1.18, 1.16) == "machine"     # 1.18 / 1.16 = 1.02
+    assert bench.scaling_verdict(1.77, 1.40, 1.16) == "FAIL"        # 1.21: more than the machine explains

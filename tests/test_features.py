@@ -108,3 +108,21 @@ def test_calibration_refuses_float16_for_vanishing_features(frames, monkeypatch)
     resnet = FeatureExtractor("resnet18", device="cpu")
     resnet.extract(frames[:4])
     assert resnet.precision == "fp16"
+
+
+@pytest.mark.parametrize("name", ["resnet18", "googlenet", "mobilenet_v3_small"])
+def test_a_trunk_built_by_name_has_its_batchnorm_folded_and_gives_the_same_features(frames, name) -> None:
+    """Folding is the same function up to float rounding (scale-free: untrained GoogLeNet's features are
+    ~1e-12); a module the caller gives is never changed or replaced."""
+    torch.manual_seed(0)
+    folded = FeatureExtractor(name, batch_size=4, device="cpu", precision="fp32")
+    torch.manual_seed(0)
+    trunk = build_backbone(name).trunk
+    given = FeatureExtractor(trunk, batch_size=4, device="cpu", precision="fp32")
+    assert given.trunk is trunk and given.describe()["batchnorm"] == "as built"
+    assert any("BatchNorm" in type(m).__name__ for m in trunk.modules())
+    assert not any("BatchNorm" in type(m).__name__ for m in folded.trunk.modules())
+    assert folded.describe()["batchnorm"].endswith("folded into their convolutions")
+    a, b = folded.extract(frames), given.extract(frames)
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+    assert folded.random_init and folded.name == name

@@ -137,14 +137,14 @@ def test_shards_are_byte_identical_for_any_chunk_size_and_with_workers(work, one
             np.testing.assert_array_equal(a.flow(video_id), b.flow(video_id))
 
 
-def _dying_worker(conn, cfg) -> None:
+def _dying_worker(conn, cfg, *shared) -> None:
     """A worker that dies in the middle of the victim video (a segfault, or SIGKILL as the OOM killer sends),
     or meets a MemoryError there; the real worker otherwise."""
     victim, how = os.environ[VICTIM], os.environ[HOW]
     real = extract.produce
 
-    def produce(cfg, entry, path, want_frames):
-        for number, message in enumerate(real(cfg, entry, path, want_frames)):
+    def produce(cfg, entry, path, want_frames, *helper):
+        for number, message in enumerate(real(cfg, entry, path, want_frames, *helper)):
             if entry.id == victim and number == 1:
                 if how == "segfault":
                     import ctypes
@@ -156,10 +156,37 @@ def _dying_worker(conn, cfg) -> None:
             yield message
 
     extract.produce = produce  # this worker's own copy of the module
-    extract._worker_main(conn, cfg)
+    extract._worker_main(conn, cfg, *shared)
 
 
-def _quitting_worker(conn, cfg) -> None:
+def _helping_worker(conn, cfg, *shared) -> None:
+    """A worker that computes the features of every chunk it may (whole CNN batches), however fast the CNN's
+    process is: what a worker beside a slow CPU CNN does for some of them."""
+    extract._HELP_BEHIND = 0
+    extract._worker_main(conn, cfg, *shared)
+
+
+@pytest.mark.slow
+def test_features_a_worker_computes_are_the_bytes_the_cnn_process_would_store(work, monkeypatch, one_torch_thread):
+    """12-frame clips in chunks of 4: with CNN batches of 4 every chunk is whole batches and the worker
+    computes their features; with batches of 3 no chunk is (a batch would be split between the processes)
+    and the CNN's process computes them all. The stored bytes equal the serial run's either way."""
+    common = {"backbone": "resnet18", "device": "cpu", "flow_compression": "gzip", "chunk_frames": 4}
+    monkeypatch.setattr(extract, "_WORKER_TARGET", _helping_worker)
+    for batch_size, helped in ((4, True), (3, False)):
+        serial = work(f"serial{batch_size}", workers=0, batch_size=batch_size, **common)
+        parallel = work(f"parallel{batch_size}", workers=1, batch_size=batch_size, **common)
+        serial_record = extract.run_shard(serial, ShardSpec(0, 1))
+        record = extract.run_shard(parallel, ShardSpec(0, 1))
+        assert record["n_videos"] == 6 and not record["failed"]
+        # the first video's first chunk decides the CNN's precision in this process; after that the worker
+        # computes every whole-batch chunk
+        assert (record["timings"]["chunks_featured_by_workers"] > 0) == helped
+        assert serial_record["timings"]["chunks_featured_by_workers"] == 0
+        assert _shard_bytes(parallel) == _shard_bytes(serial), batch_size
+
+
+def _quitting_worker(conn, cfg, *shared) -> None:
     """A worker that cannot start (it leaves before it says it is ready)."""
     os._exit(3)
 

@@ -5,6 +5,11 @@ already-built trunk module (the trainer recomputes features with its fine-tuned 
 from stored frames, without decoding videos again). It runs in ``torch.inference_mode``, with the model
 and input in ``channels_last`` (1.8x on the test machine's CPU), in batches of ``batch_size``.
 
+A trunk it builds from a name is only ever used for inference, so each batch normalisation that follows a
+convolution is folded into that convolution's weights and bias (:func:`fold_batchnorm`): the same function
+up to float rounding, one pass over every activation less (ResNet-18 at 224 px, bf16, one CPU thread:
+13.0 -> 10.4 ms a frame here). A module given by the caller is used as it is: it may be a model in training.
+
 Precision (``precision="auto"``): bf16 autocast where the hardware has it (AVX512-BF16/AMX CPUs, CUDA
 GPUs with bf16), float16 autocast (classic AMP) on CUDA GPUs without bf16, else float32. float16 is
 dangerous here: untrained GoogLeNet's features are ~1e-12 and underflow to exactly 0 (smallest float16
@@ -60,6 +65,9 @@ class FeatureExtractor:
             self.random_init = bool(getattr(trunk, "random_init", False))
             self.weights_source = str(getattr(trunk, "weights_source", "a module given by the caller"))
             self.feature_dim = None
+        self.batchnorm = "as built"
+        if isinstance(backbone, str):
+            trunk, self.batchnorm = fold_batchnorm(trunk)
         # a given module is moved to the device and channels_last in place (no copy of its weights)
         self.trunk = trunk.to(self.device).to(memory_format=torch.channels_last)
         self.head = head.to(self.device) if head is not None else None
@@ -86,6 +94,13 @@ class FeatureExtractor:
         else:
             out = self.trunk(batch)
         return out.float()
+
+    def use_precision(self, precision: str, reason: str) -> None:
+        """Run in ``precision`` from now on, decided elsewhere (another process's extractor of the same network
+        decided it on its first batch)."""
+        if precision not in _AUTOCAST_DTYPES and precision != "fp32":
+            raise ValueError(f"precision must be one of {PRECISIONS[1:]}, got {precision!r}")
+        self.precision, self.precision_reason = precision, reason
 
     def _decide_precision(self, batch) -> None:
         import torch
@@ -165,6 +180,27 @@ class FeatureExtractor:
             "backbone": self.name, "feature_dim": self.feature_dim, "weights": self.weights_source,
             "random_init": self.random_init, "device": str(self.device), "batch_size": self.batch_size,
             "precision": self.precision or f"undecided ({self.requested_precision})",
-            "precision_reason": self.precision_reason, "memory_format": "channels_last",
+            "precision_reason": self.precision_reason, "memory_format": "channels_last", "batchnorm": self.batchnorm,
             "has_head": self.head is not None, "dtype_out": "float32",
         }
+
+
+def fold_batchnorm(trunk: Any) -> tuple[Any, str]:
+    """An inference copy of ``trunk`` with every batch normalisation that directly follows a convolution folded
+    into it, and what was done (for the record). Traced with ``torch.fx``; a trunk that does not trace, or has
+    nothing to fold, is returned as it is. The copy keeps the trunk's descriptive attributes."""
+    from torch.fx.experimental.optimization import fuse
+
+    norms = sum(1 for m in trunk.modules() if "BatchNorm" in type(m).__name__)
+    if not norms:
+        return trunk, "none in the trunk"
+    try:
+        folded = fuse(trunk.eval())
+    except Exception as error:   # a trunk torch.fx cannot trace runs unfolded: slower, the same features
+        log.info("features: batch normalisation not folded (%s: %s)", type(error).__name__, error)
+        return trunk, f"not folded ({type(error).__name__})"
+    for name in ("backbone_name", "random_init", "weights_source"):
+        if hasattr(trunk, name):
+            setattr(folded, name, getattr(trunk, name))
+    left = sum(1 for m in folded.modules() if "BatchNorm" in type(m).__name__)
+    return folded, f"{norms - left} of {norms} folded into their convolutions"

@@ -376,7 +376,8 @@ def dataset_roots(config: Config, manifest: Manifest) -> list[Path]:
 @dataclass
 class _Chunk:
     """The next kept frames of a video: their numbers, the frames themselves (for the CNN; None without
-    one), their stored form, and the stored form of the flow pairs they complete."""
+    one, or when the features came with them), their stored form, the stored form of the flow pairs they
+    complete, and their CNN features when the worker computed them (:class:`_HelpingCNN`)."""
 
     indices: Any
     frames: Any
@@ -384,6 +385,7 @@ class _Chunk:
     frame_shape: tuple[int, ...]
     flow: Any
     seconds: dict[str, float]
+    features: Any = None
 
 
 @dataclass
@@ -420,9 +422,11 @@ def check_video_file(entry: VideoEntry, path: Path) -> None:
                          "re-index with `hpcvid index` if the dataset changed")
 
 
-def produce(cfg: Any, entry: VideoEntry, path: Path, want_frames: bool) -> Iterator[_Chunk | _Restart | _End]:
+def produce(cfg: Any, entry: VideoEntry, path: Path, want_frames: bool,
+            helper: "_HelpingCNN | None" = None) -> Iterator[_Chunk | _Restart | _End]:
     """Decode, flow and encoding of one video, ``cfg.chunk_frames`` kept frames at a time (raises VideoError
-    on bad input). Memory holds a chunk, the flow's carried frames and what the consumer has not taken."""
+    on bad input), and a chunk's CNN features when ``helper`` takes them on. Memory holds a chunk, the
+    flow's carried frames and what the consumer has not taken."""
     from hpcvid.media.decode import FrameChunk, Restart, StreamInfo, stream_video
     from hpcvid.media.flow import FlowStream
     from hpcvid.storage.shards import StorageOptions, encode_flow, encode_frames
@@ -431,7 +435,8 @@ def produce(cfg: Any, entry: VideoEntry, path: Path, want_frames: bool) -> Itera
     options = StorageOptions.from_config(cfg)
     items = stream_video(path, cfg, cfg.chunk_frames)
     flow = None
-    seconds = {"decode": 0.0, "flow": 0.0, "write": 0.0}
+    seconds = {"decode": 0.0, "flow": 0.0, "write": 0.0, "features": 0.0}
+    kept = 0        # frames of the video before this chunk: where the CNN's batches fall
     while True:
         began = time.perf_counter()
         item = next(items)
@@ -439,6 +444,7 @@ def produce(cfg: Any, entry: VideoEntry, path: Path, want_frames: bool) -> Itera
         if isinstance(item, StreamInfo):
             flow = FlowStream(cfg.flow, **flow_params(cfg)) if cfg.flow != "none" else None
         elif isinstance(item, Restart):
+            kept = 0
             yield _Restart()
         elif isinstance(item, FrameChunk):
             began = time.perf_counter()
@@ -448,7 +454,12 @@ def produce(cfg: Any, entry: VideoEntry, path: Path, want_frames: bool) -> Itera
             stored = encode_frames(item.frames, options)
             pairs = None if pairs is None else encode_flow(pairs, options)
             seconds["write"] += time.perf_counter() - began
-            yield _Chunk(item.indices, item.frames if want_frames else None, stored, item.frames.shape, pairs, seconds)
+            began = time.perf_counter()
+            features = helper.features(item.frames, kept) if want_frames and helper is not None else None
+            seconds["features"] += time.perf_counter() - began
+            kept += len(item.frames)
+            frames = item.frames if want_frames and features is None else None
+            yield _Chunk(item.indices, frames, stored, item.frames.shape, pairs, seconds, features)
             seconds = dict.fromkeys(seconds, 0.0)
         else:
             began = time.perf_counter()
@@ -506,7 +517,10 @@ class _Assembly:
             self.reset()
             return None
         features = None
-        if isinstance(message, _Chunk) and self.features is not None:
+        if isinstance(message, _Chunk) and message.features is not None:
+            runner.chunks_by_workers += 1
+            features = self._features(message.features)
+        elif isinstance(message, _Chunk) and self.features is not None:
             features = self._features(self.features.push(message.frames))
         elif isinstance(message, _End) and self.features is not None:
             features = self._features(self.features.finish())
@@ -561,6 +575,7 @@ class _VideoRunner:
         self._extractor: Any = None
         self.feature_info: dict[str, Any] | None = None
         self.seconds = {"decode": 0.0, "flow": 0.0, "features": 0.0, "write": 0.0}
+        self.chunks_by_workers = 0
         self.processed = 0
         self.processed_frames = 0
         self.reused = 0
@@ -753,6 +768,8 @@ class _VideoRunner:
             if isinstance(message, _Failed):
                 raise message.error
             summary = assembly.take(message)
+            if isinstance(message, _Chunk):
+                pool.taken(slot, self._cnn_precision())
         except ResourceError:
             raise
         except Exception as exc:  # noqa: BLE001 - this video fails, the shard goes on
@@ -770,6 +787,14 @@ class _VideoRunner:
             self._forget_attempts(parts, part_key(entry))
             _count_next_start(parts, videos, queue)
             record(position, self._done(summary))
+
+    def _cnn_precision(self) -> str | None:
+        """The precision this process's CNN decided on, when it runs on the CPU (workers may then compute the
+        features of a chunk with the same network); None before it decided, or on a GPU."""
+        extractor = self._extractor
+        if extractor is None or extractor.device.type != "cpu":
+            return None
+        return extractor.precision
 
     @staticmethod
     def _requeue(pool: "_Workers", slot: int, queue: list[tuple[int, "_Assembly"]], pending: list[int]) -> None:
@@ -872,12 +897,13 @@ def _threads_for_the_cnn(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _worker_main(conn: Any, cfg: Any) -> None:
+def _worker_main(conn: Any, cfg: Any, shared: Any = None) -> None:
     """A worker process: take a video (entry, path, want_frames), send its chunks back, until told to stop.
 
     One CPU thread for OpenCV and torch (the cores are shared out as processes); SIGINT is left to the
     parent, which stops the workers itself. An exception is sent back as the video's failure, as itself when
     it pickles (the parent tells a fault of the machine from a bad video by it), else as its one line.
+    ``shared`` is what the parent tells the worker's :class:`_HelpingCNN`.
     """
     import os
     import signal
@@ -888,20 +914,65 @@ def _worker_main(conn: Any, cfg: Any) -> None:
     import cv2
 
     cv2.setNumThreads(1)
+    helper = _HelpingCNN(cfg, shared) if shared is not None else None
     conn.send(_READY)
-    while True:
-        try:
-            task = conn.recv()
-        except EOFError:
-            return
-        if task is None:
-            return
-        entry, path, want_frames = task
-        try:
-            for message in produce(cfg, entry, path, want_frames):
-                conn.send(message)
-        except Exception as exc:  # noqa: BLE001 - sent to the parent, which decides what it is
-            conn.send(_Failed(_portable(exc)))
+    if helper is not None:
+        helper.prepare()     # beside the CNN's process loading its own, before the first video
+    with _Sender(conn) as sender:
+        while True:
+            try:
+                task = conn.recv()
+            except EOFError:
+                return
+            if task is None:
+                return
+            entry, path, want_frames = task
+            try:
+                for message in produce(cfg, entry, path, want_frames, helper):
+                    sender.send(message)
+                    if helper is not None and isinstance(message, _Chunk):
+                        helper.sent += 1
+            except Exception as exc:  # noqa: BLE001 - sent to the parent, which decides what it is
+                sender.send(_Failed(_portable(exc)))
+
+
+class _Sender:
+    """A worker's messages, sent in order by a thread of their own, so the worker goes on with the next chunk
+    while the CNN's process has not yet read the last one (a message larger than the pipe's buffer blocks
+    its sender until it is read). One message waits beside the one being sent: with the chunk in hand, a
+    worker holds at most three chunks."""
+
+    def __init__(self, conn: Any) -> None:
+        import queue
+        import threading
+
+        self.conn = conn
+        self.queue: Any = queue.Queue(maxsize=1)
+        self.thread = threading.Thread(target=self._run, name="hpcvid-extract-sender", daemon=True)
+        self.broken = False
+
+    def __enter__(self) -> "_Sender":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.queue.put(None)
+        self.thread.join()
+
+    def send(self, message: Any) -> None:
+        if self.broken:           # the parent is gone: nothing to send to, the worker ends
+            raise SystemExit(0)
+        self.queue.put(message)
+
+    def _run(self) -> None:
+        while (message := self.queue.get()) is not None:
+            try:
+                self.conn.send(message)
+            except OSError:
+                self.broken = True
+                while self.queue.get() is not None:
+                    pass
+                return
 
 
 def _portable(error: BaseException) -> BaseException:
@@ -918,6 +989,62 @@ def _portable(error: BaseException) -> BaseException:
 WORKER_QUEUE = 2
 """Videos a worker holds: the one it works on and the next, so that it never waits for this process."""
 
+_TAKEN, _PRECISION = 0, 1
+"""What a worker's shared array holds: the chunks of it that the CNN's process has taken, and the code
+(:data:`_PRECISIONS`) of the precision that process's CNN decided on (0: not decided, or not on the CPU)."""
+_PRECISIONS = (None, "fp32", "bf16", "fp16")
+
+
+class _HelpingCNN:
+    """In a worker: the CNN's work on a chunk, done here when the CNN's process is behind.
+
+    With the CNN on the CPU, its process is the slower half of a task (ResNet-18 at 224 px takes longer a
+    frame than decoding and Farneback flow): a worker that only decodes and computes flow waits on a full
+    pipe much of the time. When the CNN's process has more of this worker's chunks to take than the one it
+    works on (:data:`_HELP_BEHIND`), the worker computes the features of the next one itself, with the same network (the same weights file, or
+    the same seeded random one), batch size, precision and one thread, so the features are the same
+    whichever process computed them. Only a chunk whose frames are whole CNN batches of the video is taken
+    on (its first frame at a multiple of the batch size, its length too): a batch is never split between
+    the two processes, so no batch depends on where the chunks fall.
+    """
+
+    def __init__(self, cfg: Any, shared: Any) -> None:
+        self.cfg, self.shared = cfg, shared
+        self.sent = 0
+        self._extractor: Any = None
+
+    def prepare(self) -> None:
+        """Load the network now (imports, weights, folding: seconds) when the CNN runs on the CPU, so that the
+        first chunk this worker takes on does not keep the CNN's process waiting that long."""
+        import torch
+
+        from hpcvid.learn.backbones import pick_device
+
+        if self.cfg.backbone == "none" or pick_device(self.cfg.device).type != "cpu":
+            return
+        torch.set_num_threads(1)
+        try:
+            self._extractor = feature_extractor(self.cfg.backbone, self.cfg.weights, "cpu", self.cfg.batch_size)
+        except Exception as error:  # noqa: BLE001 - the CNN's process meets it too and stops the shard with it
+            log.info("extract worker: the CNN is not loaded here (%s); it decodes and computes flow only", error)
+
+    def features(self, frames: Any, first: int) -> Any:
+        """The features of ``frames`` (kept frames ``first``... of the video), or None to leave them to the CNN's
+        process (it keeps up, it has not decided its precision, or the chunk is not whole batches)."""
+        precision = _PRECISIONS[self.shared[_PRECISION]]
+        size = self.cfg.batch_size
+        if (self._extractor is None or precision is None or first % size or len(frames) % size
+                or self.sent - self.shared[_TAKEN] < _HELP_BEHIND):
+            return None
+        if self._extractor.precision is None:
+            self._extractor.use_precision(precision, "the one the CNN's process decided on")
+        return self._extractor.extract(frames)
+
+
+_HELP_BEHIND = 2
+"""Chunks handed to the sender but not yet taken by the CNN's process from which a worker computes the next
+chunk's features itself: the one that process works on and one more waiting, so it stays busy meanwhile."""
+
 _READY = "ready"
 """A worker's first message: it started (a worker that dies before it cannot start at all)."""
 
@@ -930,8 +1057,8 @@ class _Workers:
 
     A pipe per worker rather than one shared queue: a worker killed in the middle of a message (SIGKILL, a
     segfault) then damages only its own pipe, which this process reads as the worker's death, instead of
-    a queue every worker shares. A worker sends a chunk only when this process takes the previous one, so
-    each holds at most a chunk in hand and one in the pipe: memory stays bounded by the chunk. Started with
+    a queue every worker shares. A worker holds at most a chunk in hand, one waiting to be sent and one in
+    the pipe (:class:`_Sender`): memory stays bounded by the chunk. Started with
     ``spawn``: no CUDA context, OpenMP pool or HDF5 handle of this process is inherited.
     """
 
@@ -942,17 +1069,30 @@ class _Workers:
         self.cfg = cfg
         self.target = _WORKER_TARGET
         self.slots: list[tuple[Any, Any]] = []
+        self.shared: dict[int, Any] = {}
+        self.precision = 0
         self.ready: set[int] = set()
-        for _ in range(count):
-            self.slots.append(self._start())
+        for slot in range(count):
+            self.slots.append(self._start(slot))
 
-    def _start(self) -> tuple[Any, Any]:
+    def _start(self, slot: int) -> tuple[Any, Any]:
         parent, child = self.context.Pipe(duplex=True)
-        process = self.context.Process(target=self.target, args=(child, self.cfg), daemon=True,
+        shared = self.context.RawArray("i", 2)
+        shared[_PRECISION] = self.precision
+        process = self.context.Process(target=self.target, args=(child, self.cfg, shared), daemon=True,
                                        name="hpcvid-extract-worker")
         process.start()
         child.close()
+        self.shared[slot] = shared
         return process, parent
+
+    def taken(self, slot: int, precision: str | None) -> None:
+        """The CNN's process took a chunk of ``slot`` (its CNN on the CPU decided on ``precision``, or None)."""
+        if precision is not None and not self.precision:
+            self.precision = _PRECISIONS.index(precision)
+            for shared in self.shared.values():
+                shared[_PRECISION] = self.precision
+        self.shared[slot][_TAKEN] += 1
 
     @property
     def size(self) -> int:
@@ -1017,7 +1157,7 @@ class _Workers:
     def restart(self, slot: int) -> None:
         self._stop(*self.slots[slot])
         self.ready.discard(slot)
-        self.slots[slot] = self._start()
+        self.slots[slot] = self._start(slot)
 
     @staticmethod
     def _stop(process: Any, conn: Any) -> None:
@@ -1042,9 +1182,9 @@ class _Workers:
 _EXTRACTORS: dict[tuple, Any] = {}
 
 
-def feature_extractor(backbone: str, weights: str, device: str, batch_size: int) -> Any:
+def feature_extractor(backbone: str, weights: str, device: str, batch_size: int, precision: str = "auto") -> Any:
     """One FeatureExtractor per settings and process: shards run in one process share the loaded model."""
-    key = (backbone, weights, device, batch_size)
+    key = (backbone, weights, device, batch_size, precision)
     if key not in _EXTRACTORS:
         import torch
 
@@ -1054,7 +1194,7 @@ def feature_extractor(backbone: str, weights: str, device: str, batch_size: int)
         # different nodes, would otherwise mix features of different random networks.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
-            _EXTRACTORS[key] = FeatureExtractor(backbone, weights, device, batch_size)
+            _EXTRACTORS[key] = FeatureExtractor(backbone, weights, device, batch_size, precision=precision)
     return _EXTRACTORS[key]
 
 
@@ -1160,6 +1300,7 @@ def _make_record(config: Config, spec: ShardSpec, videos: Sequence[VideoEntry],
             "frames_per_s": round(runner.processed_frames / max(sum(runner.seconds.values()), 1e-9), 2),
             "stage_seconds": {k: round(v, 3) for k, v in runner.seconds.items()},
             "work_seconds": round(runner.work_seconds, 3), "cores": runner.cores, "workers": runner.workers,
+            "chunks_featured_by_workers": runner.chunks_by_workers,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
