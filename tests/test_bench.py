@@ -136,7 +136,8 @@ def test_memory_and_parallel_parts_extract_for_real_into_folders_that_did_not_ex
                                             abs=1e-3)
     parallel = result["parts"]["parallel"]["rows"][0]
     assert parallel["identical_contents"] is True and parallel["frames"] == 24   # 1 core and 2 cores stored the same
-    assert set(parallel["rates"]) == {"1 core", "2 cores, 1 worker", "2 cores, threads only"}
+    assert set(parallel["rates"]) == {"1 core", "2 cores, 1 worker", "2 cores, threads only", "2 x 1 core at once"}
+    assert parallel["machine_limit"] > 0 and parallel["verdict"] in ("pass", "machine", "FAIL")
     text = (out / "bench.md").read_text()
     assert "## Memory" in text and "## Parallel" in text
     assert scratch.is_dir() and not list(scratch.iterdir())                     # created, and left clean
@@ -185,3 +186,6 @@ def test_a_machine_verdict_needs_the_measurement_that_takes_the_machine_out() ->
     assert bench.scaling_verdict(1.10, 1.10, 1.3) == "pass"
     assert bench.scaling_verdict(1.77, 1.18, 1.16) == "machine"     # 1.18 / 1.16 = 1.02
     assert bench.scaling_verdict(1.77, 1.40, 1.16) == "FAIL"        # 1.21: more than the machine explains
+    assert bench.parallel_verdict(1.62, 1.7) == "pass"
+    assert bench.parallel_verdict(1.45, 1.8) == "machine"          # 81 % of what two cores give here
+    assert bench.parallel_verdict(1.31, 1.8) == "FAIL"             # 73 %
