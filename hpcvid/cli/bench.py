@@ -12,8 +12,9 @@ gives the median of the repeats. Targets:
 * memory — peak RSS of a fresh process extracting one clip of 300, 3,000 and 30,000 frames at 224 px:
   the longest within 1.25 x the shortest (extraction streams in chunks).
 * parallel — extraction frames/s of a task given 2 cores (a decode-and-flow worker feeding the CNN's
-  process) vs a task given 1 core, flow-bound settings, the same stored contents: >= 1.6; with the GPU's
-  busy share when a CUDA GPU is visible.
+  process) vs a task given 1 core, flow-bound settings, the same stored contents: >= 1.6; beside it the
+  machine's own limit (two independent 1-core tasks at once); with the GPU's busy share when a CUDA GPU
+  is visible.
 * flow — ``compute_flow`` pairs/s vs the bare library call (OpenCV's, or the torch function for tvl1_torch
   and RAFT) on the same frames, per algorithm: >= 0.95; with the mean end-point error on the moving objects
   of the synthetic set (and the error of predicting no motion, for scale). tvl1_torch is also timed against
@@ -27,7 +28,8 @@ gives the median of the repeats. Targets:
 * stall — short real trainings of every model kind (:data:`hpcvid.learn.kinds.KINDS`) on a synthetic set
   extracted in the run, with the default input settings: the trainer's own data stall (time waiting for the
   next batch / epoch time) <= 5 %, and its samples/s >= 0.9 x a bare loop of the same training step on one
-  batch already in memory; on a CUDA GPU too when one is visible.
+  batch already in memory, with the same loop beside the input work for the machine's share; on a CUDA
+  GPU too when one is visible.
 * scaling — the real extract stage (Farneback + ResNet-18 at 64 px) on a synthetic set, one worker doing
   every video (one shard) vs S shards on S workers, both through ``run_shards_locally`` (submitit's local
   executor) with 1 CPU thread per worker, each in a fresh work folder: S-worker time <= 1.15 x (single /
@@ -984,7 +986,7 @@ STALL_VARIANTS = {"workers=0, no cache": {"train.workers": 0, "train.cache_gb": 
 worker (more processes than cores here) each change."""
 STALL_STEADY_SECONDS = 15.0
 """How long a run's steady state (its epochs after the first) is measured at least: the epochs of the cheap
-kinds last about a second here, and one second of a shared machine swings by 20 % from one to the next."""
+kinds last about a second here, and a shared machine's speed swings by 20 % and more from one to the next."""
 STALL_MAX_EPOCHS = 24
 
 
@@ -1410,7 +1412,8 @@ def _stall_cells(r: dict[str, Any]) -> list[str]:
     beside = r.get("bare_beside_input_per_s")
     return [r["model"], r["setting"], r["device"], f"{r['workers']} / {r['threads']} / {r['cores']}", cache,
             r["prepared"], f"{r['first_epoch_stall']:.1%}", f"{r['median_stall']:.1%}", f"{r['samples_per_s']:.0f}",
-            f"{r['bare_per_s']:.0f}" + (f" ({r['bare_spread']:.2f})" if "bare_spread" in r else ""), f"{r['ratio']:.2f}",
+            f"{r['bare_per_s']:.0f}" + (f" ({r['bare_spread']:.2f})" if "bare_spread" in r else ""),
+            f"{r['ratio']:.2f}",
             "-" if beside is None else f"{beside:.0f} ({r['machine_share']:.0%})",
             "-" if beside is None else f"{r['beside_ratio']:.2f}", r["verdict"],
             f"{r['input_ms']:.0f} / {r['step_ms']:.0f} ({r['input_per_step']:.2f})"]

@@ -998,14 +998,14 @@ _PRECISIONS = (None, "fp32", "bf16", "fp16")
 class _HelpingCNN:
     """In a worker: the CNN's work on a chunk, done here when the CNN's process is behind.
 
-    With the CNN on the CPU, its process is the slower half of a task (ResNet-18 at 224 px takes longer a
-    frame than decoding and Farneback flow): a worker that only decodes and computes flow waits on a full
-    pipe much of the time. When the CNN's process has more of this worker's chunks to take than the one it
-    works on (:data:`_HELP_BEHIND`), the worker computes the features of the next one itself, with the same network (the same weights file, or
-    the same seeded random one), batch size, precision and one thread, so the features are the same
-    whichever process computed them. Only a chunk whose frames are whole CNN batches of the video is taken
-    on (its first frame at a multiple of the batch size, its length too): a batch is never split between
-    the two processes, so no batch depends on where the chunks fall.
+    With the CNN on the CPU, its process is often the slower half of a task (ResNet-50 at 224 px takes ~40
+    ms a frame on one core, DIS flow ~1 ms): a worker that only decodes and computes flow then waits on a
+    full pipe much of the time. When the CNN's process has more of this worker's chunks to take than the
+    one it works on (:data:`_HELP_BEHIND`), the worker computes the features of the next one itself, with
+    the same network (the same weights file, or the same seeded random one), batch size, precision and one
+    thread, so the features are the same whichever process computed them. Only a chunk whose frames are
+    whole CNN batches of the video is taken on (its first frame at a multiple of the batch size, its length
+    too): a batch is never split between the two processes, so no batch depends on where the chunks fall.
     """
 
     def __init__(self, cfg: Any, shared: Any) -> None:
