@@ -264,6 +264,7 @@ def test_when_slurm_cannot_be_asked_nothing_is_queued_twice(work_with_jobs, monk
 
 def test_a_training_row_shows_epochs_best_validation_accuracy_and_eta(tmp_path, monkeypatch, capsys):
     import time
+    from types import SimpleNamespace
 
     from hpcvid.launch import scheduler
     from hpcvid.launch.progress import write_progress
@@ -274,6 +275,9 @@ def test_a_training_row_shows_epochs_best_validation_accuracy_and_eta(tmp_path, 
     _submission(work, "train/lstm", [("70", 0, 1)], "t1")
     _submission(work, "train/frame", [("71", 0, 1)], "t1")
     now = time.time()
+    # the progress files are written "now" exactly: the expected rate and ETA never depend on how long
+    # this test took between its steps
+    monkeypatch.setattr("hpcvid.launch.progress.time", SimpleNamespace(time=lambda: now))
     # resumed at epoch 1 (a requeue): 2 epochs in the 60 s since, 7 to go -> 210 s
     write_progress(work, Unit("train", "lstm"), ShardSpec(0, 1), done=3, total=10, best_val_acc=0.8125,
                    stopped_early=False, started=now - 60, done_at_start=1)

@@ -188,7 +188,7 @@ def test_dependency_chain_runs_in_order_and_a_failure_is_named_then_picked_up(
     assert merge_ok["dependency"] == "afterok:" + toy_ok["job_ids"][0].split("_")[0]
     states = wait_finished(merge_ok["job_ids"] + toy_ok["job_ids"], timeout=180)
     merged = json.loads((ok / "toy" / "merged.json").read_text())
-    assert merged["shards"] == 2 and merged["merged_at"] >= merged["last_shard_finished"]
+    assert merged["shards"] == 2     # the merge read both shards' records (it refuses to run without them)
     assert max(states[j].end for j in toy_ok["job_ids"]) <= states[merge_ok["job_ids"][0]].start
 
     merge_bad = _last_submission(bad, "toymerge")["job_ids"][0]

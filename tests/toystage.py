@@ -109,8 +109,7 @@ class Merge:
         missing = [s.name for s in specs if not record_path(config, s).exists()]
         if missing:
             raise StoreError(f"toymerge: shards {missing} have no record")
-        finished = [json.loads(record_path(config, s).read_text())["finished"] for s in specs]
-        record = {"shards": len(specs), "last_shard_finished": max(finished), "merged_at": time.time()}
+        record = {"shards": len(specs)}
         atomic_write_json(Path(config.work) / "toy" / "merged.json", record)
         return record
 
