@@ -1015,12 +1015,15 @@ class _HelpingCNN:
 
     def prepare(self) -> None:
         """Load the network now (imports, weights, folding: seconds) when the CNN runs on the CPU, so that the
-        first chunk this worker takes on does not keep the CNN's process waiting that long."""
+        first chunk this worker takes on does not keep the CNN's process waiting that long. Not when chunks
+        are not whole batches (``chunk_frames`` not a multiple of ``batch_size``): then no chunk but perhaps
+        a video's last could ever be taken on, and the load would cost every worker its start for nothing."""
         import torch
 
         from hpcvid.learn.backbones import pick_device
 
-        if self.cfg.backbone == "none" or pick_device(self.cfg.device).type != "cpu":
+        cfg = self.cfg
+        if cfg.backbone == "none" or cfg.chunk_frames % cfg.batch_size or pick_device(cfg.device).type != "cpu":
             return
         torch.set_num_threads(1)
         try:
@@ -1182,9 +1185,9 @@ class _Workers:
 _EXTRACTORS: dict[tuple, Any] = {}
 
 
-def feature_extractor(backbone: str, weights: str, device: str, batch_size: int, precision: str = "auto") -> Any:
+def feature_extractor(backbone: str, weights: str, device: str, batch_size: int) -> Any:
     """One FeatureExtractor per settings and process: shards run in one process share the loaded model."""
-    key = (backbone, weights, device, batch_size, precision)
+    key = (backbone, weights, device, batch_size)
     if key not in _EXTRACTORS:
         import torch
 
@@ -1194,7 +1197,7 @@ def feature_extractor(backbone: str, weights: str, device: str, batch_size: int,
         # different nodes, would otherwise mix features of different random networks.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
-            _EXTRACTORS[key] = FeatureExtractor(backbone, weights, device, batch_size, precision=precision)
+            _EXTRACTORS[key] = FeatureExtractor(backbone, weights, device, batch_size)
     return _EXTRACTORS[key]
 
 
