@@ -15,7 +15,8 @@ import trainkit
 from hpcvid.learn.datasets import (Augment, FeatureDataset, FlowDataset, FrameDataset, MergedFeatureSource,
                                    ShardFeatureSource, ShardVideoSource, TwoStreamDataset, VideoItem,
                                    crop_resize, prepare_flow)
-from hpcvid.learn.loader import Batches, Plan, Slots, close_loader, make_loader, reads_in_batches, train_requests
+from hpcvid.learn.loader import (Batches, Plan, Request, Slots, close_loader, make_loader, reads_in_batches,
+                                 train_requests)
 
 torch.set_num_threads(1)
 SIZE, FRAMES = 20, 9        # 20 x 20 px, 9 frames (8 flow pairs) per video
@@ -323,3 +324,60 @@ def test_default_workers_follow_the_cores_of_the_task(monkeypatch):
     assert worker_count(slurm, 4, on_gpu=True) == 11 and worker_count(slurm, 4, on_gpu=False) == 3
     assert training_threads(12, 3) == 9 and training_threads(2, 4) == 1
     assert worker_count(config(**{"train.workers": 3}), 1, on_gpu=False) == 3
+
+
+class _Numbered:
+    """Sample ``i`` is a vector of ``i``s (read item by item)."""
+
+    def __len__(self) -> int:
+        return 1000
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.full((4096,), float(index))
+
+
+class _CountingBatches(Batches):
+    """Batches that count the requests written into their slots (one worker: in order)."""
+
+    def __init__(self, *args, done, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.done = done
+
+    def __getitem__(self, request):
+        batch = super().__getitem__(request)
+        self.done.value = request.number + 1
+        return batch
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_a_lent_batch_stays_intact_until_the_second_batch_after_it(prefetch):
+    """The trainer uses batches where the worker wrote them (no copy): each must hold until its step is done,
+    that is while the next batch comes, even when the workers have written every request dispatched."""
+    import multiprocessing
+    import time
+
+    done = multiprocessing.get_context("fork").Value("i", 0)
+    count = 12
+    slots = Slots.for_loader(1, prefetch, 4096 * 4)
+    requests = [Request("train", 0, (n,)) for n in range(count)]
+    batches = _CountingBatches({"train": _Numbered()}, prepare=True, slots=slots, done=done)
+    loader = make_loader(batches, Plan(lambda: iter(requests)), workers=1, prefetch=prefetch, pin_memory=False,
+                         seed=0)
+    start = torch.frombuffer(slots._memory, dtype=torch.uint8).data_ptr()
+    held: list[tuple[int, torch.Tensor]] = []
+    try:
+        stream = iter(loader)
+        for n in range(count):
+            batch = slots.lend(next(stream))
+            assert start <= batch.data_ptr() < start + len(slots._memory)     # where the worker wrote it
+            held = [*held[-1:], (n, batch)]
+            while done.value < min(n + 1 + prefetch, count):   # every request dispatched so far is written
+                time.sleep(0.01)
+            for number, lent in held:
+                assert torch.equal(lent, torch.full((1, 4096), float(number))), (number, n)
+    finally:
+        close_loader(loader)

@@ -350,7 +350,7 @@ class Trainer:
             close = getattr(getattr(dataset, "source", None), "close", None)
             if close is not None:
                 close()
-        return Slots(workers * prefetch + 2, 2 * biggest + 4096)
+        return Slots.for_loader(workers, prefetch, 2 * biggest + 4096)
 
     def _requests(self, first: int, skip: int) -> Iterator[Any]:
         """Every batch of the run from epoch ``first`` on, in the order the epoch loop consumes them."""
@@ -387,8 +387,9 @@ class Trainer:
             self.worker_pids = worker_pids(self.loader)
         for request in requests:
             batch = next(self.stream)
-            if self.slots is not None:
-                batch = self.slots.take(batch, pin=self.device.type == "cuda")
+            if self.slots is not None:       # a step drops its batch before asking for the next one
+                on_gpu = self.device.type == "cuda"
+                batch = self.slots.take(batch, pin=True) if on_gpu else self.slots.lend(batch)
             if isinstance(batch, dict):       # stored tensors: prepared here, on the device
                 batch = self.parts[request.part].prepare_batch(batch, self.device)
             yield [b.to(self.device, non_blocking=True) for b in batch]
