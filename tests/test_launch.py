@@ -201,6 +201,35 @@ def test_shard_job_checkpoint_requeues_the_same_shard_without_force(monkeypatch)
     assert job.spec == ShardSpec(2, 5)
 
 
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_job_process_ends_without_the_last_collections(skip):
+    """Python's collections at exit cost a job process with torch loaded about a second; after
+    exit_without_collecting they do not run (a garbage cycle's finalizer shows whether they did), while exit
+    handlers still run and an object dropped during the run is still finalized at once."""
+    code = """if True:
+        import atexit, gc, sys
+        from hpcvid.launch.executors import exit_without_collecting
+        gc.disable()            # only the collections at exit may find the cycle
+        class Loud:
+            def __init__(self, name):
+                self.name, self.me = name, self
+            def __del__(self):
+                print(self.name, "finalized", flush=True)
+        if sys.argv[1] == "True":
+            exit_without_collecting()
+        atexit.register(print, "exit handler ran", flush=True)
+        dropped = Loud("dropped")
+        dropped.me = None
+        del dropped
+        cycle = Loud("cycle")
+        del cycle
+        """
+    out = subprocess.run([sys.executable, "-c", code, str(skip)], capture_output=True, text=True,
+                         check=True).stdout
+    assert "exit handler ran" in out and "dropped finalized" in out
+    assert ("cycle finalized" in out) is not skip
+
+
 def test_status_without_submissions_is_a_clear_error(tmp_path, capsys):
     assert hpcvid("status", tmp_path) == 2
     assert "nothing was submitted" in capsys.readouterr().err

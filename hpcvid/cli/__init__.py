@@ -118,6 +118,9 @@ _MACHINE_FAULT = False
 
 
 def entry_point() -> None:
+    from hpcvid.launch.executors import exit_without_collecting
+
+    exit_without_collecting()
     code = main()
     if _MACHINE_FAULT:
         # After a full disk refused HDF5 a write, the library's own shutdown can touch the half-closed file and

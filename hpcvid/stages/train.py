@@ -170,8 +170,10 @@ class TrainJob:
         return {"config": self.config, "data_factory": self.data_factory, "_trainer": None}
 
     def __call__(self) -> dict[str, Any]:
+        from hpcvid.launch.executors import exit_without_collecting
         from hpcvid.learn.trainer import Trainer
 
+        exit_without_collecting()      # a job's process, or a command that ends after training
         trainer = Trainer(self.config, detect(), self.data_factory or load_data)
         self._trainer = trainer
         self._defer_signal(signal.SIGUSR2, trainer)
