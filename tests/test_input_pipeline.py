@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import trainkit
+from hpcvid.learn.clips import ClipDataset, FrameSequenceDataset, SegmentDataset
 from hpcvid.learn.datasets import (Augment, FeatureDataset, FlowDataset, FrameDataset, MergedFeatureSource,
                                    ShardFeatureSource, ShardVideoSource, TwoStreamDataset, VideoItem,
                                    crop_resize, prepare_flow)
@@ -77,11 +78,26 @@ def _datasets(shards, train: bool = True) -> dict[str, object]:
     }
 
 
+def _item_datasets(shards, train: bool = True) -> dict[str, object]:
+    """The segment, clip and frame-sequence models' datasets (read item by item), each with its own source."""
+    shard_of, items, _, _ = shards
+    augment = Augment(scales=(1.0, 0.75, 0.5))
+    return {
+        "tsn_diff": SegmentDataset(ShardVideoSource(shard_of), items, modality="diff", segments=3, stack=3,
+                                   train=train, seed=3, augment=augment),
+        "tsn_flow": SegmentDataset(ShardVideoSource(shard_of), items, modality="flow", segments=3, stack=3,
+                                   train=train, seed=3, augment=augment),
+        "c3d": ClipDataset(ShardVideoSource(shard_of), items, length=4, crop=0.8, train=train, seed=3, flip=True),
+        "cnnlstm": FrameSequenceDataset(ShardVideoSource(shard_of), items, length=4, train=train, seed=3,
+                                        augment=augment),
+    }
+
+
 def _all_batches(shards, workers: int, cache: bool, epochs: int = 2) -> list[tuple[str, int, list[torch.Tensor]]]:
     """Every batch of every dataset in ``epochs`` epochs through the trainer's loader."""
     from hpcvid.learn.cache import cache_inputs
 
-    datasets = _datasets(shards)
+    datasets = {**_datasets(shards), **_item_datasets(shards)}
     if cache:
         assert cache_inputs(list(datasets.values()), 1.0)["cached"]
     requests = [r._replace(part=name) for epoch in range(epochs) for name, dataset in datasets.items()
@@ -106,14 +122,15 @@ def _all_batches(shards, workers: int, cache: bool, epochs: int = 2) -> list[tup
 @pytest.mark.slow
 def test_the_same_batches_with_0_1_2_workers_and_with_the_cache(shards):
     reference = _all_batches(shards, workers=0, cache=False)
-    assert len(reference) == 2 * 5 * 3           # 2 epochs x 5 datasets x 3 batches of 3 (8 videos)
+    per_epoch = (len(_datasets(shards)) + len(_item_datasets(shards))) * 3    # 3 batches of 3 (8 videos) each
+    assert len(reference) == 2 * per_epoch
     for workers, cache in ((1, False), (2, False), (0, True), (2, True)):
         batches = _all_batches(shards, workers=workers, cache=cache)
         assert [(n, e) for n, e, _ in batches] == [(n, e) for n, e, _ in reference]
         for (name, epoch, got), (_, _, expected) in zip(batches, reference):
             assert all(torch.equal(a, b) for a, b in zip(got, expected)), (name, epoch, workers, cache)
     # and the epochs differ: the windows, frames and crops are drawn per (seed, epoch, index)
-    first, second = reference[0][2][0], reference[15][2][0]
+    first, second = reference[0][2][0], reference[per_epoch][2][0]
     assert not torch.equal(first, second)
 
 
@@ -179,22 +196,25 @@ def test_a_filled_cache_serves_reads_without_the_files(shards, tmp_path):
     copies = {vid: str(tmp_path / os.path.basename(path)) for vid, path in shard_of.items()}
     for path in paths:
         shutil.copy(path, tmp_path / path.name)
-    dataset = FlowDataset(ShardVideoSource(copies), items, stack=5, train=False)
-    cache = RowCache(dataset.cache_layout())
-    dataset.use_cache(cache)
-    expected = dataset.batch(range(len(items)))          # reads the files and fills the cache
-    dataset.source.source.close()
+    flow = FlowDataset(ShardVideoSource(copies), items, stack=5, train=False)
+    diff = SegmentDataset(ShardVideoSource(copies), items, modality="diff", segments=3, stack=3, train=False)
+    expected = {}
+    for name, dataset in (("flow", flow), ("diff", diff)):
+        dataset.use_cache(RowCache(dataset.cache_layout()))
+        expected[name] = [dataset[i] for i in range(len(items))]      # reads the files and fills the cache
+        dataset.source.source.close()
     for path in paths:
         os.remove(tmp_path / path.name)
-    again = dataset.batch(range(len(items)))
-    assert all(torch.equal(a, b) for a, b in zip(again, expected))
-    assert isinstance(dataset.source, CachedVideoSource)
+    for name, dataset in (("flow", flow), ("diff", diff)):
+        again = [dataset[i] for i in range(len(items))]
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(again, expected[name])), name
+        assert isinstance(dataset.source, CachedVideoSource)
 
 
 def test_a_set_over_the_budget_is_not_cached(shards):
     from hpcvid.learn.cache import cache_inputs
 
-    datasets = list(_datasets(shards).values())
+    datasets = [*_datasets(shards).values(), *_item_datasets(shards).values()]
     decided = cache_inputs(datasets, budget_gb=1e-6)
     assert not decided["cached"] and "over train.cache_gb" in decided["why"]
     assert not any(type(d.source).__name__.startswith("Cached") for d in datasets)

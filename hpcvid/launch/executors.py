@@ -74,6 +74,7 @@ def exit_without_collecting() -> None:
     import atexit
     import gc
 
+    atexit.unregister(gc.freeze)        # once, however many jobs ran in this process
     atexit.register(gc.freeze)
 
 

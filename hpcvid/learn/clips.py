@@ -22,8 +22,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from hpcvid.learn.datasets import (Augment, VideoItem, VideoSource, _EpochDataset, crop_resize, ping_pong_indices,
-                                   prepare_flow, prepare_frames, sequence_indices)
+from hpcvid.learn.datasets import (Augment, VideoItem, VideoSource, VideoSourceDataset, crop_resize,
+                                   ping_pong_indices, prepare_flow, prepare_frames, sequence_indices)
 
 MODALITIES = ("rgb", "flow", "diff")
 
@@ -109,7 +109,7 @@ def snippet_extent(modality: str, stack: int) -> int:
 
 
 # ------------------------------------------------------------------------------ datasets
-class SegmentDataset(_EpochDataset):
+class SegmentDataset(VideoSourceDataset):
     """K snippets per video, one per segment (see the module docstring): ``(K, c, H, W)`` and the label."""
 
     def __init__(self, source: VideoSource, items: Sequence[VideoItem], *, modality: str, segments: int,
@@ -120,6 +120,7 @@ class SegmentDataset(_EpochDataset):
             raise ValueError(f"unknown TSN modality {modality!r}; choose one of {', '.join(MODALITIES)}")
         self.source, self.modality, self.segments, self.stack = source, modality, segments, stack
         self.compensation, self.augment = compensation, augment
+        self.parts = ("flow",) if modality == "flow" else ("frames",)
 
     def positions(self, item: VideoItem) -> int:
         """Frames (flow pairs for flow) a snippet can be taken from."""
@@ -143,8 +144,10 @@ class SegmentDataset(_EpochDataset):
         return self.snippets(item, self.starts(item, self.segments, rng), rng), item.label
 
 
-class ClipDataset(_EpochDataset):
+class ClipDataset(VideoSourceDataset):
     """A clip of ``length`` consecutive frames, square-cropped: ``(3, T, side, side)`` and the label."""
+
+    parts = ("frames",)
 
     def __init__(self, source: VideoSource, items: Sequence[VideoItem], *, length: int, crop: float, train: bool,
                  seed: int = 0, flip: bool = False) -> None:
@@ -165,8 +168,10 @@ class ClipDataset(_EpochDataset):
         return self.clip(item, sequence_indices(item.frames, self.length, rng), rng), item.label
 
 
-class FrameSequenceDataset(_EpochDataset):
+class FrameSequenceDataset(VideoSourceDataset):
     """``length`` consecutive whole frames ``(T, 3, H, W)`` and the label; one augmentation box for all."""
+
+    parts = ("frames",)
 
     def __init__(self, source: VideoSource, items: Sequence[VideoItem], *, length: int, train: bool, seed: int = 0,
                  augment: Augment | None = None) -> None:

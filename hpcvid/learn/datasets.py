@@ -514,9 +514,10 @@ class _EpochDataset(Dataset):
         return item.id
 
 
-class _VideoDataset(_EpochDataset):
-    """What the frame and flow datasets share: reading a batch's frames (decoded, or as JPEG bytes for a GPU
-    decoder) and flow windows, and turning them into inputs."""
+class VideoSourceDataset(_EpochDataset):
+    """A dataset over a :class:`VideoSource` (the frame, flow and two-stream datasets, and TSN, C3D and the
+    CNN-LSTM's): its decoded frames and stored flow can be cached in memory (:mod:`hpcvid.learn.cache`), for
+    the parts of each video it reads (:attr:`parts`)."""
 
     source: VideoSource
 
@@ -537,6 +538,11 @@ class _VideoDataset(_EpochDataset):
         from hpcvid.learn.cache import CachedVideoSource
 
         self.source = CachedVideoSource(self.source, cache)
+
+
+class _VideoDataset(VideoSourceDataset):
+    """What the frame and flow datasets share: reading a batch's frames (decoded, or as JPEG bytes for a GPU
+    decoder) and flow windows, and turning them into inputs."""
 
     def _read_frames(self, requests: Sequence[tuple[str, Sequence[int]]]) -> tuple[dict[str, Any], tuple[int, int]]:
         """``{"frames": uint8 (B, H, W, 3)}``, or ``{"jpeg", "jpeg_offsets"}`` when decoding is left to
