@@ -107,9 +107,9 @@ def test_stall_part_trains_every_model_and_times_the_bare_loop(tmp_path, monkeyp
         assert len(row["per_epoch"]["bare_beside_input_per_s"]) == (2 if row["workers"] else 0)
         assert (row["bare_beside_input_per_s"] is None) == (row["workers"] == 0)
     assert all(r["workers"] >= 1 for r in rows[:-1])                         # the default: workers
-    # the cache serves the kinds whose datasets read in batches (the segment, clip and sequence datasets of
-    # TSN, C3D and the CNN-LSTM are read item by item)
-    assert {r["model"] for r in rows[:-1] if r["cached"]} == {"frame", "flow", "twostream", "lstm"}
+    # the cache serves every kind with its default settings: the batched datasets and those read item by item
+    # (TSN, C3D and the CNN-LSTM), whose sources are the same
+    assert {r["model"] for r in rows[:-1] if r["cached"]} == set(KINDS)
     assert rows[-1]["workers"] == 0 and not rows[-1]["cached"] and rows[-1]["prepared"] == "in this process"
     title, columns, cells = bench.TABLES["stall"]
     assert all(len(cells(r)) == len(columns) for r in rows)
