@@ -52,8 +52,7 @@ def _assert_same_weights(resumed: dict, reference: dict) -> None:
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, reference):
     run = tmp_path / "runs" / "lstm"
     process = _start(tmp_path)
-    _wait_for(lambda: any(p.name.startswith("ckpt-e0001") for p in run.glob("ckpt-*.pt")), process)
-    time.sleep(0.3)                                   # into epoch 2 (an epoch takes > 1 s of data alone)
+    _wait_for((tmp_path / trainkit.MID_EPOCH_2).exists, process)          # a few items into epoch 2
     process.send_signal(signal.SIGKILL)
     process.wait()
     newest = list_checkpoints(run)[-1]
@@ -69,8 +68,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, reference)
 def test_pre_timeout_signal_checkpoints_mid_epoch_and_resumes_exactly(tmp_path, reference):
     run = tmp_path / "runs" / "lstm"
     process = _start(tmp_path)
-    _wait_for(lambda: any(p.name.startswith("ckpt-e0001") for p in run.glob("ckpt-*.pt")), process)
-    time.sleep(0.3)
+    _wait_for((tmp_path / trainkit.MID_EPOCH_2).exists, process)          # a few items into epoch 2
     process.send_signal(signal.SIGUSR2)
     assert process.wait(timeout=120) == 7             # the handler ran (after the step finished) and exited
     middle = [p for p in list_checkpoints(run) if not p.name.endswith("-s0000000.pt")]

@@ -33,11 +33,24 @@ def feature_clips(n_per_class: int = 24, frames: int = 16, dim: int = 4, seed: i
     return arrays, labels
 
 
+MID_EPOCH_2 = "mid-epoch-2"
+"""The file (in the run's work folder) a slow run creates once it is a few items into its second epoch."""
+
+
 class SlowFeatureDataset(FeatureDataset):
-    """Sleeps a little per item so that a test can kill the run in the middle of an epoch."""
+    """Sleeps a little per item, so that a run's epoch lasts long enough for a test to act in its middle; with
+    ``marker``, creates that file after its 6th item of the second epoch. Loaded in the training process
+    (``train.workers = 0``: nothing is read ahead), so the run is then in its second epoch, most of it to go:
+    a test waits for the file, never for a guessed time."""
+
+    marker = None
 
     def __getitem__(self, index):
         time.sleep(0.01)
+        if self.marker is not None and self.epoch == 1:
+            self.loaded_in_epoch_2 = getattr(self, "loaded_in_epoch_2", 0) + 1
+            if self.loaded_in_epoch_2 == 6:
+                self.marker.touch()
         return super().__getitem__(index)
 
 
@@ -59,7 +72,9 @@ def lstm_data(config: Config, slow: bool = False) -> DataBundle:
 
 
 def slow_lstm_data(config: Config) -> DataBundle:
-    return lstm_data(config, slow=True)
+    bundle = lstm_data(config, slow=True)
+    bundle.train.marker = config.work_dir / MID_EPOCH_2
+    return bundle
 
 
 def video_clips(n_per_class: int = 6, frames: int = 6, size: int = 32, seed: int = 5):
@@ -94,7 +109,8 @@ def resume_config(work: str, epochs: int = 3) -> Config:
     return resolve_config(overrides={
         "work": work, "train.model": "lstm", "train.seq_len": 16, "train.chunk": 4, "train.hidden": 16,
         "train.layers": 2, "train.epochs": epochs, "train.batch_size": 6, "train.dropout": 0.3, "train.lr": 0.01,
-        "train.device": "cpu", "train.schedule": "cyclic", "train.cycle_epochs": 1.0})
+        "train.device": "cpu", "train.schedule": "cyclic", "train.cycle_epochs": 1.0,
+        "train.workers": 0})      # items read as the run goes, so SlowFeatureDataset's marker says where it is
 
 
 def main(argv: list[str]) -> None:
